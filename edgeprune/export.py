@@ -1,0 +1,180 @@
+"""The export pipeline, top to bottom: load -> plan -> rewrite -> export -> bundle.
+
+The bundle is assembled in a scratch directory beside the destination and renamed into place
+only when every graph, hash and check is done, so a failure never leaves a half-written bundle.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from edgeprune import __version__, registry
+from edgeprune.errors import ExportError
+from edgeprune.recipe import Recipe
+
+STAGES = ("load model", "plan shapes", "export vision graph", "export prefill graph",
+          "export decode graph", "store weights once", "check graphs", "write manifest")
+
+PROMPT_SENTINEL = "\u2063PROMPT\u2063"  # invisible separator, never in a chat template
+
+
+def export_bundle(model_name: str, out_dir: str | Path, recipe: Recipe, model_dir: str | None = None,
+                  model_options: dict | None = None, on_stage: Callable[[str], None] = lambda s: None,
+                  loaded=None) -> Path:
+    """Exports `model_name` (a registry name) as a bundle in `out_dir`, replacing an older bundle there.
+
+    Returns the bundle path. Raises EdgePruneError subclasses for user-fixable problems
+    (unknown model, bad directory, bad recipe values, a non-bundle directory in the way).
+    `loaded` lets callers (bench) pass a model they already loaded.
+    """
+    import torch
+
+    out = Path(out_dir)
+    if out.exists() and not (out / "manifest.json").is_file() and any(out.iterdir()):
+        raise ExportError(f"{out} exists and is not an edgeprune bundle; choose another --out or remove it")
+    entry = registry.get(model_name)
+
+    on_stage("load model")
+    if loaded is None:
+        loaded = entry.loader(model_dir, **(model_options or {}))
+    model, processor = loaded.model, loaded.processor
+
+    on_stage("plan shapes")
+    from edgeprune.plan import plan_shapes
+
+    shapes = plan_shapes(model.config, processor.image_processor, recipe)
+
+    from edgeprune.graphs import DecodeGraph, PrefillGraph, VisionGraph, feature_layer_count
+    from edgeprune.onnx_export import check_static, export_module, store_weights_once
+    from edgeprune_runtime.layout import compute_layout
+    from edgeprune_runtime.preprocess import PreprocessParams
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    stage_dir.chmod(0o755)  # mkdtemp makes it private; a bundle is shared like any output dir
+    scratch = Path(tempfile.mkdtemp(prefix="edgeprune-trace-"))
+    try:
+        s = shapes
+        opset = recipe.onnx.opset
+        keep_nl = recipe.keeps_newlines()
+        pinpoints = model.config.image_grid_pinpoints
+        layout = compute_layout((s.crop_size, 2 * s.crop_size), pinpoints, s.crop_size, s.patch_grid,
+                                s.partitions, s.newline_slots)
+        feeds = {k: torch.from_numpy(v) for k, v in layout.feeds().items()}
+        vision_inputs = ["pixel_values", "patch_valid", "patch_key", "patch_row"]
+        if keep_nl:
+            vision_inputs += ["newline_key", "newline_valid"]
+        pixel_values = torch.zeros(s.partitions, 3, s.crop_size, s.crop_size)
+        vision_args = (pixel_values, *[feeds[n] for n in vision_inputs[1:]])
+
+        on_stage("export vision graph")
+        vision = VisionGraph(model, s, recipe.strategy, keep_nl).eval()
+        export_module(vision, vision_args, vision_inputs, ["visual_embeds", "visual_valid", "visual_source"],
+                      scratch / "vision" / "vision.onnx", opset)
+
+        on_stage("export prefill graph")
+        t = s.text_slots_before_image + s.text_slots_after_image
+        text_ids = torch.zeros(t, dtype=torch.int64)
+        text_valid = torch.zeros(t)
+        text_valid[0] = 1.0
+        visual_embeds = torch.zeros(s.visual_slots, s.hidden_size)
+        visual_valid = torch.ones(s.visual_slots)
+        kv_names = lambda prefix: [f"{prefix}{kind}_{i}" for i in range(s.num_layers) for kind in ("key", "value")]  # noqa: E731
+        export_module(PrefillGraph(model, s).eval(), (text_ids, text_valid, visual_embeds, visual_valid),
+                      ["text_ids", "text_valid", "visual_embeds", "visual_valid"],
+                      ["logits", *kv_names("")],
+                      scratch / "prefill" / "prefill.onnx", opset)
+
+        on_stage("export decode graph")
+        past = [torch.zeros(h, s.cache_capacity, s.head_dim) for h in s.kv_heads for _ in range(2)]
+        export_module(DecodeGraph(model, s).eval(),
+                      (torch.zeros(1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64),
+                       torch.zeros(s.cache_capacity), *past),
+                      ["token_id", "position", "cache_valid", *kv_names("past_")],
+                      ["logits", *kv_names("new_")], scratch / "decode" / "decode.onnx", opset)
+
+        on_stage("store weights once")
+        store_weights_once({scratch / "vision" / "vision.onnx": stage_dir / "vision" / "vision.onnx"},
+                           stage_dir / "vision" / "vision.weights")
+        store_weights_once({scratch / "prefill" / "prefill.onnx": stage_dir / "lm" / "prefill.onnx",
+                            scratch / "decode" / "decode.onnx": stage_dir / "lm" / "decode.onnx"},
+                           stage_dir / "lm" / "lm.weights")
+
+        on_stage("check graphs")
+        for rel in ("vision/vision.onnx", "lm/prefill.onnx", "lm/decode.onnx"):
+            check_static(stage_dir / rel)
+
+        on_stage("write manifest")
+        tokenizer = processor.tokenizer
+        (stage_dir / "tokenizer.json").write_text(tokenizer.backend_tokenizer.to_str())
+        manifest = {
+            "schema_version": 1,
+            "edgeprune_version": __version__,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "source": {"model": model_name, "path": loaded.source, "weights_sha256": loaded.weights_sha256,
+                       "weights_bytes": loaded.weights_bytes},
+            "recipe": recipe.to_dict(),
+            "shapes": {**s.__dict__, "kv_heads": list(s.kv_heads)},
+            "rewrites": [f"vision: layers after the feature layer dropped "
+                         f"({feature_layer_count(model.config)} of {model.config.vision_config.num_hidden_layers} kept)"],
+            "onnx": {"opset": opset, "precision": recipe.onnx.precision},
+            "preprocess": PreprocessParams.from_processor_dict(processor.image_processor.to_dict(),
+                                                               s.partitions).to_dict(),
+            "tokenizer": {"file": "tokenizer.json", "image_token": "<image>",
+                          "image_token_id": int(model.config.image_token_id),
+                          "eos_token_ids": _eos_ids(model, tokenizer)},
+            "prompt_template": _prompt_template(processor),
+            "graphs": {"vision": {"file": "vision/vision.onnx", "weights": "vision/vision.weights"},
+                       "prefill": {"file": "lm/prefill.onnx"}, "decode": {"file": "lm/decode.onnx"},
+                       "lm_weights": "lm/lm.weights"},
+            "targets": {},
+        }
+        from edgeprune_runtime.manifest import sha256_file
+
+        manifest["files"] = {str(p.relative_to(stage_dir)): sha256_file(p)
+                             for p in sorted(stage_dir.rglob("*")) if p.is_file()}
+        (stage_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        _replace_dir(stage_dir, out)
+    except BaseException:
+        shutil.rmtree(stage_dir, ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return out
+
+
+def _replace_dir(new: Path, dst: Path) -> None:
+    """Renames `new` to `dst`; an older bundle at `dst` is moved aside first and removed after."""
+    old = None
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.replace(dst, old)
+    os.replace(new, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    ids = eos if isinstance(eos, list) else [eos]
+    return [int(i) for i in ids if i is not None]
+
+
+def _prompt_template(processor) -> str:
+    """The chat template rendered around a sentinel: one '<image>' and one '{prompt}'."""
+    if not getattr(processor, "chat_template", None):
+        return "USER: <image>\n{prompt} ASSISTANT:"
+    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT_SENTINEL}]}]
+    text = processor.apply_chat_template(conversation, add_generation_prompt=True)
+    if text.count(PROMPT_SENTINEL) != 1 or text.count(processor.image_token) != 1:
+        raise ExportError("the checkpoint's chat template does not place one image and one prompt; "
+                          "use --raw-prompt at run time")
+    return text.replace(PROMPT_SENTINEL, "{prompt}")

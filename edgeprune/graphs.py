@@ -1,0 +1,203 @@
+"""The three exportable graphs as torch modules built from a loaded LLaVA-NeXT's own submodules.
+
+Every input varies only in content, never in shape (DESIGN.md section 4); the interfaces are the
+ones documented in `edgeprune_runtime.manifest`. The modules call transformers' own layers
+(CLIP encoder layers, RMSNorm, MLP, projector) and re-write only what must change for static
+export: token selection, mask/position construction, and attention over a fixed-size cache.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from edgeprune.selection import select_tokens
+from edgeprune_runtime.layout import INVALID_KEY
+from edgeprune_runtime.manifest import Shapes
+
+NEG = -1.0e9  # additive mask value for fp32; finite so a fully masked padding row cannot produce NaN
+
+
+def feature_layer_count(config) -> int:
+    """How many CLIP layers produce `hidden_states[vision_feature_layer]` (-2 -> all but the last)."""
+    layer = config.vision_feature_layer
+    total = config.vision_config.num_hidden_layers
+    return layer if layer >= 0 else total + 1 + layer
+
+
+def cls_attention(layer, hidden: torch.Tensor) -> torch.Tensor:
+    """CLS-query attention over patch keys, softmax over all keys, summed over heads.
+
+    Recomputed from the layer's own q/k projections of its `layer_norm1` input, so the result
+    does not depend on the attention implementation. hidden [P, 1+N, Dv] -> scores [P, N].
+    """
+    attn = layer.self_attn
+    x = layer.layer_norm1(hidden)
+    p, t, _ = x.shape
+    heads, dh = attn.num_heads, attn.head_dim
+    q = attn.q_proj(x[:, :1]).view(p, 1, heads, dh).transpose(1, 2)  # [P, H, 1, dh]
+    k = attn.k_proj(x).view(p, t, heads, dh).transpose(1, 2)  # [P, H, 1+N, dh]
+    probs = torch.softmax(torch.matmul(q, k.transpose(2, 3)) * attn.scale, dim=-1)  # [P, H, 1, 1+N]
+    return probs.sum(dim=1)[:, 0, 1:]  # [P, N]
+
+
+class VisionGraph(nn.Module):
+    """pixels -> CLIP (up to the feature layer) -> K selected tokens -> projector (+ newline slots), sorted."""
+
+    def __init__(self, model, shapes: Shapes, strategy: str, keep_newlines: bool):
+        super().__init__()
+        inner = model.model
+        self.tower = inner.vision_tower
+        self.projector = inner.multi_modal_projector
+        self.image_newline = inner.image_newline  # [D]
+        self.layers = nn.ModuleList(self.tower.encoder.layers[: feature_layer_count(model.config)])
+        self.shapes = shapes
+        self.strategy = strategy
+        self.keep_newlines = keep_newlines
+
+    def forward(self, pixel_values, patch_valid, patch_key, patch_row, newline_key=None, newline_valid=None):
+        s = self.shapes
+        h = self.tower.pre_layrnorm(self.tower.embeddings(pixel_values))  # [P, 1+N, Dv]
+        scores = None
+        for i, layer in enumerate(self.layers):
+            if i == len(self.layers) - 1:
+                scores = cls_attention(layer, h)  # feature layer's CLS attention [P, N]
+            h = layer(h, None)
+        features = h[:, 1:].reshape(s.partitions * s.patches_per_partition, -1)  # [P*N, Dv], CLS dropped
+
+        valid = patch_valid.reshape(-1)  # [P*N]
+        idx = select_tokens(self.strategy, scores.reshape(-1), valid, s.visual_topk)  # [K] int64
+        sel_valid = valid[idx]
+        key = torch.where(sel_valid > 0, patch_key.reshape(-1)[idx], torch.full_like(sel_valid, INVALID_KEY))
+        embeds = self.projector(features[idx])  # [K, D]; the projector runs only on kept tokens
+        source = idx
+
+        if self.keep_newlines:
+            # A newline slot is real when its stitched row exists and holds at least one kept token.
+            rows = torch.arange(s.newline_slots, dtype=torch.float32)
+            sel_row = torch.where(sel_valid > 0, patch_row.reshape(-1)[idx], torch.full_like(sel_valid, -1.0))
+            hit = (sel_row[None, :] == rows[:, None]).to(torch.float32)  # [R, K]
+            nl_valid = newline_valid * (hit.sum(dim=1) > 0).to(torch.float32)  # [R]
+            nl_key = torch.where(nl_valid > 0, newline_key, torch.full_like(nl_valid, INVALID_KEY))
+            nl_embeds = self.image_newline[None, :].expand(s.newline_slots, -1)  # [R, D]
+            embeds = torch.cat([embeds, nl_embeds], dim=0)
+            sel_valid = torch.cat([sel_valid, nl_valid])
+            key = torch.cat([key, nl_key])
+            nl_source = torch.arange(s.newline_slots, dtype=torch.int64) + s.partitions * s.patches_per_partition
+            source = torch.cat([source, nl_source])
+
+        # Back to sequence order: ascending key, padding last. [V]
+        order = torch.topk(-key, s.visual_slots, largest=True, sorted=True).indices
+        out_valid = sel_valid[order]
+        out_source = torch.where(out_valid > 0, source[order], torch.full_like(source[order], -1))
+        return embeds[order], out_valid, out_source
+
+
+def _rope(inv_freq: torch.Tensor, scaling: float, positions: torch.Tensor):
+    """cos/sin [T, Dh] for float positions [T] (as transformers' default rotary embedding)."""
+    freqs = positions[:, None] * inv_freq[None, :]  # [T, Dh/2]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos() * scaling, emb.sin() * scaling
+
+
+def _rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+def _apply_rope(x, cos, sin):  # x [heads, T, Dh]; cos/sin [T, Dh]
+    return x * cos + _rotate_half(x) * sin
+
+
+class _LanguageModel(nn.Module):
+    """Shared pieces of prefill and decode: the LM's own embedding, layers, norm, head and RoPE table."""
+
+    def __init__(self, model, shapes: Shapes):
+        super().__init__()
+        lm = model.model.language_model
+        self.embed = lm.embed_tokens
+        self.layers = lm.layers
+        self.norm = lm.norm
+        self.lm_head = model.lm_head
+        self.register_buffer("inv_freq", lm.rotary_emb.inv_freq.detach().clone().float(), persistent=False)
+        self.rope_scaling = float(getattr(lm.rotary_emb, "attention_scaling", 1.0))
+        self.shapes = shapes
+
+    def qkv(self, layer, x, cos, sin):
+        """x [T, D] -> q [H, T, Dh], k/v [Hkv, T, Dh] with RoPE applied to q and k."""
+        attn = layer.self_attn
+        t, dh = x.shape[0], attn.head_dim
+        q = attn.q_proj(x).view(t, -1, dh).transpose(0, 1)
+        k = attn.k_proj(x).view(t, -1, dh).transpose(0, 1)
+        v = attn.v_proj(x).view(t, -1, dh).transpose(0, 1)
+        return _apply_rope(q, cos, sin), _apply_rope(k, cos, sin), v
+
+    def mlp_block(self, layer, x):
+        return x + layer.mlp(layer.post_attention_layernorm(x))
+
+    def logits(self, x_last):  # [1, D] -> [vocab]
+        return self.lm_head(self.norm(x_last))[0]
+
+
+class PrefillGraph(_LanguageModel):
+    """[text-before | visual | text-after] slots -> logits of the last valid slot + K/V of every slot."""
+
+    def forward(self, text_ids, text_valid, visual_embeds, visual_valid):
+        s = self.shapes
+        t1 = s.text_slots_before_image
+        text = self.embed(text_ids)  # [T1+T2, D]
+        x = torch.cat([text[:t1], visual_embeds, text[t1:]], dim=0)  # [S, D]
+        valid = torch.cat([text_valid[:t1], visual_valid, text_valid[t1:]])  # [S]
+        positions = torch.clamp(torch.cumsum(valid, dim=0) - 1.0, min=0.0)  # count of valid slots before
+        cos, sin = _rope(self.inv_freq, self.rope_scaling, positions)
+        slot = torch.arange(s.prefill_slots)
+        allowed = (slot[None, :] <= slot[:, None]).to(torch.float32) * valid[None, :]  # causal & real keys
+        mask = (1.0 - allowed) * NEG  # [S, S] additive
+
+        presents = []
+        for layer in self.layers:
+            attn = layer.self_attn
+            q, k, v = self.qkv(layer, layer.input_layernorm(x), cos, sin)
+            presents += [k, v]
+            groups = q.shape[0] // k.shape[0]
+            k_all = k.repeat_interleave(groups, dim=0) if groups > 1 else k  # [H, S, Dh]
+            v_all = v.repeat_interleave(groups, dim=0) if groups > 1 else v
+            probs = torch.softmax(torch.matmul(q, k_all.transpose(1, 2)) * attn.scaling + mask, dim=-1)
+            out = torch.matmul(probs, v_all).transpose(0, 1).reshape(s.prefill_slots, -1)  # [S, H*Dh]
+            x = x + attn.o_proj(out)
+            x = self.mlp_block(layer, x)
+
+        last = torch.argmax(valid * (slot.to(torch.float32) + 1.0))  # index of the last real slot
+        return (self.logits(x[last][None, :]), *presents)
+
+
+class DecodeGraph(_LanguageModel):
+    """One token + the fixed-size cache -> logits + only the new K/V slice (the runtime writes it).
+
+    Attention is split into cache part and self part so the cache is only read, never copied:
+
+        q ──┬─ q·Kcacheᵀ [Hkv,G,C] + mask ─┐
+            └─ q·k_new   [Hkv,G,1] ────────┴─ softmax ─┬─ p[:C]·Vcache ─┬─ + ─ o_proj
+                                                        └─ p[C]·v_new ───┘
+    """
+
+    def forward(self, token_id, position, cache_valid, *past):
+        s = self.shapes
+        x = self.embed(token_id)  # [1, D]
+        cos, sin = _rope(self.inv_freq, self.rope_scaling, position.to(torch.float32))
+        mask = (1.0 - cache_valid) * NEG  # [C]
+        news = []
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            past_k, past_v = past[2 * i], past[2 * i + 1]  # [Hkv, C, Dh]
+            q, k, v = self.qkv(layer, layer.input_layernorm(x), cos, sin)  # q [H,1,Dh], k/v [Hkv,1,Dh]
+            news += [k, v]
+            hkv, dh = k.shape[0], k.shape[2]
+            qg = q.reshape(hkv, -1, dh)  # [Hkv, G, Dh]: the G query heads sharing one KV head
+            past_scores = torch.matmul(qg, past_k.transpose(1, 2)) * attn.scaling + mask  # [Hkv, G, C]
+            self_score = (qg * k).sum(dim=-1, keepdim=True) * attn.scaling  # [Hkv, G, 1]
+            probs = torch.softmax(torch.cat([past_scores, self_score], dim=-1), dim=-1)
+            out = torch.matmul(probs[..., : s.cache_capacity], past_v) + probs[..., s.cache_capacity :] * v
+            x = x + attn.o_proj(out.reshape(1, -1))
+            x = self.mlp_block(layer, x)
+        return (self.logits(x), *news)

@@ -1,0 +1,135 @@
+"""torch module -> static ONNX file, and the pass that stores weights once for several graphs.
+
+Uses the TorchScript exporter: it honours opset 17 (the dynamo exporter silently stays at 18,
+see DESIGN.md section 9), and with constant folding it leaves no shape arithmetic behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgeprune.errors import ExportError
+
+INLINE_LIMIT = 1024  # bytes; smaller initializers (shape constants, scalars) stay inside the graph
+ALIGN = 64  # byte alignment of every tensor in a weights file (mmap views stay SIMD-aligned)
+
+
+def export_module(module, args: tuple, input_names: list[str], output_names: list[str], path: Path, opset: int) -> None:
+    """Traces `module(*args)` into `path` with fully static shapes; checks the opset we really got."""
+    import onnx
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module, args, str(path), input_names=input_names, output_names=output_names,
+            opset_version=opset, dynamo=False, do_constant_folding=True,
+        )
+    model = onnx.load(str(path), load_external_data=False)
+    got = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    if got != opset:
+        raise ExportError(f"asked the exporter for opset {opset} but got {got}; set onnx.opset = {got} in the recipe")
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    name: str
+    offset: int
+    length: int
+    dtype: str  # numpy dtype string, e.g. "<f4"
+    shape: tuple[int, ...]
+
+
+def store_weights_once(graphs: dict[Path, Path], weights_path: Path) -> list[StoredTensor]:
+    """Moves the large initializers of several graphs into ONE external-data file, each tensor once.
+
+    `graphs` maps an exported graph (in a scratch dir, possibly with its own external data) to
+    the path it must be written to; `weights_path` sits in the same directory as the outputs.
+    Identical tensors (same bytes, dtype, shape) are stored once and given one name in every graph
+    that uses them, so a runtime can load them once and share them between sessions. Also writes
+    `<weights>.json` listing name/offset/length/dtype/shape for runtimes that cannot parse ONNX.
+    """
+    import onnx
+    from onnx import external_data_helper, numpy_helper
+
+    by_digest: dict[str, StoredTensor] = {}
+    names_taken: dict[str, str] = {}  # canonical name -> digest
+    loaded = []
+    weights_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(weights_path, "wb") as wf:
+        for src, dst in graphs.items():
+            if dst.parent != weights_path.parent:
+                raise ValueError("graphs and their weights file must share a directory")
+            model = onnx.load(str(src), load_external_data=False)
+            renames: dict[str, str] = {}
+            for tensor in model.graph.initializer:
+                array = numpy_helper.to_array(tensor, base_dir=str(src.parent))
+                data = array.tobytes()
+                if len(data) < INLINE_LIMIT:
+                    if external_data_helper.uses_external_data(tensor):
+                        tensor.CopyFrom(numpy_helper.from_array(array, tensor.name))
+                    continue
+                digest = hashlib.sha256(data + array.dtype.str.encode() + str(array.shape).encode()).hexdigest()
+                stored = by_digest.get(digest)
+                if stored is None:
+                    name = tensor.name
+                    if names_taken.get(name, digest) != digest:
+                        name = f"{name}__{digest[:8]}"
+                    pad = (-wf.tell()) % ALIGN
+                    wf.write(b"\0" * pad)
+                    stored = StoredTensor(name, wf.tell(), len(data), array.dtype.str, tuple(array.shape))
+                    wf.write(data)
+                    by_digest[digest], names_taken[name] = stored, digest
+                if stored.name != tensor.name:
+                    renames[tensor.name] = stored.name
+                new = onnx.TensorProto(name=stored.name, data_type=tensor.data_type, dims=tensor.dims)
+                for key, value in (("location", weights_path.name), ("offset", stored.offset), ("length", stored.length)):
+                    entry = new.external_data.add()
+                    entry.key, entry.value = key, str(value)
+                new.data_location = onnx.TensorProto.EXTERNAL
+                tensor.CopyFrom(new)
+            if renames:
+                for node in _all_nodes(model.graph):
+                    for i, name in enumerate(node.input):
+                        if name in renames:
+                            node.input[i] = renames[name]
+            loaded.append((model, dst))
+    for model, dst in loaded:
+        onnx.save(model, str(dst))
+    tensors = sorted(by_digest.values(), key=lambda t: t.offset)
+    index = {"file": weights_path.name, "tensors": [t.__dict__ | {"shape": list(t.shape)} for t in tensors]}
+    weights_path.with_name(weights_path.name + ".json").write_text(json.dumps(index, indent=1))
+    return tensors
+
+
+def _all_nodes(graph):
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            if attr.g is not None and attr.g.node:
+                yield from _all_nodes(attr.g)
+            for sub in attr.graphs:
+                yield from _all_nodes(sub)
+
+
+def check_static(path: Path) -> None:
+    """onnx.checker on the file (external data included) and every graph input/output fully static."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path))
+    except onnx.checker.ValidationError as e:
+        raise ExportError(f"{path.name} fails the ONNX checker: {str(e).splitlines()[0]}") from None
+    model = onnx.load(str(path), load_external_data=False)
+    for value in list(model.graph.input) + list(model.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        if not dims and value.type.tensor_type.elem_type:
+            continue  # scalar
+        for d in dims:
+            if not d.HasField("dim_value"):
+                raise ExportError(f"{path.name}: {value.name} has a dynamic dimension {d.dim_param!r}")

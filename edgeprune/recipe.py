@@ -1,0 +1,113 @@
+"""Recipes: TOML files loaded into frozen dataclasses; unknown keys are errors with a hint.
+
+Precedence: dataclass defaults < recipe file < explicit CLI flags (`Recipe.override`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgeprune.errors import ConfigError
+
+RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+STRATEGIES = ("global-topk",)
+NEWLINE_POLICIES = ("auto", "keep", "drop")
+PRECISIONS = ("fp32",)
+
+
+@dataclass(frozen=True)
+class ShapesRecipe:
+    text_slots_before_image: int = 64  # prompt tokens before <image> (chat template preamble, BOS)
+    text_slots_after_image: int = 64  # prompt tokens after <image> (the question, "ASSISTANT:")
+    new_token_slots: int = 256  # cache slots reserved for generated tokens beyond the prefill slots
+
+
+@dataclass(frozen=True)
+class OnnxRecipe:
+    opset: int = 17  # TensorRT 8.5/8.6 (P40, Jetson Xavier/Orin JetPack 6.0) stop at 17
+    precision: str = "fp32"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    budget: float = 0.2  # fraction of patch tokens (all partitions) the LM sees
+    strategy: str = "global-topk"
+    newlines: str = "auto"  # auto: keep image_newline slots at budget 1.0 only
+    shapes: ShapesRecipe = field(default_factory=ShapesRecipe)
+    onnx: OnnxRecipe = field(default_factory=OnnxRecipe)
+
+    def override(self, **flags) -> "Recipe":
+        """Returns a copy with every flag that is not None applied, then validated."""
+        top = {k: v for k, v in flags.items() if v is not None}
+        return dataclasses.replace(self, **top).validated()
+
+    def validated(self) -> "Recipe":
+        if not (0.0 < self.budget <= 1.0):
+            raise ConfigError(f"budget must be in (0, 1], got {self.budget}; e.g. --budget 0.2 keeps 20% of visual tokens")
+        _one_of("strategy", self.strategy, STRATEGIES)
+        _one_of("newlines", self.newlines, NEWLINE_POLICIES)
+        _one_of("onnx.precision", self.onnx.precision, PRECISIONS)
+        if not (13 <= self.onnx.opset <= 21):
+            raise ConfigError(f"onnx.opset must be between 13 and 21, got {self.onnx.opset}")
+        for name in ("text_slots_before_image", "text_slots_after_image", "new_token_slots"):
+            if getattr(self.shapes, name) < 1:
+                raise ConfigError(f"shapes.{name} must be >= 1, got {getattr(self.shapes, name)}")
+        return self
+
+    def keeps_newlines(self) -> bool:
+        return self.newlines == "keep" or (self.newlines == "auto" and self.budget == 1.0)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        close = difflib.get_close_matches(str(value), allowed, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"{key} {value!r} is not one of {', '.join(allowed)}.{hint}")
+
+
+def _build(cls, data: dict, where: str):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"unknown recipe key {where}{key!r}.{hint}")
+        if isinstance(value, dict):
+            sub_cls = {"shapes": ShapesRecipe, "onnx": OnnxRecipe}.get(key)
+            if sub_cls is None:
+                raise ConfigError(f"recipe key {where}{key!r} is not a table")
+            value = _build(sub_cls, value, f"{where}{key}.")
+        elif key in ("shapes", "onnx"):
+            raise ConfigError(f"recipe key {where}{key!r} must be a table, e.g. [{key}]")
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def load_recipe(path: str | Path | None) -> Recipe:
+    """Loads a recipe TOML file (None: all defaults). Raises ConfigError on bad files or keys."""
+    if path is None:
+        return Recipe().validated()
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe file {path} does not exist; pass --recipe with a TOML file (see recipes/)")
+    try:
+        data = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"recipe {path} is not valid TOML: {e}") from None
+    try:
+        return _build(Recipe, data, "").validated()
+    except TypeError as e:
+        raise ConfigError(f"recipe {path}: {e}") from None
+
+
+def default_recipe_path(recipe_name: str) -> Path:
+    return RECIPE_DIR / recipe_name
