@@ -107,7 +107,8 @@ class PreprocessParams:
         for flag in ("do_resize", "do_center_crop"):
             if d.get(flag, True) is not True and shortest_edge != crop_size:
                 raise ValueError(
-                    f"{flag}={d.get(flag)!r} is not supported when shortest_edge ({shortest_edge}) != crop_size ({crop_size})"
+                    f"{flag}={d.get(flag)!r} is not supported when shortest_edge ({shortest_edge})"
+                    f" != crop_size ({crop_size})"
                 )
         # do_pad only pads the patch axis across a batch; we always pad to `partitions`.
         if d.get("pad_size") is not None:
@@ -227,7 +228,9 @@ def load_image(path, *, exif_transpose: bool = False) -> Image.Image:
             f"image {p!r} is corrupt ({type(e).__name__}: {_one_line(e)}); re-export or re-copy the file",
         ) from None
     if rgb.width == 0 or rgb.height == 0:
-        raise RuntimeStatusError(Status.IMAGE_INVALID, f"image {p!r} is empty ({rgb.width}x{rgb.height}); pass a non-empty image")
+        raise RuntimeStatusError(
+            Status.IMAGE_INVALID, f"image {p!r} is empty ({rgb.width}x{rgb.height}); pass a non-empty image"
+        )
     return rgb
 
 
@@ -278,9 +281,14 @@ def preprocess(image: Image.Image, params: PreprocessParams) -> tuple[np.ndarray
     """returns pixel_values float32 [P, 3, crop, crop] (zero-padded on the patch axis like the processor's
     do_pad) and image_hw = (height, width) of the original image"""
     if not isinstance(image, Image.Image):
-        raise RuntimeStatusError(Status.INVALID_ARGUMENT, f"preprocess expects a PIL image, got {type(image).__name__}; use load_image(path)")
+        raise RuntimeStatusError(
+            Status.INVALID_ARGUMENT,
+            f"preprocess expects a PIL image, got {type(image).__name__}; use load_image(path)",
+        )
     if image.width == 0 or image.height == 0:
-        raise RuntimeStatusError(Status.IMAGE_INVALID, f"image is empty ({image.width}x{image.height}); pass a non-empty image")
+        raise RuntimeStatusError(
+            Status.IMAGE_INVALID, f"image is empty ({image.width}x{image.height}); pass a non-empty image"
+        )
     resample, crop, se = int(params.resample), params.crop_size, params.shortest_edge
 
     rgb = np.asarray(_convert_to_rgb(image))  # uint8 [H, W, 3]

@@ -1,0 +1,132 @@
+"""The `edgeprune` command line. Heavy imports (torch, transformers, onnx) happen inside commands.
+
+Every EdgePruneError / RuntimeStatusError becomes one line on stderr and a non-zero exit code;
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+
+import click
+
+from edgeprune import __version__
+
+
+def _fail(message: str, code: int = 2):
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def user_errors(fn):
+    """Turns user-caused failures into one line and an exit code (no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from edgeprune.errors import EdgePruneError
+        from edgeprune_runtime.errors import RuntimeStatusError
+
+        try:
+            return fn(*args, **kwargs)
+        except EdgePruneError as e:
+            _fail(str(e), e.exit_code)
+        except RuntimeStatusError as e:
+            _fail(e.message, 2)
+        except KeyboardInterrupt:
+            _fail("interrupted", 130)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="edgeprune")
+def cli():
+    """Export vision-language models with a fixed visual-token budget to static ONNX bundles and run them."""
+
+
+def _recipe(model_name: str, recipe_file: str | None, **flags):
+    from edgeprune import registry
+    from edgeprune.recipe import default_recipe_path, load_recipe
+
+    path = recipe_file or default_recipe_path(registry.get(model_name).recipe)
+    return load_recipe(path).override(**flags)
+
+
+@cli.command()
+@click.argument("model_name", metavar="NAME")
+@click.option("--budget", type=float, help="Fraction of visual tokens to keep, in (0, 1] (recipe default 0.2).")
+@click.option("--model", "model_dir", type=click.Path(), help="Local Hugging Face checkpoint directory.")
+@click.option("--out", "out_dir", type=click.Path(), help="Bundle directory [default: export/NAME].")
+@click.option("--recipe", "recipe_file", type=click.Path(), help="Recipe TOML [default: recipes/<model>.toml].")
+@click.option("--strategy", help="Visual-token selection strategy (recipe key `strategy`).")
+@click.option("--newlines", type=click.Choice(["auto", "keep", "drop"]), help="image_newline slots policy.")
+@click.option("--layers", type=int, default=2, show_default=True, help="LM layers of llava-next-7b-shape.")
+@user_errors
+def export(model_name, budget, model_dir, out_dir, recipe_file, strategy, newlines, layers):
+    """Trace NAME into a static-shape ONNX bundle (vision, prefill, decode graphs + manifest)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from edgeprune.export import STAGES, export_bundle
+
+    recipe = _recipe(model_name, recipe_file, budget=budget, strategy=strategy, newlines=newlines)
+    out = Path(out_dir or Path("export") / model_name)
+    console = Console(stderr=True)
+    columns = (TextColumn("[bold]export[/]"), BarColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("", total=len(STAGES))
+
+        def on_stage(name: str) -> None:
+            done = STAGES.index(name)
+            progress.update(task, completed=done, description=name)
+            console.log(f"{name}")
+
+        export_bundle(model_name, out, recipe, model_dir=model_dir, model_options={"layers": layers},
+                      on_stage=on_stage)
+        progress.update(task, completed=len(STAGES), description="done")
+    _print_bundle_summary(out)
+
+
+def _print_bundle_summary(bundle: Path) -> None:
+    from edgeprune_runtime.manifest import load_manifest
+
+    m = load_manifest(bundle, verify_hashes=False)
+    s = m.shapes
+    size = sum((bundle / rel).stat().st_size for rel in m.data["files"])
+    click.echo(f"bundle {bundle}: budget {m.data['recipe']['budget']}, K={s.visual_topk} of "
+               f"{s.partitions * s.patches_per_partition} patch tokens, {s.visual_slots} visual slots, "
+               f"{s.prefill_slots} prefill slots, cache {s.cache_capacity}, {size / 1e6:.1f} MB")
+
+
+@cli.command()
+@click.argument("model_name", metavar="NAME")
+@click.argument("out_dir", metavar="DIR", type=click.Path())
+@click.option("--layers", type=int, default=2, show_default=True, help="LM layers of llava-next-7b-shape.")
+@user_errors
+def tiny(model_name, out_dir, layers):
+    """Save the built-in model NAME as a Hugging Face checkpoint directory DIR."""
+    from edgeprune import registry
+    from edgeprune.errors import ConfigError
+    from edgeprune.models.llava_next import save_twin
+
+    entry = registry.get(model_name)
+    if model_name == "llava-next":
+        raise ConfigError("`llava-next` is a local checkpoint already; `tiny` saves built-in models "
+                          "such as llava-next-tiny")
+    path = save_twin(entry.loader(None, layers=layers), out_dir)
+    click.echo(f"saved {model_name} to {path} (load with LlavaNextForConditionalGeneration.from_pretrained)")
+
+
+@cli.command(name="models")
+def models_cmd():
+    """List the registered models."""
+    from edgeprune import registry
+
+    for name in registry.names():
+        click.echo(f"{name:22s} {registry.get(name).description}")
+
+
+def main():
+    cli(prog_name="edgeprune")
