@@ -119,6 +119,56 @@ def tiny(model_name, out_dir, layers):
     click.echo(f"saved {model_name} to {path} (load with LlavaNextForConditionalGeneration.from_pretrained)")
 
 
+@cli.command()
+@click.argument("bundle", type=click.Path())
+@click.option("--image", required=True, type=click.Path(), help="Image to feed every stage.")
+@click.option("--prompt", default="What is on the table?", show_default=True)
+@click.option("--raw-prompt", is_flag=True, help="Use the prompt verbatim (it must contain <image>).")
+@click.option("--model", "model_dir", type=click.Path(), help="Source checkpoint dir, if it moved since export.")
+@click.option("--atol", type=float, default=1e-4, show_default=True)
+@click.option("--rtol", type=float, default=1e-3, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
+@user_errors
+def compare(bundle, image, prompt, raw_prompt, model_dir, atol, rtol, as_json):
+    """Compare every stage of BUNDLE (ONNX Runtime) with eager PyTorch, using Polygraphy. Exit 1 on mismatch."""
+    import json
+
+    from edgeprune.compare import compare_bundle
+
+    report = compare_bundle(bundle, image, prompt, raw_prompt, atol=atol, rtol=rtol, model_dir=model_dir)
+    if as_json:
+        click.echo(json.dumps(report.to_dict()))
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=f"torch (eager) vs onnxruntime, atol {atol:g} rtol {rtol:g}")
+        for col in ("stage", "output", "max abs diff", "max rel diff", "result"):
+            table.add_column(col)
+        for r in report.rows:
+            table.add_row(r.stage, r.output, f"{r.max_absdiff:.3g}", f"{r.max_reldiff:.3g}",
+                          "[green]pass[/]" if r.passed else "[red]FAIL[/]")
+        Console().print(table)
+        click.echo("compare: all stages match" if report else "compare: MISMATCH (see FAIL rows)")
+    sys.exit(0 if report else 1)
+
+
+@cli.command(name="sample-image")
+@click.argument("out", type=click.Path())
+@click.option("--size", default="640x480", show_default=True, help="WIDTHxHEIGHT")
+@user_errors
+def sample_image(out, size):
+    """Write a deterministic synthetic photo (a table scene) to OUT, for demos and benchmarks."""
+    from edgeprune.errors import ConfigError
+    from edgeprune.sample_image import write_sample_image
+
+    try:
+        width, height = (int(v) for v in size.lower().split("x"))
+    except ValueError:
+        raise ConfigError(f"--size must look like 640x480, got {size!r}") from None
+    click.echo(f"wrote {write_sample_image(out, width, height)}")
+
+
 @cli.command(name="models")
 def models_cmd():
     """List the registered models."""

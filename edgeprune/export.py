@@ -118,7 +118,7 @@ def export_bundle(model_name: str, out_dir: str | Path, recipe: Recipe, model_di
             "edgeprune_version": __version__,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "source": {"model": model_name, "path": loaded.source, "weights_sha256": loaded.weights_sha256,
-                       "weights_bytes": loaded.weights_bytes},
+                       "weights_bytes": loaded.weights_bytes, "options": dict(model_options or {})},
             "recipe": recipe.to_dict(),
             "shapes": {**s.__dict__, "kv_heads": list(s.kv_heads)},
             "rewrites": [f"vision: layers after the feature layer dropped "
