@@ -121,6 +121,26 @@ def tiny(model_name, out_dir, layers):
 
 @cli.command()
 @click.argument("bundle", type=click.Path())
+@click.option("--image", required=True, type=click.Path(), help="Image file (PNG, JPEG, ...).")
+@click.option("--prompt", required=True, help="Question; the bundle's chat template is applied unless --raw-prompt.")
+@click.option("--max-new-tokens", type=int, default=32, show_default=True,
+              help="Stop after N tokens (0: until EOS or the cache is full).")
+@click.option("--raw-prompt", is_flag=True, help="Use the prompt verbatim (it must contain <image> once).")
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 is greedy; > 0 samples.")
+@click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling mass in (0, 1].")
+@click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
+@user_errors
+def run(bundle, image, prompt, max_new_tokens, raw_prompt, temperature, top_p, seed, as_json):
+    """Answer PROMPT about IMAGE with BUNDLE on ONNX Runtime, streaming tokens as they come."""
+    from edgeprune_runtime.cli import run as runtime_run
+
+    runtime_run(bundle, image, prompt, max_new_tokens=max_new_tokens, raw_prompt=raw_prompt,
+                temperature=temperature, top_p=top_p, seed=seed, as_json=as_json)
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path())
 @click.option("--image", required=True, type=click.Path(), help="Image to feed every stage.")
 @click.option("--prompt", default="What is on the table?", show_default=True)
 @click.option("--raw-prompt", is_flag=True, help="Use the prompt verbatim (it must contain <image>).")
