@@ -75,13 +75,14 @@ def export(model_name, budget, model_dir, out_dir, recipe_file, strategy, newlin
     out = Path(out_dir or Path("export") / model_name)
     console = Console(stderr=True)
     columns = (TextColumn("[bold]export[/]"), BarColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=True) as progress:
+    # Only on a terminal: in pipes and logs a user error stays the single `error:` line.
+    with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as progress:
         task = progress.add_task("", total=len(STAGES))
 
         def on_stage(name: str) -> None:
-            done = STAGES.index(name)
-            progress.update(task, completed=done, description=name)
-            console.log(f"{name}")
+            progress.update(task, completed=STAGES.index(name), description=name)
+            if console.is_terminal:
+                console.log(name)
 
         export_bundle(model_name, out, recipe, model_dir=model_dir, model_options={"layers": layers},
                       on_stage=on_stage)
@@ -171,6 +172,51 @@ def compare(bundle, image, prompt, raw_prompt, model_dir, atol, rtol, as_json):
         Console().print(table)
         click.echo("compare: all stages match" if report else "compare: MISMATCH (see FAIL rows)")
     sys.exit(0 if report else 1)
+
+
+@cli.command()
+@click.argument("model_name", metavar="NAME")
+@click.option("--budget", type=float, help="Budget of the bundle side (transformers always runs the full image).")
+@click.option("--layers", type=int, default=2, show_default=True, help="LM layers of llava-next-7b-shape.")
+@click.option("--model", "model_dir", type=click.Path(), help="Local checkpoint dir (for `llava-next`).")
+@click.option("--recipe", "recipe_file", type=click.Path(), help="Recipe TOML for the export.")
+@click.option("--bundle", "bundle_dir", type=click.Path(), help="Use this exported bundle instead of exporting.")
+@click.option("--image", type=click.Path(), help="Image [default: the built-in 640x480 sample].")
+@click.option("--prompt", default="What is on the table?", show_default=True)
+@click.option("--max-new-tokens", type=int, default=32, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
+@user_errors
+def bench(model_name, budget, layers, model_dir, recipe_file, bundle_dir, image, prompt, max_new_tokens, as_json):
+    """Time-to-first-token, decode tokens/s and peak memory: transformers (full) vs the bundle (budget)."""
+    import json
+
+    from rich.console import Console
+
+    from edgeprune.bench import run_bench
+
+    recipe = _recipe(model_name, recipe_file, budget=budget)
+    console = Console(stderr=True)
+    report = run_bench(model_name, recipe, model_dir, layers, image, prompt, max_new_tokens, bundle_dir,
+                       on_stage=lambda s: console.log(s))
+    if as_json:
+        click.echo(json.dumps(report))
+        return
+    from rich.table import Table
+
+    hf, ours, r = report["transformers"], report["edgeprune"], report["ratios"]
+    table = Table(title=f"{model_name}: transformers (full image) vs edgeprune (budget {report['budget']}), "
+                        f"{max_new_tokens} new tokens")
+    for col in ("", "transformers", "edgeprune", "ratio"):
+        table.add_column(col, justify="right")
+    table.add_row("time to first token", f"{hf['ttft_s']:.3f} s", f"{ours['ttft_s']:.3f} s",
+                  f"{r['ttft_speedup']:.2f}x faster")
+    table.add_row("decode", f"{hf['decode_tokens_per_s']:.2f} tok/s", f"{ours['decode_tokens_per_s']:.2f} tok/s",
+                  f"{r['decode_speedup']:.2f}x faster")
+    table.add_row("peak RSS", f"{hf['peak_rss_bytes'] / 2**30:.2f} GiB", f"{ours['peak_rss_bytes'] / 2**30:.2f} GiB",
+                  f"{r['peak_rss_ratio']:.2f}x")
+    table.add_row("peak RSS / (weights + cache)", "", f"{r['peak_rss_vs_weights_plus_cache']:.2f}", "")
+    table.add_row("visual tokens in the LM", "", str(ours["visual_tokens"]), "")
+    Console().print(table)
 
 
 @cli.command(name="sample-image")

@@ -78,6 +78,10 @@ class VisionGraph(nn.Module):
             sel_row = torch.where(sel_valid > 0, patch_row.reshape(-1)[idx], torch.full_like(sel_valid, -1.0))
             hit = (sel_row[None, :] == rows[:, None]).to(torch.float32)  # [R, K]
             nl_valid = newline_valid * (hit.sum(dim=1) > 0).to(torch.float32)  # [R]
+            if s.visual_topk >= s.partitions * s.patches_per_partition:
+                # Keep-all reproduces transformers, which ends every unpadded row with a newline, even a
+                # row left with zero columns by unpadding (very thin images).
+                nl_valid = newline_valid
             nl_key = torch.where(nl_valid > 0, newline_key, torch.full_like(nl_valid, INVALID_KEY))
             nl_embeds = self.image_newline[None, :].expand(s.newline_slots, -1)  # [R, D]
             embeds = torch.cat([embeds, nl_embeds], dim=0)

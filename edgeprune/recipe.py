@@ -80,7 +80,7 @@ def _build(cls, data: dict, where: str):
         if key not in fields:
             close = difflib.get_close_matches(key, fields, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"unknown recipe key {where}{key!r}.{hint}")
+            raise ConfigError(f"unknown recipe key '{where}{key}'.{hint}")
         if isinstance(value, dict):
             sub_cls = {"shapes": ShapesRecipe, "onnx": OnnxRecipe}.get(key)
             if sub_cls is None:

@@ -91,7 +91,8 @@ class Generator:
 
     @property
     def logits(self):
-        """Read-only view [vocab], valid until the next step of this generator (copy it to keep it)."""
+        """Read-only view [vocab] of the logits the latest token was sampled from (before the first step:
+        the prefill's); valid until the next step of this generator (copy it to keep it)."""
         return _call(capi.Generator_GetLogits, self._live())
 
     @property

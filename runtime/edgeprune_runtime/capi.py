@@ -251,7 +251,9 @@ def Generator_GetTokenIds(generator: int, out: Out) -> Status:
 
 @_api
 def Generator_GetLogits(generator: int, out: Out) -> Status:
-    """out.value: read-only float view [vocab] of the logits the next token is (or was) sampled from.
+    """out.value: read-only float view [vocab] of the latest logits: before the first
+    GenerateNextToken the prefill's (the first token will be sampled from them), afterwards the ones
+    the latest GenerateNextToken sampled its token from.
 
     The view aliases the generator's buffer: valid until the next call on this generator
     (GenerateNextToken overwrites it, Destroy frees it); copy it to keep it.

@@ -26,7 +26,7 @@ import numpy as np
 from edgeprune_runtime.env import env_flag, env_int
 from edgeprune_runtime.errors import RuntimeStatusError, Status
 from edgeprune_runtime.kvcache import KVCache
-from edgeprune_runtime.manifest import Manifest, Shapes
+from edgeprune_runtime.manifest import Manifest
 
 PROVIDERS = ["CPUExecutionProvider"]
 
@@ -167,7 +167,7 @@ class Engine:
 
     def __init__(self, manifest: Manifest):
         self.manifest = manifest
-        s = self.shapes = manifest.shapes
+        self.shapes = manifest.shapes
         graphs = manifest.graphs
         try:
             vision_path = manifest.path(graphs["vision"]["file"])

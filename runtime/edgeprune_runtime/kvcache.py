@@ -43,7 +43,7 @@ class KVCache:
             raise RuntimeStatusError(Status.CACHE_FULL, f"the prompt fills {n} cache slots, the bundle has {self.capacity}")
         for dst, src in zip(self.keys + self.values, list(keys) + list(values)):
             dst[:, :n] = src[:, idx]
-            dst[:, n:] = 0
+            # slots >= n are left as they are: masked by `valid`, and never-written zero pages cost no memory
         self.valid[:n] = 1.0
         self.valid[n:] = 0.0
         self.length = n

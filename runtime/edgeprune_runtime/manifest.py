@@ -131,8 +131,8 @@ def load_manifest(bundle_dir: str | Path, verify_hashes: bool = True) -> Manifes
             raise _bad(f"{mpath} lacks the key {key!r}; re-run `edgeprune export`")
     try:
         shapes = Shapes.from_dict(data["shapes"])
-    except TypeError as e:
-        raise _bad(f"{mpath} has malformed shapes ({e}); re-run `edgeprune export`") from None
+    except (TypeError, KeyError, ValueError) as e:  # unknown/missing field, kv_heads missing or not a list
+        raise _bad(f"{mpath} has malformed shapes ({type(e).__name__}: {e}); re-run `edgeprune export`") from None
     for rel, digest in data["files"].items():
         fpath = root / rel
         if not fpath.is_file():

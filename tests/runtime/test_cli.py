@@ -1,0 +1,70 @@
+"""`python -m edgeprune_runtime`: streaming, --json, and one-line errors with exit code 2."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from edgeprune_runtime.cli import main
+
+RUNTIME = Path(__file__).resolve().parents[2] / "runtime"
+
+
+def test_json_output(fake_bundle, images, capsys):
+    root, _ = fake_bundle
+    code = main([str(root), "--image", str(images["wide"]), "--prompt", "What is in the picture?", "--json",
+                 "--max-new-tokens", "5"])
+    assert code == 0
+    out = capsys.readouterr().out
+    lines = out.strip().splitlines()
+    assert len(lines) == 1
+    d = json.loads(lines[0])
+    assert {"token_ids", "text", "visual_tokens", "ttft_s", "decode_tokens_per_s", "stop_reason"} <= set(d)
+    assert 1 <= len(d["token_ids"]) <= 5
+
+
+def test_streaming_output(fake_bundle, images, capsys):
+    root, _ = fake_bundle
+    code = main([str(root), "--image", str(images["tall"]), "--prompt", "hi", "--max-new-tokens", "4",
+                 "--temperature", "0.8", "--top-p", "0.9", "--seed", "3"])
+    captured = capsys.readouterr()
+    assert code == 0
+    assert "stop:" in captured.err and "visual tokens" in captured.err
+
+
+def test_user_errors_exit_2_with_one_line(fake_bundle, images, capsys, tmp_path):
+    root, _ = fake_bundle
+    cases = [
+        [str(tmp_path / "none"), "--image", str(images["wide"]), "--prompt", "x"],
+        [str(root), "--image", str(tmp_path / "none.png"), "--prompt", "x"],
+        [str(root), "--image", str(images["wide"]), "--prompt", "x", "--raw-prompt"],
+        [str(root), "--image", str(images["wide"]), "--prompt", "x", "--max-new-tokens", "5000"],
+        [str(root), "--image", str(images["wide"]), "--prompt", "x", "--top-p", "0"],
+    ]
+    for argv in cases:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_bad_arguments_exit_2(capsys):
+    assert main(["bundle"]) == 2  # --image and --prompt are required
+    assert "required" in capsys.readouterr().err
+
+
+def test_module_entry_point_imports_no_heavy_packages(fake_bundle, images):
+    """A real process: streams text, exits 0, and never imports torch, transformers or onnx."""
+    root, _ = fake_bundle
+    code = (
+        "import sys, runpy; sys.argv = ['edgeprune_runtime'] + sys.argv[1:]\n"
+        "try:\n    runpy.run_module('edgeprune_runtime', run_name='__main__')\n"
+        "except SystemExit as e:\n"
+        "    heavy = [m for m in ('torch', 'transformers', 'onnx') if m in sys.modules]\n"
+        "    print('HEAVY', heavy, file=sys.stderr); raise\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(root), "--image", str(images["wide"]), "--prompt", "hi",
+                           "--max-new-tokens", "3", "--json"], capture_output=True, text=True, timeout=120,
+                          env={"PYTHONPATH": str(RUNTIME), "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr
+    assert "HEAVY []" in proc.stderr
+    assert json.loads(proc.stdout)["stop_reason"] in ("eos", "max_new_tokens")

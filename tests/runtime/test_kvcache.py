@@ -1,0 +1,73 @@
+"""The fixed-size cache: compaction of the valid prefill slots and in-place appends."""
+
+import numpy as np
+import pytest
+
+from edgeprune_runtime.errors import RuntimeStatusError, Status
+from edgeprune_runtime.kvcache import KVCache, prefill_slot_valid
+
+
+def test_prefill_order_is_text_before_visual_text_after():
+    text_valid = np.array([1, 1, 0, 1, 1, 1, 0], np.float32)  # T1 = 3, T2 = 4
+    visual_valid = np.array([1, 0, 1], np.float32)
+    got = prefill_slot_valid(text_valid, visual_valid, 3)
+    np.testing.assert_array_equal(got, [1, 1, 0, 1, 0, 1, 1, 1, 1, 0])
+    assert got.dtype == np.float32
+
+
+def _prefill_kv(kv_heads, s, dh, rng):
+    keys = [rng.standard_normal((h, s, dh)).astype(np.float32) for h in kv_heads]
+    values = [rng.standard_normal((h, s, dh)).astype(np.float32) for h in kv_heads]
+    return keys, values
+
+
+def test_fill_compacts_valid_slots_per_layer():
+    rng = np.random.default_rng(0)
+    kv_heads, s, dh, c = (2, 1, 3), 7, 4, 10  # layers with different KV heads
+    keys, values = _prefill_kv(kv_heads, s, dh, rng)
+    slot_valid = np.array([1, 0, 0, 1, 1, 0, 1], np.float32)
+    cache = KVCache(kv_heads, c, dh)
+    cache.valid[:] = 1.0  # flags of an earlier request must not survive
+    n = cache.fill_from_prefill(keys, values, slot_valid)
+    assert n == cache.length == 4
+    idx = [0, 3, 4, 6]
+    for layer in range(3):
+        np.testing.assert_array_equal(cache.keys[layer][:, :4], keys[layer][:, idx])
+        np.testing.assert_array_equal(cache.values[layer][:, :4], values[layer][:, idx])
+    np.testing.assert_array_equal(cache.valid, [1, 1, 1, 1, 0, 0, 0, 0, 0, 0])
+
+
+def test_append_writes_the_next_slot_in_place():
+    rng = np.random.default_rng(1)
+    kv_heads, dh = (2, 1), 4
+    cache = KVCache(kv_heads, 6, dh)
+    keys, values = _prefill_kv(kv_heads, 3, dh, rng)
+    cache.fill_from_prefill(keys, values, np.ones(3, np.float32))
+    buffers = [id(b) for b in cache.keys + cache.values]
+    new_k = [rng.standard_normal((h, 1, dh)).astype(np.float32) for h in kv_heads]
+    new_v = [rng.standard_normal((h, 1, dh)).astype(np.float32) for h in kv_heads]
+    assert cache.append(new_k, new_v) == 3
+    assert [id(b) for b in cache.keys + cache.values] == buffers  # same buffers: sessions stay bound
+    for layer in range(2):
+        np.testing.assert_array_equal(cache.keys[layer][:, 3], new_k[layer][:, 0])
+        np.testing.assert_array_equal(cache.values[layer][:, 3], new_v[layer][:, 0])
+    np.testing.assert_array_equal(cache.valid, [1, 1, 1, 1, 0, 0])
+
+
+def test_full_cache_refuses_more():
+    cache = KVCache((1,), 2, 2)
+    one = [np.ones((1, 1, 2), np.float32)]
+    cache.append(one, one)
+    cache.append(one, one)
+    assert cache.full
+    with pytest.raises(RuntimeStatusError) as e:
+        cache.append(one, one)
+    assert e.value.status == Status.CACHE_FULL
+
+
+def test_prefill_larger_than_cache():
+    cache = KVCache((1,), 2, 2)
+    kv = [np.zeros((1, 3, 2), np.float32)]
+    with pytest.raises(RuntimeStatusError) as e:
+        cache.fill_from_prefill(kv, kv, np.ones(3, np.float32))
+    assert e.value.status == Status.CACHE_FULL
