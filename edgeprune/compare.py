@@ -107,8 +107,8 @@ def compare_bundle(bundle_dir: str | Path, image_path: str, prompt: str = DEFAUL
                    atol: float = 1e-4, rtol: float = 1e-3, model_dir: str | None = None) -> CompareReport:
     """Compares the bundle's ONNX graphs with eager PyTorch stage by stage. Raises EdgePruneError /
     RuntimeStatusError for a bad bundle, image or prompt, or a source model that is not the one exported."""
-    from edgeprune.graphs import DecodeGraph, PrefillGraph, VisionGraph
-    from edgeprune.recipe import Recipe
+    from edgeprune.graphs import VISION_OUTPUTS, DecodeGraph, PrefillGraph, VisionGraph
+    from edgeprune.recipe import recipe_from_dict
     from edgeprune_runtime.generator import LoadedBundle
     from edgeprune_runtime.kvcache import prefill_slot_valid
     from edgeprune_runtime.layout import compute_layout
@@ -123,21 +123,17 @@ def compare_bundle(bundle_dir: str | Path, image_path: str, prompt: str = DEFAUL
     if loaded.weights_sha256 != source["weights_sha256"]:
         raise ConfigError(f"the model at {path or source['model']} is not the one this bundle was exported from "
                           "(weights hash differs); pass --model with the source checkpoint")
-    recipe = Recipe(**{k: v for k, v in m.data["recipe"].items() if k in ("budget", "strategy", "newlines")})
+    recipe = recipe_from_dict(m.data["recipe"], f"{m.root}/manifest.json recipe")
 
     pixel_values, image_hw = preprocess(load_image(image_path), bundle.preprocess_params)
     pp = bundle.preprocess_params
     layout = compute_layout(image_hw, pp.image_grid_pinpoints, s.crop_size, s.patch_grid, s.partitions, s.newline_slots)
-    vision_path = m.path(m.graphs["vision"]["file"])
-    vision_inputs = ["pixel_values", "patch_valid", "patch_key", "patch_row"]
-    if s.newline_slots:
-        vision_inputs += ["newline_key", "newline_valid"]
+    vision = VisionGraph(loaded.model, s, recipe).eval()
     feed = {"pixel_values": pixel_values, **layout.feeds()}
-    feed = {k: feed[k] for k in vision_inputs}
-    vision = VisionGraph(loaded.model, s, recipe.strategy, s.newline_slots > 0).eval()
-    vision_outputs = ["visual_embeds", "visual_valid", "visual_source"]
-    rows, v_out = _compare_stage("vision", _torch_runner(vision, vision_inputs, vision_outputs, "torch-vision", feed),
-                                 vision_path, feed, atol, rtol)
+    feed = {n: feed[n] for n in vision.input_names}
+    rows, v_out = _compare_stage("vision", _torch_runner(vision, list(vision.input_names), list(VISION_OUTPUTS),
+                                                         "torch-vision", feed),
+                                 m.path(m.graphs["vision"]["file"]), feed, atol, rtol)
 
     tok = bundle.tokenizer
     before, after = tok.encode_prompt(tok.prompt_text(prompt, bundle.prompt_template, raw_prompt))

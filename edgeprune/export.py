@@ -50,7 +50,7 @@ def export_bundle(model_name: str, out_dir: str | Path, recipe: Recipe, model_di
 
     shapes = plan_shapes(model.config, processor.image_processor, recipe)
 
-    from edgeprune.graphs import DecodeGraph, PrefillGraph, VisionGraph, feature_layer_count
+    from edgeprune.graphs import VISION_OUTPUTS, DecodeGraph, PrefillGraph, VisionGraph, feature_layer_count
     from edgeprune.onnx_export import check_static, export_module, store_weights_once
     from edgeprune_runtime.layout import compute_layout
     from edgeprune_runtime.preprocess import PreprocessParams
@@ -62,21 +62,16 @@ def export_bundle(model_name: str, out_dir: str | Path, recipe: Recipe, model_di
     try:
         s = shapes
         opset = recipe.onnx.opset
-        keep_nl = recipe.keeps_newlines()
         pinpoints = model.config.image_grid_pinpoints
         layout = compute_layout((s.crop_size, 2 * s.crop_size), pinpoints, s.crop_size, s.patch_grid,
                                 s.partitions, s.newline_slots)
         feeds = {k: torch.from_numpy(v) for k, v in layout.feeds().items()}
-        vision_inputs = ["pixel_values", "patch_valid", "patch_key", "patch_row"]
-        if keep_nl:
-            vision_inputs += ["newline_key", "newline_valid"]
-        pixel_values = torch.zeros(s.partitions, 3, s.crop_size, s.crop_size)
-        vision_args = (pixel_values, *[feeds[n] for n in vision_inputs[1:]])
+        feeds["pixel_values"] = torch.zeros(s.partitions, 3, s.crop_size, s.crop_size)
 
         on_stage("export vision graph")
-        vision = VisionGraph(model, s, recipe.strategy, keep_nl).eval()
-        export_module(vision, vision_args, vision_inputs, ["visual_embeds", "visual_valid", "visual_source"],
-                      scratch / "vision" / "vision.onnx", opset)
+        vision = VisionGraph(model, s, recipe).eval()
+        export_module(vision, tuple(feeds[n] for n in vision.input_names), list(vision.input_names),
+                      list(VISION_OUTPUTS), scratch / "vision" / "vision.onnx", opset)
 
         on_stage("export prefill graph")
         t = s.text_slots_before_image + s.text_slots_after_image

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from edgeprune.selection import select_tokens
+from edgeprune.selection import SelectionInputs, SelectionParams, get_strategy, select
 from edgeprune_runtime.layout import INVALID_KEY
 from edgeprune_runtime.manifest import Shapes
 
@@ -25,26 +25,39 @@ def feature_layer_count(config) -> int:
     return layer if layer >= 0 else total + 1 + layer
 
 
-def cls_attention(layer, hidden: torch.Tensor) -> torch.Tensor:
+def cls_attention(layer, hidden: torch.Tensor, with_keys: bool = False):
     """CLS-query attention over patch keys, softmax over all keys, summed over heads.
 
     Recomputed from the layer's own q/k projections of its `layer_norm1` input, so the result
-    does not depend on the attention implementation. hidden [P, 1+N, Dv] -> scores [P, N].
+    does not depend on the attention implementation. hidden [P, 1+N, Dv] -> scores [P, N]
+    (and, `with_keys`, the patch keys [P, N, Dv] for similarity-based merging).
     """
     attn = layer.self_attn
     x = layer.layer_norm1(hidden)
     p, t, _ = x.shape
     heads, dh = attn.num_heads, attn.head_dim
+    keys = attn.k_proj(x)  # [P, 1+N, Dv]
     q = attn.q_proj(x[:, :1]).view(p, 1, heads, dh).transpose(1, 2)  # [P, H, 1, dh]
-    k = attn.k_proj(x).view(p, t, heads, dh).transpose(1, 2)  # [P, H, 1+N, dh]
+    k = keys.view(p, t, heads, dh).transpose(1, 2)  # [P, H, 1+N, dh]
     probs = torch.softmax(torch.matmul(q, k.transpose(2, 3)) * attn.scale, dim=-1)  # [P, H, 1, 1+N]
-    return probs.sum(dim=1)[:, 0, 1:]  # [P, N]
+    scores = probs.sum(dim=1)[:, 0, 1:]  # [P, N]
+    return (scores, keys[:, 1:]) if with_keys else scores
+
+
+BASE_INPUTS = ("pixel_values", "patch_valid", "patch_key", "patch_row")
+NEWLINE_INPUTS = ("newline_key", "newline_valid")
+VISION_OUTPUTS = ("visual_embeds", "visual_valid", "visual_source")
 
 
 class VisionGraph(nn.Module):
-    """pixels -> CLIP (up to the feature layer) -> K selected tokens -> projector (+ newline slots), sorted."""
+    """pixels -> CLIP (up to the feature layer) -> K selected tokens -> projector (+ newline slots), sorted.
 
-    def __init__(self, model, shapes: Shapes, strategy: str, keep_newlines: bool):
+    Inputs are `input_names` (positional, in that order): the pixels, the layout masks every
+    strategy uses, the extra layout inputs of the recipe's strategy, and the newline slots'
+    keys/validity when newlines are kept.
+    """
+
+    def __init__(self, model, shapes: Shapes, recipe):
         super().__init__()
         inner = model.model
         self.tower = inner.vision_tower
@@ -52,37 +65,53 @@ class VisionGraph(nn.Module):
         self.image_newline = inner.image_newline  # [D]
         self.layers = nn.ModuleList(self.tower.encoder.layers[: feature_layer_count(model.config)])
         self.shapes = shapes
-        self.strategy = strategy
-        self.keep_newlines = keep_newlines
+        self.strategy = get_strategy(recipe.strategy)
+        self.keep_newlines = shapes.newline_slots > 0
+        self.params = SelectionParams(k=shapes.visual_topk, budget=recipe.budget, alpha=recipe.alpha,
+                                      contextual=recipe.contextual, seed=recipe.seed,
+                                      heads=self.layers[0].self_attn.num_heads)
+        self.input_names = (*BASE_INPUTS, *self.strategy.layout_inputs,
+                            *(NEWLINE_INPUTS if self.keep_newlines else ()))
 
-    def forward(self, pixel_values, patch_valid, patch_key, patch_row, newline_key=None, newline_valid=None):
+    def forward(self, *inputs):
         s = self.shapes
-        h = self.tower.pre_layrnorm(self.tower.embeddings(pixel_values))  # [P, 1+N, Dv]
-        scores = None
+        named = dict(zip(self.input_names, inputs))
+        h = self.tower.pre_layrnorm(self.tower.embeddings(named["pixel_values"]))  # [P, 1+N, Dv]
+        early = keys = scores = None
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            if i == len(self.layers) - 1:
-                scores = cls_attention(layer, h)  # feature layer's CLS attention [P, N]
+            if i == 0 and self.strategy.early_scores:
+                early = cls_attention(layer, h)  # layer 0: HiRED's budget allocation [P, N]
+            if i == last:
+                scores = cls_attention(layer, h, with_keys=self.strategy.keys)  # feature layer [P, N]
+                if self.strategy.keys:
+                    scores, keys = scores
             h = layer(h, None)
-        features = h[:, 1:].reshape(s.partitions * s.patches_per_partition, -1)  # [P*N, Dv], CLS dropped
+        features = h[:, 1:]  # [P, N, Dv], CLS dropped
 
-        valid = patch_valid.reshape(-1)  # [P*N]
-        idx = select_tokens(self.strategy, scores.reshape(-1), valid, s.visual_topk)  # [K] int64
-        sel_valid = valid[idx]
-        key = torch.where(sel_valid > 0, patch_key.reshape(-1)[idx], torch.full_like(sel_valid, INVALID_KEY))
-        embeds = self.projector(features[idx])  # [K, D]; the projector runs only on kept tokens
+        x = SelectionInputs(scores=scores, valid=named["patch_valid"], features=features, early_scores=early,
+                            keys=keys, layout={n: named[n] for n in self.strategy.layout_inputs})
+        sel = select(self.strategy, x, self.params)
+        flat_features = sel.features if sel.features is not None else features.reshape(-1, features.shape[-1])
+        flat_key = sel.key if sel.key is not None else named["patch_key"].reshape(-1)
+
+        idx = torch.topk(sel.priority, s.visual_topk, largest=True, sorted=False).indices  # [K]
+        sel_valid = (sel.priority[idx] > 0.5).to(torch.float32)
+        key = torch.where(sel_valid > 0, flat_key[idx], torch.full_like(sel_valid, INVALID_KEY))
+        embeds = self.projector(flat_features[idx])  # [K, D]; the projector runs only on kept tokens
         source = idx
 
         if self.keep_newlines:
             # A newline slot is real when its stitched row exists and holds at least one kept token.
             rows = torch.arange(s.newline_slots, dtype=torch.float32)
-            sel_row = torch.where(sel_valid > 0, patch_row.reshape(-1)[idx], torch.full_like(sel_valid, -1.0))
+            sel_row = torch.where(sel_valid > 0, named["patch_row"].reshape(-1)[idx], torch.full_like(sel_valid, -1.0))
             hit = (sel_row[None, :] == rows[:, None]).to(torch.float32)  # [R, K]
-            nl_valid = newline_valid * (hit.sum(dim=1) > 0).to(torch.float32)  # [R]
+            nl_valid = named["newline_valid"] * (hit.sum(dim=1) > 0).to(torch.float32)  # [R]
             if s.visual_topk >= s.partitions * s.patches_per_partition:
                 # Keep-all reproduces transformers, which ends every unpadded row with a newline, even a
                 # row left with zero columns by unpadding (very thin images).
-                nl_valid = newline_valid
-            nl_key = torch.where(nl_valid > 0, newline_key, torch.full_like(nl_valid, INVALID_KEY))
+                nl_valid = named["newline_valid"]
+            nl_key = torch.where(nl_valid > 0, named["newline_key"], torch.full_like(nl_valid, INVALID_KEY))
             nl_embeds = self.image_newline[None, :].expand(s.newline_slots, -1)  # [R, D]
             embeds = torch.cat([embeds, nl_embeds], dim=0)
             sel_valid = torch.cat([sel_valid, nl_valid])

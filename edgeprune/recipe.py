@@ -15,7 +15,6 @@ from edgeprune.errors import ConfigError
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
-STRATEGIES = ("global-topk",)
 NEWLINE_POLICIES = ("auto", "keep", "drop")
 PRECISIONS = ("fp32",)
 
@@ -36,8 +35,11 @@ class OnnxRecipe:
 @dataclass(frozen=True)
 class Recipe:
     budget: float = 0.2  # fraction of patch tokens (all partitions) the LM sees
-    strategy: str = "global-topk"
-    newlines: str = "auto"  # auto: keep image_newline slots at budget 1.0 only
+    strategy: str = "hired"  # see edgeprune/selection.py
+    newlines: str = "auto"  # auto: keep image_newline slots at budget 1.0 only (never for hired-reference)
+    alpha: float = 0.5  # hired / hired-reference: the base image's share of the budget
+    contextual: float = 0.15  # visionzip: fraction of each partition's slots for merged contextual tokens
+    seed: int = 0  # random: the draw baked into the graph
     shapes: ShapesRecipe = field(default_factory=ShapesRecipe)
     onnx: OnnxRecipe = field(default_factory=OnnxRecipe)
 
@@ -49,8 +51,16 @@ class Recipe:
     def validated(self) -> "Recipe":
         if not (0.0 < self.budget <= 1.0):
             raise ConfigError(f"budget must be in (0, 1], got {self.budget}; e.g. --budget 0.2 keeps 20% of visual tokens")
-        _one_of("strategy", self.strategy, STRATEGIES)
+        from edgeprune.selection import STRATEGIES  # imports torch: validation happens only when exporting
+
+        _one_of("strategy", self.strategy, tuple(STRATEGIES))
         _one_of("newlines", self.newlines, NEWLINE_POLICIES)
+        if self.newlines == "keep" and not STRATEGIES[self.strategy].newlines:
+            raise ConfigError(f"strategy {self.strategy!r} emits no newline tokens; use newlines = 'drop' or 'auto'")
+        if not (0.0 <= self.alpha <= 1.0):
+            raise ConfigError(f"alpha must be in [0, 1] (the base image's share of the budget), got {self.alpha}")
+        if not (0.0 <= self.contextual < 1.0):
+            raise ConfigError(f"contextual must be in [0, 1), got {self.contextual}")
         _one_of("onnx.precision", self.onnx.precision, PRECISIONS)
         if not (13 <= self.onnx.opset <= 21):
             raise ConfigError(f"onnx.opset must be between 13 and 21, got {self.onnx.opset}")
@@ -60,6 +70,10 @@ class Recipe:
         return self
 
     def keeps_newlines(self) -> bool:
+        from edgeprune.selection import STRATEGIES
+
+        if not STRATEGIES[self.strategy].newlines:
+            return False
         return self.newlines == "keep" or (self.newlines == "auto" and self.budget == 1.0)
 
     def to_dict(self) -> dict:
@@ -92,6 +106,14 @@ def _build(cls, data: dict, where: str):
     return cls(**kwargs)
 
 
+def recipe_from_dict(data: dict, where: str = "recipe") -> Recipe:
+    """A validated Recipe from a dict (a parsed TOML file or a manifest's resolved recipe)."""
+    try:
+        return _build(Recipe, data, "").validated()
+    except TypeError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
 def load_recipe(path: str | Path | None) -> Recipe:
     """Loads a recipe TOML file (None: all defaults). Raises ConfigError on bad files or keys."""
     if path is None:
@@ -103,10 +125,7 @@ def load_recipe(path: str | Path | None) -> Recipe:
         data = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"recipe {path} is not valid TOML: {e}") from None
-    try:
-        return _build(Recipe, data, "").validated()
-    except TypeError as e:
-        raise ConfigError(f"recipe {path}: {e}") from None
+    return recipe_from_dict(data, f"recipe {path}")
 
 
 def default_recipe_path(recipe_name: str) -> Path:

@@ -58,12 +58,18 @@ class TinyCase:
     hw: tuple[int, int]
     hf_inputs: dict  # the processor's output (input_ids, attention_mask, pixel_values, image_sizes)
     layout: object  # edgeprune_runtime.layout.Layout
-    vision_args: tuple  # VisionGraph inputs, in its argument order (torch tensors)
-    vision_feeds: dict  # the same, by graph input name (numpy), for ONNX Runtime
+    pixel_values: object  # torch f32 [P, 3, H, W], zero-padded to the bundle's partitions
+    vision_feeds: dict  # pixel_values and every layout input by name (numpy), for ONNX Runtime
     text_ids: object  # torch int64 [T1+T2]
     text_valid: object  # torch f32 [T1+T2]
     n_before: int  # real text tokens before the image
     n_after: int  # real text tokens after the image
+
+    def args_for(self, vision) -> tuple:
+        """The inputs of a VisionGraph, in its `input_names` order (torch tensors)."""
+        import torch
+
+        return tuple(torch.from_numpy(self.vision_feeds[n]) for n in vision.input_names)
 
 
 @pytest.fixture(scope="session")
@@ -80,12 +86,7 @@ def tiny_case(tiny):
                                 s.newline_slots)
         pv = inputs["pixel_values"][0]  # [n, 3, H, W]
         pv = torch.cat([pv, torch.zeros(s.partitions - pv.shape[0], *pv.shape[1:])])  # [P, 3, H, W]
-        names = ["pixel_values", "patch_valid", "patch_key", "patch_row"]
-        if s.newline_slots:
-            names += ["newline_key", "newline_valid"]
         feeds = {"pixel_values": pv.numpy(), **layout.feeds()}
-        feeds = {n: feeds[n] for n in names}
-        args = tuple(torch.from_numpy(feeds[n]) for n in names)
 
         ids = inputs["input_ids"][0].tolist()
         image_id = tiny.config.image_token_id
@@ -99,7 +100,7 @@ def tiny_case(tiny):
         text_valid[: len(before)] = 1.0
         text_ids[t1 : t1 + len(after)] = torch.tensor(after)
         text_valid[t1 : t1 + len(after)] = 1.0
-        return TinyCase(hw, inputs, layout, args, feeds, text_ids, text_valid, len(before), len(after))
+        return TinyCase(hw, inputs, layout, pv, feeds, text_ids, text_valid, len(before), len(after))
 
     return make
 

@@ -21,7 +21,7 @@ from polygraphy.comparator import Comparator, SimpleCompareFunc
 from edgeprune.errors import ConfigError, ExportError
 from edgeprune.export import export_bundle
 from edgeprune.graphs import DecodeGraph, PrefillGraph, VisionGraph
-from edgeprune.recipe import load_recipe
+from edgeprune.recipe import load_recipe, recipe_from_dict
 from edgeprune_runtime.errors import RuntimeStatusError
 from edgeprune_runtime.manifest import load_manifest
 
@@ -77,12 +77,15 @@ def test_graph_interfaces_are_static_and_match_shapes(bundle):
     s = load_manifest(bundle).shapes
     n = s.patches_per_partition
     vision = {"pixel_values": (s.partitions, 3, s.crop_size, s.crop_size), "patch_valid": (s.partitions, n),
-              "patch_key": (s.partitions, n),
+              "patch_key": (s.partitions, n), "base_region": (n,),  # base_region: the default strategy, hired
               "visual_embeds": (s.visual_slots, s.hidden_size), "visual_valid": (s.visual_slots,),
               "visual_source": (s.visual_slots,)}
-    if s.newline_slots:  # only newline placement reads patch_row; without newlines the exporter drops all three
-        vision |= {"patch_row": (s.partitions, n), "newline_key": (s.newline_slots,),
-                   "newline_valid": (s.newline_slots,)}
+    if s.newline_slots:  # without newlines the exporter drops their inputs
+        vision |= {"newline_key": (s.newline_slots,), "newline_valid": (s.newline_slots,)}
+    got_vision = _io_shapes(bundle / "vision/vision.onnx")
+    # patch_row places newlines after rows with kept tokens; keep-all (budget 1.0) needs no placement
+    assert got_vision.pop("patch_row", (s.partitions, n)) == (s.partitions, n)
+    assert ("patch_row" in _io_shapes(bundle / "vision/vision.onnx")) == (0 < s.newline_slots and s.visual_topk < s.partitions * n)
     t = s.text_slots_before_image + s.text_slots_after_image
     prefill = {"text_ids": (t,), "text_valid": (t,), "visual_embeds": (s.visual_slots, s.hidden_size),
                "visual_valid": (s.visual_slots,), "logits": (s.vocab_size,)}
@@ -92,7 +95,7 @@ def test_graph_interfaces_are_static_and_match_shapes(bundle):
             prefill[f"{kind}_{layer}"] = (heads, s.prefill_slots, s.head_dim)
             decode[f"past_{kind}_{layer}"] = (heads, s.cache_capacity, s.head_dim)
             decode[f"new_{kind}_{layer}"] = (heads, 1, s.head_dim)
-    assert _io_shapes(bundle / "vision/vision.onnx") == vision
+    assert got_vision == vision
     assert _io_shapes(bundle / "lm/prefill.onnx") == prefill
     assert _io_shapes(bundle / "lm/decode.onnx") == decode
 
@@ -149,8 +152,8 @@ def modules(tiny):
     """bundle -> (shapes, VisionGraph, PrefillGraph, DecodeGraph) built like the export did."""
     def make(bundle):
         m = load_manifest(bundle, verify_hashes=False)
-        s, recipe = m.shapes, m.data["recipe"]
-        return (s, VisionGraph(tiny.model, s, recipe["strategy"], keep_newlines=s.newline_slots > 0).eval(),
+        s, recipe = m.shapes, recipe_from_dict(m.data["recipe"])
+        return (s, VisionGraph(tiny.model, s, recipe).eval(),
                 PrefillGraph(tiny.model, s).eval(), DecodeGraph(tiny.model, s).eval())
     return make
 
@@ -164,7 +167,7 @@ def test_vision_onnx_equals_torch(bundle, modules, tiny_case, hw):
     assert set(names) <= set(case.vision_feeds)
     got = session.run(None, {n: case.vision_feeds[n] for n in names})
     with torch.no_grad():
-        want = [t.numpy() for t in vision(*case.vision_args)]
+        want = [t.numpy() for t in vision(*case.args_for(vision))]
     np.testing.assert_array_equal(got[1], want[1])  # visual_valid
     np.testing.assert_array_equal(got[2], want[2])  # visual_source (-1 on padding slots)
     valid = want[1] > 0
@@ -209,7 +212,7 @@ def test_prefill_and_decode_onnx_equal_torch(bundle, modules, tiny_case, hw):
     s, vision, prefill, decode = modules(bundle)
     case = tiny_case(hw, s)
     with torch.no_grad():
-        embeds, valid, _ = vision(*case.vision_args)
+        embeds, valid, _ = vision(*case.args_for(vision))
     feed = {"text_ids": case.text_ids.numpy(), "text_valid": case.text_valid.numpy(),
             "visual_embeds": embeds.numpy(), "visual_valid": valid.numpy()}
     passed, out = _compare(prefill, bundle / "lm/prefill.onnx", feed)
@@ -327,9 +330,9 @@ def test_recipe_budget_out_of_range(tiny_recipe, tmp_path, budget):
 @pytest.mark.parametrize("text, message", [
     ("budgt = 0.3\n", r"unknown recipe key 'budgt'\. Did you mean 'budget'\?"),
     ("[shapes]\ntext_slots_befor_image = 8\n",
-     r"unknown recipe key shapes\.'text_slots_befor_image'\. Did you mean 'text_slots_before_image'\?"),
-    ("[onnx]\nopsett = 17\n", r"unknown recipe key onnx\.'opsett'\. Did you mean 'opset'\?"),
-    ("strategy = 'global_topk'\n", r"strategy 'global_topk' is not one of global-topk\. Did you mean 'global-topk'\?"),
+     r"unknown recipe key 'shapes\.text_slots_befor_image'\. Did you mean 'text_slots_before_image'\?"),
+    ("[onnx]\nopsett = 17\n", r"unknown recipe key 'onnx\.opsett'\. Did you mean 'opset'\?"),
+    ("strategy = 'global_topk'\n", r"strategy 'global_topk' is not one of .*\. Did you mean 'global-topk'\?"),
     ("newlines = 'kep'\n", r"Did you mean 'keep'\?"),
     ("budget = 0.2\nbudget = 0.3\n", "not valid TOML"),
     ("[shapes\nnew_token_slots = 3\n", "not valid TOML"),

@@ -19,14 +19,15 @@ ATOL_LOGITS = 1e-4
 
 
 @pytest.fixture(scope="module")
-def graphs(tiny, tiny_shapes):
-    """budget -> (shapes, VisionGraph, PrefillGraph, DecodeGraph) with newlines per the recipe (auto)."""
+def graphs(tiny, tiny_shapes, tiny_recipe):
+    """budget -> (shapes, VisionGraph, PrefillGraph, DecodeGraph); global-topk selection, newlines auto."""
     made = {}
 
     def get(budget):
         if budget not in made:
             s = tiny_shapes(budget)
-            made[budget] = (s, VisionGraph(tiny.model, s, "global-topk", keep_newlines=s.newline_slots > 0).eval(),
+            recipe = tiny_recipe(budget).override(strategy="global-topk")
+            made[budget] = (s, VisionGraph(tiny.model, s, recipe).eval(),
                             PrefillGraph(tiny.model, s).eval(), DecodeGraph(tiny.model, s).eval())
         return made[budget]
 
@@ -51,7 +52,7 @@ def test_vision_full_budget_equals_packed_features(tiny, graphs, tiny_case, hw):
     assert s.newline_slots > 0, "budget 1.0 keeps newline slots under newlines='auto'"
     case = tiny_case(hw, s)
     with torch.no_grad():
-        embeds, valid, source = vision(*case.vision_args)
+        embeds, valid, source = vision(*case.args_for(vision))
         ref = tiny.model.model.get_image_features(case.hf_inputs["pixel_values"],
                                                   case.hf_inputs["image_sizes"]).pooler_output[0]
     n = int(valid.sum())
@@ -66,7 +67,7 @@ def test_vision_pruned_selects_k_real_patches_in_order(tiny, graphs, tiny_case, 
     s, vision, _, _ = graphs(0.2)
     case = tiny_case(hw, s)
     with torch.no_grad():
-        embeds, valid, source = vision(*case.vision_args)
+        embeds, valid, source = vision(*case.args_for(vision))
     assert s.newline_slots == 0 and s.visual_slots == s.visual_topk == round(0.2 * s.partitions * 64)
     assert embeds.shape == (s.visual_slots, s.hidden_size)
     assert int(valid.sum()) == s.visual_topk, "exactly K valid slots"
@@ -99,10 +100,10 @@ def test_vision_keeps_newline_only_for_rows_with_kept_tokens(tiny, tiny_case, ti
     recipe = tiny_recipe(0.2).override(newlines="keep")
     s = plan_shapes(tiny.config, tiny.processor.image_processor, recipe)
     assert s.newline_slots == 16 and s.visual_slots == s.visual_topk + 16
-    vision = VisionGraph(tiny.model, s, recipe.strategy, keep_newlines=True).eval()
+    vision = VisionGraph(tiny.model, s, recipe).eval()
     case = tiny_case((224, 224), s)
     with torch.no_grad():
-        embeds, valid, source = vision(*case.vision_args)
+        embeds, valid, source = vision(*case.args_for(vision))
     n_patches = s.partitions * s.patches_per_partition
     src = source[valid > 0].numpy()
     is_newline = src >= n_patches
@@ -130,7 +131,7 @@ def test_cls_attention_equals_eager_attention_weights(tiny, tiny_shapes, tiny_ca
 
 def _prefill(prefill, vision, case):
     with torch.no_grad():
-        embeds, valid, _ = vision(*case.vision_args)
+        embeds, valid, _ = vision(*case.args_for(vision))
         out = prefill(case.text_ids, case.text_valid, embeds, valid)
     seq_valid = torch.cat([case.text_valid[: prefill.shapes.text_slots_before_image], valid,
                            case.text_valid[prefill.shapes.text_slots_before_image:]]) > 0

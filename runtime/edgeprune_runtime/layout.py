@@ -57,6 +57,21 @@ def max_partitions(pinpoints, crop_size: int) -> int:
     return 1 + max((h // crop_size) * (w // crop_size) for h, w in pinpoints)
 
 
+def released_hired_unpad_bounds(image_hw: tuple[int, int], current: tuple[int, int]) -> tuple[int, int, int, int]:
+    """`unpad_image` as released with HiRED (older transformers): int() truncation, and the arithmetic
+    of 0-d int64 tensors, whose true division is float32. Bounds as (row_lo, row_hi, col_lo, col_hi)."""
+    f32 = np.float32
+    oh, ow = image_hw
+    cur_h, cur_w = current
+    if f32(ow) / f32(oh) > f32(cur_w / cur_h):
+        new_h = int(f32(oh) * (f32(cur_w) / f32(ow)))
+        pad = (cur_h - new_h) // 2
+        return pad, cur_h - pad, 0, cur_w
+    new_w = int(f32(ow) * (f32(cur_h) / f32(oh)))
+    pad = (cur_w - new_w) // 2
+    return 0, cur_h, pad, cur_w - pad
+
+
 @dataclass(frozen=True)
 class Layout:
     grid: tuple[int, int]  # crop grid (rows, cols)
@@ -66,18 +81,27 @@ class Layout:
     patch_row: np.ndarray  # f32 [P, N]  stitched row of a real crop patch, -1 for base/padding
     newline_key: np.ndarray  # f32 [R]
     newline_valid: np.ndarray  # f32 [R]  1 for the rows that exist after unpadding
+    partition_real: np.ndarray  # f32 [P]  1 for the base image and the crops of this image's grid
+    base_region: np.ndarray  # f32 [N]  crop partition (1..P-1) whose image region holds each base patch
+    released_valid: np.ndarray  # f32 [P, N]  patches the released HiRED packing keeps (its quirky unpad)
+    released_key: np.ndarray  # f32 [P, N]  their order in the released HiRED packing
 
     @property
     def num_patches(self) -> int:
         return int(self.patch_valid.sum())
 
     def feeds(self) -> dict[str, np.ndarray]:
+        """Every layout input a vision graph may declare; a runtime feeds only the declared ones."""
         return {
             "patch_valid": self.patch_valid,
             "patch_key": self.patch_key,
             "patch_row": self.patch_row,
             "newline_key": self.newline_key,
             "newline_valid": self.newline_valid,
+            "partition_real": self.partition_real,
+            "base_region": self.base_region,
+            "released_valid": self.released_valid,
+            "released_key": self.released_key,
         }
 
 
@@ -114,4 +138,40 @@ def compute_layout(image_hw: tuple[int, int], pinpoints, crop_size: int, patch_g
     r = np.arange(newline_rows)
     newline_valid = (r < uh).astype(np.float32)
     newline_key = np.where(r < uh, n + r * stride + uw, INVALID_KEY).astype(np.float32)
-    return Layout((rows, cols), (uh, uw), valid, key, row, newline_key, newline_valid)
+
+    partition_real = np.zeros(partitions, np.float32)
+    partition_real[: 1 + rows * cols] = 1.0
+    # The base image is the whole image squashed to one crop; the crops tile the unpadded canvas.
+    # A base patch's centre, mapped onto the canvas, falls into one crop: the crop it "previews".
+    sy = r_lo + (ii + 0.5) / g * uh  # [N] stitched row coordinate (patch units)
+    sx = c_lo + (jj + 0.5) / g * uw
+    a = np.clip(np.floor(sy / g), 0, rows - 1)
+    b = np.clip(np.floor(sx / g), 0, cols - 1)
+    base_region = (1 + a * cols + b).astype(np.float32)
+
+    released_valid, released_key = _released_packing(image_hw, rows, cols, g, partitions)
+    return Layout((rows, cols), (uh, uw), valid, key, row, newline_key, newline_valid,
+                  partition_real, base_region, released_valid, released_key)
+
+
+def _released_packing(image_hw, rows: int, cols: int, g: int, partitions: int):
+    """Which patches survive, and in which order, in released HiRED's `pack_HiRED_image_features`.
+
+    Its crops are stitched with rows and cols swapped (crop k at block (k // rows, k % rows) of a
+    [cols*g, rows*g] grid; only non-square grids are affected), then cut by the old `unpad_image`;
+    the base image's patches come first in raster order, the survivors follow row-major.
+    """
+    n = g * g
+    valid = np.zeros((partitions, n), np.float32)
+    key = np.full((partitions, n), INVALID_KEY, np.float32)
+    valid[0], key[0] = 1.0, np.arange(n, dtype=np.float32)
+    grid_h, grid_w = cols * g, rows * g
+    r_lo, r_hi, c_lo, c_hi = released_hired_unpad_bounds(image_hw, (grid_h, grid_w))
+    width = c_hi - c_lo
+    ii, jj = np.divmod(np.arange(n), g)
+    for k in range(rows * cols):
+        gy, gx = (k // rows) * g + ii, (k % rows) * g + jj  # the swapped stitch
+        real = (gy >= r_lo) & (gy < r_hi) & (gx >= c_lo) & (gx < c_hi)
+        valid[1 + k] = real
+        key[1 + k] = np.where(real, n + (gy - r_lo) * width + (gx - c_lo), INVALID_KEY)
+    return valid, key
