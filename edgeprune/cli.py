@@ -219,6 +219,31 @@ def bench(model_name, budget, layers, model_dir, recipe_file, bundle_dir, image,
     Console().print(table)
 
 
+@cli.command()
+@click.argument("bundle", type=click.Path())
+@click.option("--image", required=True, type=click.Path(), help="Image to run the vision graph on.")
+@click.option("--out", "out_png", type=click.Path(), help="Write a PNG of kept (bright) and dropped (dim) patches.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object with every kept patch.")
+@user_errors
+def inspect(bundle, image, out_png, as_json):
+    """Show which visual patches BUNDLE keeps for IMAGE (runs only the vision graph)."""
+    import json
+
+    from edgeprune.inspect_kept import draw_kept, kept_patches
+
+    result = kept_patches(bundle, image)
+    if out_png:
+        draw_kept(result, out_png)
+    if as_json:
+        click.echo(json.dumps(result.to_dict()))
+    else:
+        rows, cols = result.grid
+        per = [sum(1 for p, _, _ in result.kept if p == q) for q in range(result.partitions)]
+        click.echo(f"{result.strategy}, budget {result.budget}: kept {len(result.kept)} patches (K = {result.k}); "
+                   f"crop grid {rows}x{cols}; per partition (base first): {per}"
+                   + (f"; wrote {out_png}" if out_png else ""))
+
+
 @cli.command(name="sample-image")
 @click.argument("out", type=click.Path())
 @click.option("--size", default="640x480", show_default=True, help="WIDTHxHEIGHT")

@@ -4,13 +4,15 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 _ROOT = Path(__file__).resolve().parents[1]
 for _p in (_ROOT / "runtime", _ROOT):
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
+
+
+from tiny_inputs import random_image  # noqa: E402  (tests/ is on sys.path)
 
 
 # --- shared fixtures: the tiny LLaVA-NeXT twin, its recipe, inputs, and exported bundles -----------
@@ -44,11 +46,6 @@ def tiny_shapes(tiny, tiny_recipe):
     return lambda budget: plan_shapes(tiny.config, tiny.processor.image_processor, tiny_recipe(budget))
 
 
-def random_image(hw: tuple[int, int], seed: int = 0):
-    from PIL import Image
-
-    rng = np.random.default_rng(seed + 7919 * hw[0] + hw[1])
-    return Image.fromarray(rng.integers(0, 256, size=(hw[0], hw[1], 3), dtype=np.uint8))
 
 
 @dataclass

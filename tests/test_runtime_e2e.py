@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import random_image
+from tiny_inputs import random_image
 from edgeprune_runtime import Bundle
 
 QUESTION = "What is in the picture?"
