@@ -244,6 +244,48 @@ def inspect(bundle, image, out_png, as_json):
                    + (f"; wrote {out_png}" if out_png else ""))
 
 
+@cli.command()
+@click.argument("model_name", metavar="NAME")
+@click.option("--budgets", default="0.1,0.2,0.4,1.0", show_default=True, help="Comma-separated budgets.")
+@click.option("--strategies", default="hired,uniform", show_default=True, help="Comma-separated strategies.")
+@click.option("--data", type=click.Path(), help="JSONL of {image, question, answer} for answer quality.")
+@click.option("--out", "out_dir", type=click.Path(), help="Where bundles, sweep.json, sweep.png go [export/sweep-NAME].")
+@click.option("--model", "model_dir", type=click.Path(), help="Local checkpoint dir (for `llava-next`).")
+@click.option("--recipe", "recipe_file", type=click.Path(), help="Base recipe TOML.")
+@click.option("--layers", type=int, default=2, show_default=True, help="LM layers of llava-next-7b-shape.")
+@click.option("--image", type=click.Path(), help="Image for the timings [default: the built-in sample].")
+@click.option("--max-new-tokens", type=int, default=16, show_default=True)
+@user_errors
+def sweep(model_name, budgets, strategies, data, out_dir, model_dir, recipe_file, layers, image, max_new_tokens):
+    """Export every strategy x budget and report TTFT, decode speed, memory and answer agreement."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from edgeprune.sweep import parse_list, run_sweep
+
+    budget_list = parse_list(budgets, float, "budgets")
+    strategy_list = parse_list(strategies, str, "strategies")
+    base = _recipe(model_name, recipe_file)
+    out = Path(out_dir or Path("export") / f"sweep-{model_name}")
+    console = Console(stderr=True)
+    report = run_sweep(model_name, base, strategy_list, budget_list, out, model_dir, layers, data, image,
+                       max_new_tokens=max_new_tokens, on_stage=lambda s: console.log(s))
+    table = Table(title=f"{model_name} sweep ({report['questions']} questions)")
+    cols = ["strategy", "budget", "visual tokens", "TTFT s", "decode tok/s", "peak RSS GiB"]
+    if report["questions"]:
+        cols += ["agreement", "accuracy"]
+    for c in cols:
+        table.add_column(c, justify="right")
+    for r in report["rows"]:
+        cells = [r["strategy"], f"{r['budget']:g}", str(r["visual_tokens"]), f"{r['ttft_s']:.3f}",
+                 f"{r['decode_tokens_per_s']:.1f}", f"{r['peak_rss_bytes'] / 2**30:.2f}"]
+        if report["questions"]:
+            cells += [f"{r['agreement']:.2f}", f"{r['accuracy']:.2f}"]
+        table.add_row(*cells)
+    Console().print(table)
+    click.echo(f"wrote {out / 'sweep.json'} and {out / 'sweep.png'}")
+
+
 @cli.command(name="sample-image")
 @click.argument("out", type=click.Path())
 @click.option("--size", default="640x480", show_default=True, help="WIDTHxHEIGHT")

@@ -55,13 +55,14 @@ class Generator:
     """One request, step by step (Bundle.generator). Iterating yields token ids until generation stops."""
 
     def __init__(self, bundle: "Bundle", image, prompt: str, *, max_new_tokens: int = 32, raw_prompt: bool = False,
-                 temperature: float = 0.0, top_p: float = 1.0, seed: int = 0):
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, ignore_eos: bool = False):
         params = _call(capi.GeneratorParams_Create)
         try:
             _check(capi.GeneratorParams_SetMaxNewTokens(params, max_new_tokens))
             _check(capi.GeneratorParams_SetTemperature(params, temperature))
             _check(capi.GeneratorParams_SetTopP(params, top_p))
             _check(capi.GeneratorParams_SetSeed(params, seed))
+            _check(capi.GeneratorParams_SetIgnoreEos(params, ignore_eos))
             self._handle = _call(capi.Generator_Create, bundle._live(), params, image, prompt, raw_prompt)
         finally:
             capi.GeneratorParams_Destroy(params)
@@ -155,7 +156,7 @@ class Bundle:
         return Generator(self, image, prompt, **options)
 
     def generate(self, image, prompt: str, max_new_tokens: int = 32, raw_prompt: bool = False,
-                 temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, ignore_eos: bool = False,
                  on_text: Callable[[str], None] | None = None) -> Result:
         """Answers `prompt` about `image` (a file path or a PIL image).
 
@@ -165,7 +166,7 @@ class Bundle:
         Raises RuntimeStatusError (IMAGE_INVALID, PROMPT_TOO_LONG, INVALID_ARGUMENT, INFERENCE_FAILED).
         """
         with Generator(self, image, prompt, max_new_tokens=max_new_tokens, raw_prompt=raw_prompt,
-                       temperature=temperature, top_p=top_p, seed=seed) as gen:
+                       temperature=temperature, top_p=top_p, seed=seed, ignore_eos=ignore_eos) as gen:
             stream = _call(capi.TokenizerStream_Create, self._live()) if on_text else None
             try:
                 for token in gen:
@@ -173,6 +174,10 @@ class Bundle:
                         delta = _call(capi.TokenizerStream_Decode, stream, token)
                         if delta:
                             on_text(delta)
+                if stream is not None:
+                    rest = _call(capi.TokenizerStream_Flush, stream)
+                    if rest:
+                        on_text(rest)
             finally:
                 if stream is not None:
                     capi.TokenizerStream_Destroy(stream)

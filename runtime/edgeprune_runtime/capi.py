@@ -193,6 +193,12 @@ def GeneratorParams_SetSeed(params: int, seed: int) -> Status:
 
 
 @_api
+def GeneratorParams_SetIgnoreEos(params: int, ignore_eos: bool) -> Status:
+    """When true, EOS does not stop generation (fixed-length runs for benchmarks)."""
+    _set(params, "ignore_eos", bool(ignore_eos))
+
+
+@_api
 def GeneratorParams_Destroy(params: int) -> Status:
     _drop(params, GeneratorParams, "GeneratorParams")
 
@@ -321,6 +327,15 @@ def TokenizerStream_Decode(stream: int, token_id: int, out: Out) -> Status:
     s = _get(stream, TextStream, "TokenizerStream")
     _check_out(out)
     _put(out, s.put(int(token_id)))
+
+
+@_api
+def TokenizerStream_Flush(stream: int, out: Out) -> Status:
+    """out.value: text held back so far (an incomplete character shows as U+FFFD); call it once
+    generation is done so the pieces add up to the decoded text. A str owned by the caller."""
+    s = _get(stream, TextStream, "TokenizerStream")
+    _check_out(out)
+    _put(out, s.flush())
 
 
 @_api

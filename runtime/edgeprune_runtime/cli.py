@@ -37,6 +37,7 @@ def run(bundle_path, image, prompt: str, *, max_new_tokens: int = 32, raw_prompt
         stdout.write(json.dumps(result.to_dict()) + "\n")
     else:
         stdout.write("\n")
+        stdout.flush()  # the answer before the summary line when both go to one terminal
         rate = f"{result.decode_tokens_per_s:.1f} tokens/s" if result.decode_tokens_per_s is not None else "- tokens/s"
         stderr.write(f"[{len(result.token_ids)} tokens, stop: {result.stop_reason}, {result.visual_tokens} visual tokens, "
                      f"ttft {result.ttft_s:.3f} s, {rate}]\n")

@@ -67,6 +67,7 @@ class GeneratorParams:
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
     seed: int = 0
+    ignore_eos: bool = False  # benchmarks: always generate max_new_tokens (EOS is still sampled, not a stop)
 
     def check(self) -> None:
         if not (isinstance(self.max_new_tokens, (int, np.integer)) and self.max_new_tokens >= 0):
@@ -187,7 +188,7 @@ class Generator:
         token = self.sampler(self.logits)
         self.token_ids.append(token)
         self.timings.tokens = len(self.token_ids)
-        if token in self._eos:
+        if token in self._eos and not self.params.ignore_eos:
             self.stop_reason = STOP_EOS
         elif len(self.token_ids) == self.params.max_new_tokens:
             self.stop_reason = STOP_MAX_NEW_TOKENS

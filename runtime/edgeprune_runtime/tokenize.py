@@ -137,6 +137,13 @@ class TextStream:
         self._emitted = text
         return delta
 
+    def flush(self) -> str:
+        """At the end of generation: whatever was held back (an incomplete character decodes to U+FFFD)."""
+        text = self._tok.decode(self._ids)
+        delta = text[len(self._emitted):] if text.startswith(self._emitted) else ""
+        self._emitted = text
+        return delta
+
     @property
     def text(self) -> str:
         return self._emitted

@@ -114,3 +114,13 @@ def test_stream_increments_add_up_to_the_decoded_text(tokenizer_file, text):
     pieces = [stream.put(i) for i in ids]
     assert "".join(pieces) == pt.decode(ids) == text
     assert not any("\ufffd" in p for p in pieces)  # split multi-byte characters are held back, not garbled
+
+
+def test_stream_flush_returns_what_was_held_back(tokenizer_file):
+    pt = make(tokenizer_file)
+    ids = pt.tokenizer.encode("東", add_special_tokens=False).ids
+    assert len(ids) >= 2  # a 3-byte character split over byte tokens
+    stream = pt.stream()
+    assert stream.put(ids[0]) == ""  # incomplete: held back
+    assert stream.flush() == pt.decode(ids[:1]) and "\ufffd" in stream.text
+    assert stream.flush() == ""
