@@ -25,6 +25,17 @@ DEFAULT_PROMPT = "What is on the table?"
 
 
 def _peak_rss_bytes() -> int:
+    """This process's peak resident set size.
+
+    VmHWM belongs to the current address space, so a worker started by fork+exec from a big parent
+    reports only its own peak; ru_maxrss would inherit the parent's RSS at fork time (Linux).
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
@@ -139,3 +150,93 @@ def _worker(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     _worker(sys.argv[1:])
+
+
+class _TowerOnly:
+    """The vision graph without selection: CLIP up to the feature layer, patch features out."""
+
+    @staticmethod
+    def module(model):
+        import torch
+
+        from edgeprune.graphs import feature_layer_count
+
+        class TowerOnly(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                tower = model.model.vision_tower
+                self.embeddings, self.pre = tower.embeddings, tower.pre_layrnorm
+                self.layers = torch.nn.ModuleList(tower.encoder.layers[: feature_layer_count(model.config)])
+
+            def forward(self, pixel_values):
+                h = self.pre(self.embeddings(pixel_values))
+                for layer in self.layers:
+                    h = layer(h, None)
+                return h[:, 1:]
+
+        return TowerOnly().eval()
+
+
+def _median_seconds(session, feeds: dict, repeats: int) -> float:
+    import statistics
+
+    session.run(None, feeds)  # warm-up: allocations, kernel choice
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        session.run(None, feeds)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def selection_cost(model_name: str, base_recipe, strategies: list[str], model_dir: str | None, layers: int,
+                   image_path: str | None, repeats: int = 3, on_stage=lambda s: None) -> dict:
+    """Times each strategy's vision graph against the same graph without selection (ONNX Runtime, one image).
+
+    Returns {"tower_s": t0, "strategies": {name: {"vision_s": t, "overhead": t / t0 - 1}}}; the
+    overhead covers scoring, ranking, TopK, the projector on the K kept tokens and the sort.
+    """
+    import onnxruntime as ort
+    import torch
+
+    from edgeprune import registry
+    from edgeprune.graphs import VISION_OUTPUTS, VisionGraph
+    from edgeprune.onnx_export import export_module
+    from edgeprune.plan import plan_shapes
+    from edgeprune.sample_image import make_sample_image
+    from edgeprune_runtime.layout import compute_layout
+    from edgeprune_runtime.preprocess import PreprocessParams, load_image, preprocess
+
+    on_stage(f"load {model_name}")
+    loaded = registry.get(model_name).loader(model_dir, layers=layers)
+    recipes = {s: base_recipe.override(strategy=s) for s in strategies}
+    shapes = {s: plan_shapes(loaded.config, loaded.processor.image_processor, r) for s, r in recipes.items()}
+    any_shapes = next(iter(shapes.values()))
+    params = PreprocessParams.from_processor_dict(loaded.processor.image_processor.to_dict(), any_shapes.partitions)
+    image = load_image(image_path) if image_path else make_sample_image()
+    pixel_values, hw = preprocess(image, params)
+    report = {"model": model_name, "budget": base_recipe.budget, "image_hw": list(hw), "repeats": repeats,
+              "strategies": {}}
+    with tempfile.TemporaryDirectory(prefix="edgeprune-selcost-") as tmp:
+        on_stage("export the vision tower without selection")
+        export_module(_TowerOnly.module(loaded.model), (torch.from_numpy(pixel_values),), ["pixel_values"],
+                      ["features"], Path(tmp) / "tower" / "tower.onnx", base_recipe.onnx.opset)
+        session = ort.InferenceSession(str(Path(tmp) / "tower" / "tower.onnx"), providers=["CPUExecutionProvider"])
+        on_stage("time the tower")
+        report["tower_s"] = _median_seconds(session, {"pixel_values": pixel_values}, repeats)
+        del session
+        for name, recipe in recipes.items():
+            s = shapes[name]
+            layout = compute_layout(hw, params.image_grid_pinpoints, s.crop_size, s.patch_grid, s.partitions,
+                                    s.newline_slots)
+            feeds = {"pixel_values": pixel_values, **layout.feeds()}
+            graph = VisionGraph(loaded.model, s, recipe).eval()
+            path = Path(tmp) / name / "vision.onnx"
+            on_stage(f"export and time {name}")
+            export_module(graph, tuple(torch.from_numpy(feeds[n]) for n in graph.input_names),
+                          list(graph.input_names), list(VISION_OUTPUTS), path, recipe.onnx.opset)
+            session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            t = _median_seconds(session, {i.name: feeds[i.name] for i in session.get_inputs()}, repeats)
+            report["strategies"][name] = {"vision_s": t, "overhead": t / report["tower_s"] - 1.0}
+            del session
+    return report

@@ -46,6 +46,22 @@ def cli():
     """Export vision-language models with a fixed visual-token budget to static ONNX bundles and run them."""
 
 
+def _stage_logger():
+    """Progress lines on stderr, only on a terminal: in pipes and logs a user error stays one `error:` line."""
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    return (lambda stage: console.log(stage)) if console.is_terminal else (lambda stage: None)
+
+
+def _table_console():
+    """stdout console for tables; off a terminal rich would wrap at 80 columns and cut column titles."""
+    from rich.console import Console
+
+    console = Console()
+    return console if console.is_terminal else Console(width=160)
+
+
 def _recipe(model_name: str, recipe_file: str | None, **flags):
     from edgeprune import registry
     from edgeprune.recipe import default_recipe_path, load_recipe
@@ -62,16 +78,17 @@ def _recipe(model_name: str, recipe_file: str | None, **flags):
 @click.option("--recipe", "recipe_file", type=click.Path(), help="Recipe TOML [default: recipes/<model>.toml].")
 @click.option("--strategy", help="Visual-token selection strategy (recipe key `strategy`).")
 @click.option("--newlines", type=click.Choice(["auto", "keep", "drop"]), help="image_newline slots policy.")
+@click.option("--alpha", type=float, help="hired: the base image's share of the budget, in [0, 1].")
 @click.option("--layers", type=int, default=2, show_default=True, help="LM layers of llava-next-7b-shape.")
 @user_errors
-def export(model_name, budget, model_dir, out_dir, recipe_file, strategy, newlines, layers):
+def export(model_name, budget, model_dir, out_dir, recipe_file, strategy, newlines, alpha, layers):
     """Trace NAME into a static-shape ONNX bundle (vision, prefill, decode graphs + manifest)."""
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from edgeprune.export import STAGES, export_bundle
 
-    recipe = _recipe(model_name, recipe_file, budget=budget, strategy=strategy, newlines=newlines)
+    recipe = _recipe(model_name, recipe_file, budget=budget, strategy=strategy, newlines=newlines, alpha=alpha)
     out = Path(out_dir or Path("export") / model_name)
     console = Console(stderr=True)
     columns = (TextColumn("[bold]export[/]"), BarColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
@@ -160,7 +177,6 @@ def compare(bundle, image, prompt, raw_prompt, model_dir, atol, rtol, as_json):
     if as_json:
         click.echo(json.dumps(report.to_dict()))
     else:
-        from rich.console import Console
         from rich.table import Table
 
         table = Table(title=f"torch (eager) vs onnxruntime, atol {atol:g} rtol {rtol:g}")
@@ -169,7 +185,7 @@ def compare(bundle, image, prompt, raw_prompt, model_dir, atol, rtol, as_json):
         for r in report.rows:
             table.add_row(r.stage, r.output, f"{r.max_absdiff:.3g}", f"{r.max_reldiff:.3g}",
                           "[green]pass[/]" if r.passed else "[red]FAIL[/]")
-        Console().print(table)
+        _table_console().print(table)
         click.echo("compare: all stages match" if report else "compare: MISMATCH (see FAIL rows)")
     sys.exit(0 if report else 1)
 
@@ -184,20 +200,34 @@ def compare(bundle, image, prompt, raw_prompt, model_dir, atol, rtol, as_json):
 @click.option("--image", type=click.Path(), help="Image [default: the built-in 640x480 sample].")
 @click.option("--prompt", default="What is on the table?", show_default=True)
 @click.option("--max-new-tokens", type=int, default=32, show_default=True)
+@click.option("--selection-cost", "selection_strategies",
+              help="Instead: time the vision graph of each listed strategy (comma-separated) against the "
+                   "same graph without selection.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @user_errors
-def bench(model_name, budget, layers, model_dir, recipe_file, bundle_dir, image, prompt, max_new_tokens, as_json):
+def bench(model_name, budget, layers, model_dir, recipe_file, bundle_dir, image, prompt, max_new_tokens,
+          selection_strategies, as_json):
     """Time-to-first-token, decode tokens/s and peak memory: transformers (full) vs the bundle (budget)."""
     import json
 
-    from rich.console import Console
-
-    from edgeprune.bench import run_bench
+    from edgeprune.bench import run_bench, selection_cost
 
     recipe = _recipe(model_name, recipe_file, budget=budget)
-    console = Console(stderr=True)
+    log = _stage_logger()
+    if selection_strategies:
+        from edgeprune.sweep import parse_list
+
+        report = selection_cost(model_name, recipe, parse_list(selection_strategies, str, "selection-cost"),
+                                model_dir, layers, image, on_stage=log)
+        if as_json:
+            click.echo(json.dumps(report))
+            return
+        click.echo(f"vision tower without selection: {report['tower_s']:.3f} s (median of {report['repeats']})")
+        for name, r in report["strategies"].items():
+            click.echo(f"  {name:16s} {r['vision_s']:.3f} s  selection overhead {100 * r['overhead']:+.1f}%")
+        return
     report = run_bench(model_name, recipe, model_dir, layers, image, prompt, max_new_tokens, bundle_dir,
-                       on_stage=lambda s: console.log(s))
+                       on_stage=log)
     if as_json:
         click.echo(json.dumps(report))
         return
@@ -216,7 +246,7 @@ def bench(model_name, budget, layers, model_dir, recipe_file, bundle_dir, image,
                   f"{r['peak_rss_ratio']:.2f}x")
     table.add_row("peak RSS / (weights + cache)", "", f"{r['peak_rss_vs_weights_plus_cache']:.2f}", "")
     table.add_row("visual tokens in the LM", "", str(ours["visual_tokens"]), "")
-    Console().print(table)
+    _table_console().print(table)
 
 
 @cli.command()
@@ -258,7 +288,6 @@ def inspect(bundle, image, out_png, as_json):
 @user_errors
 def sweep(model_name, budgets, strategies, data, out_dir, model_dir, recipe_file, layers, image, max_new_tokens):
     """Export every strategy x budget and report TTFT, decode speed, memory and answer agreement."""
-    from rich.console import Console
     from rich.table import Table
 
     from edgeprune.sweep import parse_list, run_sweep
@@ -267,9 +296,8 @@ def sweep(model_name, budgets, strategies, data, out_dir, model_dir, recipe_file
     strategy_list = parse_list(strategies, str, "strategies")
     base = _recipe(model_name, recipe_file)
     out = Path(out_dir or Path("export") / f"sweep-{model_name}")
-    console = Console(stderr=True)
     report = run_sweep(model_name, base, strategy_list, budget_list, out, model_dir, layers, data, image,
-                       max_new_tokens=max_new_tokens, on_stage=lambda s: console.log(s))
+                       max_new_tokens=max_new_tokens, on_stage=_stage_logger())
     table = Table(title=f"{model_name} sweep ({report['questions']} questions)")
     cols = ["strategy", "budget", "visual tokens", "TTFT s", "decode tok/s", "peak RSS GiB"]
     if report["questions"]:
@@ -282,7 +310,7 @@ def sweep(model_name, budgets, strategies, data, out_dir, model_dir, recipe_file
         if report["questions"]:
             cells += [f"{r['agreement']:.2f}", f"{r['accuracy']:.2f}"]
         table.add_row(*cells)
-    Console().print(table)
+    _table_console().print(table)
     click.echo(f"wrote {out / 'sweep.json'} and {out / 'sweep.png'}")
 
 

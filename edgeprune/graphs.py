@@ -123,7 +123,8 @@ class VisionGraph(nn.Module):
         order = torch.topk(-key, s.visual_slots, largest=True, sorted=True).indices
         out_valid = sel_valid[order]
         out_source = torch.where(out_valid > 0, source[order], torch.full_like(source[order], -1))
-        return embeds[order], out_valid, out_source
+        # Invalid slots are zeros: which padding patch fills them is a TopK tie, backend-dependent.
+        return embeds[order] * out_valid[:, None], out_valid, out_source
 
 
 def _rope(inv_freq: torch.Tensor, scaling: float, positions: torch.Tensor):

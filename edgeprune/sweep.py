@@ -76,10 +76,14 @@ def run_sweep(model_name: str, base_recipe, strategies: list[str], budgets: list
     from edgeprune.export import export_bundle
     from edgeprune.sample_image import write_sample_image
 
+    from edgeprune.plan import plan_shapes
+
     recipes = {(s, b): base_recipe.override(strategy=s, budget=b) for s in strategies for b in budgets}  # validates
     questions = load_questions(data) if data else []
     on_stage(f"load {model_name}")
     loaded = registry.get(model_name).loader(model_dir, layers=layers)
+    for recipe in recipes.values():  # every static size (K >= 1, ...) checked before anything is written
+        plan_shapes(loaded.config, loaded.processor.image_processor, recipe)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows, reference = [], None
     with tempfile.TemporaryDirectory(prefix="edgeprune-sweep-") as tmp:

@@ -56,6 +56,14 @@ def weights_digest(model) -> tuple[str, int]:
     return h.hexdigest(), total
 
 
+def _quiet_transformers() -> None:
+    """No progress bars or info chatter from transformers: our CLI owns stderr (one line per user error)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def _finish(name: str, source: str, model, processor) -> LoadedModel:
     model.eval()
     model.config._attn_implementation = "eager"
@@ -182,6 +190,7 @@ def load_checkpoint(model_dir: str | None = None, **_options) -> LoadedModel:
     import torch
     from transformers import LlavaNextForConditionalGeneration, LlavaNextProcessor
 
+    _quiet_transformers()
     try:
         processor = LlavaNextProcessor.from_pretrained(path)
         model = LlavaNextForConditionalGeneration.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
@@ -204,6 +213,7 @@ def _from_hf_cache() -> Path:
 def save_twin(loaded: LoadedModel, out_dir: str | Path) -> Path:
     """Writes a twin as a normal HF checkpoint dir (`from_pretrained(DIR)` loads model and processor)."""
     out = Path(out_dir)
+    _quiet_transformers()
     loaded.model.save_pretrained(out)
     loaded.processor.save_pretrained(out)
     return out

@@ -209,14 +209,14 @@ class Engine:
         if len(s.kv_heads) != s.num_layers:
             raise _bad(f"manifest shapes: kv_heads lists {len(s.kv_heads)} layers, num_layers is {s.num_layers}; re-export")
         vin = _declared(self.vision.get_inputs())
-        # Each selection strategy declares the layout inputs it reads (layout.Layout.feeds lists them all).
+        # Each selection strategy declares only the layout inputs it reads (layout.Layout.feeds lists them all;
+        # hired-reference, say, reads released_valid/released_key instead of patch_valid/patch_key).
         layout_inputs = {
-            "patch_row": [P, N], "newline_key": [R], "newline_valid": [R], "partition_real": [P],
+            "patch_valid": [P, N], "patch_key": [P, N], "patch_row": [P, N], "newline_key": [R], "newline_valid": [R], "partition_real": [P],
             "base_region": [N], "released_valid": [P, N], "released_key": [P, N],
         }
         _check_io("vision", vin, {
-            "pixel_values": [P, 3, s.crop_size, s.crop_size], "patch_valid": [P, N], "patch_key": [P, N],
-            **layout_inputs,
+            "pixel_values": [P, 3, s.crop_size, s.crop_size], **layout_inputs,
         }, "input", optional=tuple(layout_inputs))
         _check_io("vision", _declared(self.vision.get_outputs()),
                   {"visual_embeds": [V, s.hidden_size], "visual_valid": [V], "visual_source": [V]}, "output")

@@ -5,16 +5,19 @@ Bundle layout (paths relative to the bundle directory):
     manifest.json            this schema; every other file is listed with its sha256
     tokenizer.json           `tokenizers` file of the source model
     vision/vision.onnx       pixels -> K selected visual embeddings (+ newline slots)
-    vision/vision.weights    its external weights
+    vision/vision.weights    its external weights (+ vision.weights.json: name/offset/length/dtype/shape)
     lm/prefill.onnx          text + visual slots -> last logits + K/V of every slot
     lm/decode.onnx           one token + fixed-size cache -> logits + the new K/V slice
     lm/lm.weights            language-model weights, stored ONCE and referenced by both graphs
+    lm/lm.weights.json       the index of lm.weights, so a runtime can share them without parsing ONNX
 
 Graph interfaces (all shapes static; P partitions, N patches each, V visual slots, T1/T2 text
 slots before/after the image, S = T1 + V + T2 prefill slots, C cache slots, D LM width):
 
-    vision   in:  pixel_values f32[P,3,H,W], patch_valid f32[P,N], patch_key f32[P,N],
-                  patch_row f32[P,N], newline_key f32[R], newline_valid f32[R]
+    vision   in:  pixel_values f32[P,3,H,W], patch_valid f32[P,N], patch_key f32[P,N], and the layout
+                  inputs the selection strategy reads (a subset of `layout.Layout.feeds()`):
+                  patch_row f32[P,N], newline_key f32[R], newline_valid f32[R], base_region f32[N],
+                  partition_real f32[P], released_valid f32[P,N], released_key f32[P,N]
              out: visual_embeds f32[V,D], visual_valid f32[V], visual_source i64[V]
     prefill  in:  text_ids i64[T1+T2], text_valid f32[T1+T2], visual_embeds f32[V,D], visual_valid f32[V]
              out: logits f32[vocab], key_<l> / value_<l> f32[Hkv_l,S,Dh] per layer l
