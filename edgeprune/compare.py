@@ -110,9 +110,10 @@ def compare_bundle(bundle_dir: str | Path, image_path: str, prompt: str = DEFAUL
     from edgeprune.graphs import VISION_OUTPUTS, DecodeGraph, PrefillGraph, VisionGraph
     from edgeprune.recipe import recipe_from_dict
     from edgeprune_runtime.generator import LoadedBundle
-    from edgeprune_runtime.kvcache import prefill_slot_valid
+    from edgeprune_runtime.kvcache import KVCache, prefill_slot_valid
     from edgeprune_runtime.layout import compute_layout
     from edgeprune_runtime.preprocess import load_image, preprocess
+    from edgeprune_runtime.tokenize import text_slots
 
     bundle = LoadedBundle(bundle_dir)
     m, s = bundle.manifest, bundle.shapes
@@ -138,9 +139,7 @@ def compare_bundle(bundle_dir: str | Path, image_path: str, prompt: str = DEFAUL
     tok = bundle.tokenizer
     before, after = tok.encode_prompt(tok.prompt_text(prompt, bundle.prompt_template, raw_prompt))
     t1, t2 = s.text_slots_before_image, s.text_slots_after_image
-    text_ids, text_valid = np.zeros(t1 + t2, np.int64), np.zeros(t1 + t2, np.float32)
-    text_ids[:len(before)], text_valid[:len(before)] = before, 1.0
-    text_ids[t1:t1 + len(after)], text_valid[t1:t1 + len(after)] = after, 1.0
+    text_ids, text_valid = text_slots(before, after, t1, t2)
     prefill_inputs = ["text_ids", "text_valid", "visual_embeds", "visual_valid"]
     kv = [f"{kind}_{i}" for i in range(s.num_layers) for kind in ("key", "value")]
     feed = {"text_ids": text_ids, "text_valid": text_valid, "visual_embeds": v_out["visual_embeds"],
@@ -150,15 +149,15 @@ def compare_bundle(bundle_dir: str | Path, image_path: str, prompt: str = DEFAUL
                                  m.path(m.graphs["prefill"]["file"]), feed, atol, rtol)
     rows += more
 
-    slot_valid = prefill_slot_valid(text_valid, v_out["visual_valid"], t1) > 0.5
-    n = int(slot_valid.sum())
+    # The cache as the runtime fills it from the ONNX prefill outputs, then the first generated token.
+    cache = KVCache(s.kv_heads, s.cache_capacity, s.head_dim)
+    layers = range(s.num_layers)
+    n = cache.fill_from_prefill([p_out[f"key_{i}"] for i in layers], [p_out[f"value_{i}"] for i in layers],
+                                prefill_slot_valid(text_valid, v_out["visual_valid"], t1))
     feed = {"token_id": np.array([int(np.argmax(p_out["logits"]))], np.int64), "position": np.array([n], np.int64),
-            "cache_valid": (np.arange(s.cache_capacity) < n).astype(np.float32)}
-    for name in kv:
-        present = p_out[name]  # [Hkv, S, Dh]
-        cache = np.zeros((present.shape[0], s.cache_capacity, present.shape[2]), np.float32)
-        cache[:, :n] = present[:, slot_valid]
-        feed[f"past_{name}"] = cache
+            "cache_valid": cache.valid}
+    for i in layers:
+        feed[f"past_key_{i}"], feed[f"past_value_{i}"] = cache.keys[i], cache.values[i]
     decode_inputs = ["token_id", "position", "cache_valid", *[f"past_{k}" for k in kv]]
     decode = DecodeGraph(loaded.model, s).eval()
     more, _ = _compare_stage("decode", _torch_runner(decode, decode_inputs, ["logits", *[f"new_{k}" for k in kv]],

@@ -49,11 +49,16 @@ def export_bundle(model_name: str, out_dir: str | Path, recipe: Recipe, model_di
     from edgeprune.plan import plan_shapes
 
     shapes = plan_shapes(model.config, processor.image_processor, recipe)
+    from edgeprune_runtime.preprocess import PreprocessParams
+
+    try:  # the runtime must reproduce the processor exactly; refuse options it does not implement
+        preprocess = PreprocessParams.from_processor_dict(processor.image_processor.to_dict(), shapes.partitions)
+    except ValueError as e:
+        raise ExportError(f"the checkpoint's image processor is not supported: {e}") from None
 
     from edgeprune.graphs import VISION_OUTPUTS, DecodeGraph, PrefillGraph, VisionGraph, feature_layer_count
     from edgeprune.onnx_export import check_static, export_module, store_weights_once
     from edgeprune_runtime.layout import compute_layout
-    from edgeprune_runtime.preprocess import PreprocessParams
 
     out.parent.mkdir(parents=True, exist_ok=True)
     stage_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
@@ -63,6 +68,7 @@ def export_bundle(model_name: str, out_dir: str | Path, recipe: Recipe, model_di
         s = shapes
         opset = recipe.onnx.opset
         pinpoints = model.config.image_grid_pinpoints
+        # Trace inputs: any image's layout will do, every shape is static (a 1x2 grid here).
         layout = compute_layout((s.crop_size, 2 * s.crop_size), pinpoints, s.crop_size, s.patch_grid,
                                 s.partitions, s.newline_slots)
         feeds = {k: torch.from_numpy(v) for k, v in layout.feeds().items()}
@@ -119,9 +125,8 @@ def export_bundle(model_name: str, out_dir: str | Path, recipe: Recipe, model_di
             "rewrites": [f"vision: layers after the feature layer dropped "
                          f"({feature_layer_count(model.config)} of {model.config.vision_config.num_hidden_layers} kept)"],
             "onnx": {"opset": opset, "precision": recipe.onnx.precision},
-            "preprocess": PreprocessParams.from_processor_dict(processor.image_processor.to_dict(),
-                                                               s.partitions).to_dict(),
-            "tokenizer": {"file": "tokenizer.json", "image_token": "<image>",
+            "preprocess": preprocess.to_dict(),
+            "tokenizer": {"file": "tokenizer.json", "image_token": processor.image_token,
                           "image_token_id": int(model.config.image_token_id),
                           "eos_token_ids": _eos_ids(model, tokenizer)},
             "prompt_template": _prompt_template(processor),

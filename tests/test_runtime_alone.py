@@ -9,12 +9,9 @@ import sys
 import venv
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
 def test_fresh_venv_runtime_matches_edgeprune_run(tmp_path, tiny_bundles):
     from edgeprune.sample_image import write_sample_image
 

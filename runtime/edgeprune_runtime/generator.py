@@ -22,7 +22,7 @@ from edgeprune_runtime.kvcache import prefill_slot_valid
 from edgeprune_runtime.layout import compute_layout
 from edgeprune_runtime.manifest import Manifest, load_manifest
 from edgeprune_runtime.sampling import Sampler, check_sampling
-from edgeprune_runtime.tokenize import PromptTokenizer
+from edgeprune_runtime.tokenize import PromptTokenizer, text_slots
 
 STOP_EOS = "eos"
 STOP_MAX_NEW_TOKENS = "max_new_tokens"
@@ -138,10 +138,7 @@ class Generator:
         self.visual_tokens = int(round(float(visual_valid.sum())))
 
         t1, t2 = s.text_slots_before_image, s.text_slots_after_image
-        text_ids = np.zeros(t1 + t2, np.int64)  # padding id 0: masked out, any in-vocabulary id would do
-        text_valid = np.zeros(t1 + t2, np.float32)
-        text_ids[:len(before)], text_valid[:len(before)] = before, 1.0
-        text_ids[t1:t1 + len(after)], text_valid[t1:t1 + len(after)] = after, 1.0
+        text_ids, text_valid = text_slots(before, after, t1, t2)
         slot_valid = prefill_slot_valid(text_valid, visual_valid, t1)
         self.prompt_slots = int((slot_valid > 0.5).sum())
         m = self.params.max_new_tokens

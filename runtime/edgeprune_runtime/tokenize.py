@@ -16,6 +16,21 @@ from edgeprune_runtime.errors import RuntimeStatusError, Status
 PROMPT_PLACEHOLDER = "{prompt}"
 
 
+def text_slots(before: list[int], after: list[int], slots_before: int, slots_after: int):
+    """The prefill graph's text inputs: ids i64 [T1+T2] and validity f32 [T1+T2].
+
+    `before` fills the first T1 slots, `after` the T2 slots from T1 on; the rest is padding (id 0,
+    masked out, so any in-vocabulary id would do). Lengths are checked by `encode_prompt`.
+    """
+    import numpy as np
+
+    ids = np.zeros(slots_before + slots_after, np.int64)
+    valid = np.zeros(slots_before + slots_after, np.float32)
+    ids[:len(before)], valid[:len(before)] = before, 1.0
+    ids[slots_before:slots_before + len(after)], valid[slots_before:slots_before + len(after)] = after, 1.0
+    return ids, valid
+
+
 def apply_template(template: str, user_text: str) -> str:
     """The bundle's chat template with the user's text in place of "{prompt}" (str.replace, not format:
     braces in the user's text stay as typed)."""

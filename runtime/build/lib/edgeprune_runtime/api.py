@@ -1,0 +1,205 @@
+"""The Pythonic wrapper over `capi`: the only place where a status becomes an exception.
+
+    from edgeprune_runtime import Bundle
+
+    with Bundle("export/tiny") as bundle:
+        result = bundle.generate("cam.png", "What is on the table?", max_new_tokens=32,
+                                 on_text=lambda s: print(s, end="", flush=True))
+    result.text, result.stop_reason, result.ttft_s
+
+Every method raises RuntimeStatusError (with `.status` and a one-line `.message`) on failure.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterator
+
+from edgeprune_runtime import capi
+from edgeprune_runtime.errors import RuntimeStatusError, Status
+from edgeprune_runtime.manifest import Shapes
+
+
+def _check(status: int) -> None:
+    if status != Status.OK:
+        raise RuntimeStatusError(Status(status), capi.GetLastError())
+
+
+def _call(fn, *args):
+    """Calls a capi getter/creator and returns what it wrote into its Out box."""
+    out = capi.Out()
+    _check(fn(*args, out))
+    return out.value
+
+
+@dataclass(frozen=True)
+class Result:
+    token_ids: tuple[int, ...]  # generated ids (the EOS id included when generation stopped on it)
+    text: str  # their text, special tokens skipped
+    stop_reason: str  # "eos" | "max_new_tokens" | "cache_full"
+    visual_tokens: int  # valid visual slots the language model saw
+    prompt_tokens: int  # text tokens of the prompt (BOS included, image token excluded)
+    cache_slots_used: int  # of shapes.cache_capacity
+    ttft_s: float  # image load -> first token id (time inside the runtime)
+    decode_tokens_per_s: float | None  # (tokens - 1) / time after the first token; None below 2 tokens
+    timings: dict  # per stage seconds: image_s, preprocess_s, vision_s, prefill_s, ttft_s, decode_s
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["token_ids"] = list(self.token_ids)
+        return d
+
+
+class Generator:
+    """One request, step by step (Bundle.generator). Iterating yields token ids until generation stops."""
+
+    def __init__(self, bundle: "Bundle", image, prompt: str, *, max_new_tokens: int = 32, raw_prompt: bool = False,
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, ignore_eos: bool = False):
+        params = _call(capi.GeneratorParams_Create)
+        try:
+            _check(capi.GeneratorParams_SetMaxNewTokens(params, max_new_tokens))
+            _check(capi.GeneratorParams_SetTemperature(params, temperature))
+            _check(capi.GeneratorParams_SetTopP(params, top_p))
+            _check(capi.GeneratorParams_SetSeed(params, seed))
+            _check(capi.GeneratorParams_SetIgnoreEos(params, ignore_eos))
+            self._handle = _call(capi.Generator_Create, bundle._live(), params, image, prompt, raw_prompt)
+        finally:
+            capi.GeneratorParams_Destroy(params)
+        self._finalize = weakref.finalize(self, capi.Generator_Destroy, self._handle)
+
+    def _live(self) -> int:
+        if not self._finalize.alive:
+            raise RuntimeStatusError(Status.INVALID_ARGUMENT, "this generator is closed")
+        return self._handle
+
+    @property
+    def done(self) -> bool:
+        return _call(capi.Generator_IsDone, self._live())
+
+    def generate_next_token(self) -> int:
+        """Runs one step and returns the new token id."""
+        _check(capi.Generator_GenerateNextToken(self._live()))
+        return _call(capi.Generator_GetNextTokenId, self._handle)
+
+    def __iter__(self) -> Iterator[int]:
+        while not self.done:
+            yield self.generate_next_token()
+
+    @property
+    def token_ids(self) -> tuple[int, ...]:
+        return _call(capi.Generator_GetTokenIds, self._live())
+
+    @property
+    def logits(self):
+        """Read-only view [vocab] of the logits the latest token was sampled from (before the first step:
+        the prefill's); valid until the next step of this generator (copy it to keep it)."""
+        return _call(capi.Generator_GetLogits, self._live())
+
+    @property
+    def stop_reason(self) -> str | None:
+        return _call(capi.Generator_GetStopReason, self._live())
+
+    @property
+    def visual_tokens(self) -> int:
+        return _call(capi.Generator_GetVisualTokens, self._live())
+
+    @property
+    def prompt_token_ids(self) -> tuple[int, ...]:
+        return _call(capi.Generator_GetPromptTokenIds, self._live())
+
+    @property
+    def cache_length(self) -> int:
+        return _call(capi.Generator_GetCacheLength, self._live())
+
+    @property
+    def timings(self) -> dict:
+        return _call(capi.Generator_GetTimings, self._live())
+
+    def close(self) -> None:
+        self._finalize()
+
+    def __enter__(self) -> "Generator":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Bundle:
+    """A loaded bundle (manifest checked, sessions open). Use as a context manager or call close()."""
+
+    def __init__(self, path, *, verify_hashes: bool = True):
+        out = capi.Out()
+        _check(capi.Bundle_Create(path, out, verify_hashes=verify_hashes))
+        self._handle = out.value
+        self._finalize = weakref.finalize(self, capi.Bundle_Destroy, self._handle)
+
+    def _live(self) -> int:
+        if not self._finalize.alive:
+            raise RuntimeStatusError(Status.INVALID_ARGUMENT, "this bundle is closed")
+        return self._handle
+
+    @property
+    def shapes(self) -> Shapes:
+        return _call(capi.Bundle_GetShapes, self._live())
+
+    @property
+    def manifest(self) -> dict:
+        return _call(capi.Bundle_GetManifest, self._live())
+
+    def decode(self, token_ids) -> str:
+        return _call(capi.Bundle_DecodeTokens, self._live(), list(token_ids))
+
+    def generator(self, image, prompt: str, **options) -> Generator:
+        """A step-by-step generator; options as in `generate` (without on_text)."""
+        return Generator(self, image, prompt, **options)
+
+    def generate(self, image, prompt: str, max_new_tokens: int = 32, raw_prompt: bool = False,
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, ignore_eos: bool = False,
+                 on_text: Callable[[str], None] | None = None) -> Result:
+        """Answers `prompt` about `image` (a file path or a PIL image).
+
+        `prompt` goes into the bundle's chat template unless `raw_prompt` (then it must contain
+        "<image>" once). temperature 0 is greedy; otherwise seeded top-p sampling. `on_text` receives
+        the text as it is produced. max_new_tokens 0 generates until EOS or a full cache.
+        Raises RuntimeStatusError (IMAGE_INVALID, PROMPT_TOO_LONG, INVALID_ARGUMENT, INFERENCE_FAILED).
+        """
+        with Generator(self, image, prompt, max_new_tokens=max_new_tokens, raw_prompt=raw_prompt,
+                       temperature=temperature, top_p=top_p, seed=seed, ignore_eos=ignore_eos) as gen:
+            stream = _call(capi.TokenizerStream_Create, self._live()) if on_text else None
+            try:
+                for token in gen:
+                    if stream is not None:
+                        delta = _call(capi.TokenizerStream_Decode, stream, token)
+                        if delta:
+                            on_text(delta)
+                if stream is not None:
+                    rest = _call(capi.TokenizerStream_Flush, stream)
+                    if rest:
+                        on_text(rest)
+            finally:
+                if stream is not None:
+                    capi.TokenizerStream_Destroy(stream)
+            ids = gen.token_ids
+            timings = gen.timings
+            return Result(
+                token_ids=ids,
+                text=self.decode(ids),
+                stop_reason=gen.stop_reason,
+                visual_tokens=gen.visual_tokens,
+                prompt_tokens=len(gen.prompt_token_ids) - 1,
+                cache_slots_used=gen.cache_length,
+                ttft_s=timings["ttft_s"],
+                decode_tokens_per_s=timings["decode_tokens_per_s"],
+                timings=timings,
+            )
+
+    def close(self) -> None:
+        self._finalize()
+
+    def __enter__(self) -> "Bundle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

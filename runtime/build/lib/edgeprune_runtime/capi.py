@@ -1,0 +1,346 @@
+"""The C-API-shaped surface of the runtime (modelled on onnxruntime-genai's `ort_genai_c.h`).
+
+Rules, so that a C binding could mirror this file one to one:
+
+- Objects are opaque integer handles (never 0) made by `Thing_Create` and released by
+  `Thing_Destroy`; a destroyed or wrong-kind handle gives INVALID_ARGUMENT, not a crash.
+- Every function returns a `Status` (an int, 0 = OK) and writes its result into an `Out` box.
+- After a non-OK status, `GetLastError()` on the same thread returns the one-line message.
+- Each docstring says who owns what a function returns and for how long it stays valid.
+- Threads: handles may be created and destroyed from any thread; one Generator must be driven
+  by one thread at a time, different Generators of one Bundle may run concurrently.
+- Internally the runtime raises RuntimeStatusError; this layer turns it into a status. Any other
+  exception is a bug in the runtime and propagates with its traceback.
+
+    st = Bundle_Create("export/tiny", out := Out());  bundle = out.value
+    GeneratorParams_Create(out); params = out.value;  GeneratorParams_SetMaxNewTokens(params, 32)
+    Generator_Create(bundle, params, "cam.png", "What is on the table?", False, out); gen = out.value
+    while not (Generator_IsDone(gen, out), out.value)[1]:
+        Generator_GenerateNextToken(gen); Generator_GetNextTokenId(gen, out)
+    Generator_Destroy(gen); GeneratorParams_Destroy(params); Bundle_Destroy(bundle)
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import threading
+
+from edgeprune_runtime.errors import RuntimeStatusError, Status
+from edgeprune_runtime.generator import Generator, GeneratorParams, LoadedBundle
+from edgeprune_runtime.tokenize import TextStream
+
+
+class Out:
+    """An out-parameter: the callee stores its result in `.value` (left untouched on failure)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self):
+        self.value = None
+
+    def __repr__(self):
+        return f"Out({self.value!r})"
+
+
+_tls = threading.local()
+_lock = threading.Lock()
+_objects: dict[int, object] = {}
+_ids = itertools.count(1)
+
+
+def GetLastError() -> str:
+    """The message of the latest non-OK status returned on this thread ("" if none); a string owned by the caller."""
+    return getattr(_tls, "last_error", "")
+
+
+def _api(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs) -> Status:
+        try:
+            fn(*args, **kwargs)
+        except RuntimeStatusError as e:
+            _tls.last_error = e.message
+            return e.status
+        return Status.OK
+
+    return wrapper
+
+
+def _new(obj) -> int:
+    with _lock:
+        handle = next(_ids)
+        _objects[handle] = obj
+    return handle
+
+
+def _get(handle, kind: type, what: str):
+    with _lock:
+        obj = _objects.get(handle) if isinstance(handle, int) else None
+    if not isinstance(obj, kind):
+        raise RuntimeStatusError(Status.INVALID_ARGUMENT, f"{handle!r} is not a live {what} handle (destroyed, or another kind)")
+    return obj
+
+
+def _drop(handle, kind: type, what: str) -> None:
+    _get(handle, kind, what)
+    with _lock:
+        _objects.pop(handle, None)
+
+
+def _put(out, value) -> None:
+    if not isinstance(out, Out):
+        raise RuntimeStatusError(Status.INVALID_ARGUMENT, f"the out-parameter must be an Out(), got {type(out).__name__}")
+    out.value = value
+
+
+def _check_out(out) -> None:
+    if not isinstance(out, Out):
+        raise RuntimeStatusError(Status.INVALID_ARGUMENT, f"the out-parameter must be an Out(), got {type(out).__name__}")
+
+
+def live_handles() -> int:
+    """How many handles are not destroyed yet (for leak checks in tests)."""
+    with _lock:
+        return len(_objects)
+
+
+# --- Bundle ------------------------------------------------------------------------------------
+
+
+@_api
+def Bundle_Create(path, out: Out, verify_hashes: bool = True) -> Status:
+    """Loads the bundle at `path`: manifest (and file hashes unless `verify_hashes` is False),
+    tokenizer, preprocessing and the three ONNX Runtime sessions (LM weights mapped once).
+
+    out.value: a Bundle handle, owned by the caller until Bundle_Destroy. Generators keep what they
+    use alive, so destroying a bundle while its generators run is allowed.
+    Fails with BUNDLE_INVALID (naming the bad file or key) or INVALID_ARGUMENT (bad EDGEPRUNE_* variable).
+    """
+    _check_out(out)
+    _put(out, _new(LoadedBundle(path, verify_hashes=verify_hashes)))
+
+
+@_api
+def Bundle_Destroy(bundle: int) -> Status:
+    """Releases the handle; sessions and weights are freed once no generator uses them."""
+    _drop(bundle, LoadedBundle, "Bundle")
+
+
+@_api
+def Bundle_GetShapes(bundle: int, out: Out) -> Status:
+    """out.value: the bundle's static sizes (a frozen `Shapes`, immutable, owned by the caller)."""
+    _put(out, _get(bundle, LoadedBundle, "Bundle").shapes)
+
+
+@_api
+def Bundle_GetManifest(bundle: int, out: Out) -> Status:
+    """out.value: a deep copy of manifest.json as a dict, owned by the caller."""
+    import copy
+
+    _put(out, copy.deepcopy(_get(bundle, LoadedBundle, "Bundle").manifest.data))
+
+
+@_api
+def Bundle_DecodeTokens(bundle: int, token_ids, out: Out) -> Status:
+    """out.value: the text of `token_ids` (special tokens skipped), a str owned by the caller."""
+    b = _get(bundle, LoadedBundle, "Bundle")
+    _check_out(out)
+    _put(out, b.tokenizer.decode([int(t) for t in token_ids]))
+
+
+# --- GeneratorParams ---------------------------------------------------------------------------
+
+
+@_api
+def GeneratorParams_Create(out: Out) -> Status:
+    """out.value: a GeneratorParams handle with defaults (max_new_tokens 32, greedy, top_p 1, seed 0),
+    owned by the caller until GeneratorParams_Destroy. Generator_Create copies it, so it may be
+    changed or destroyed while generators made from it run."""
+    _check_out(out)
+    _put(out, _new(GeneratorParams()))
+
+
+def _set(params: int, field: str, value) -> None:
+    p = _get(params, GeneratorParams, "GeneratorParams")
+    trial = GeneratorParams(**(p.__dict__ | {field: value}))
+    trial.check()  # INVALID_ARGUMENT names the bad value; `p` stays as it was
+    setattr(p, field, value)
+
+
+@_api
+def GeneratorParams_SetMaxNewTokens(params: int, max_new_tokens: int) -> Status:
+    """Generation stops after this many tokens; 0 = until EOS or the cache is full. Must be >= 0."""
+    _set(params, "max_new_tokens", max_new_tokens)
+
+
+@_api
+def GeneratorParams_SetTemperature(params: int, temperature: float) -> Status:
+    """0 (default) = greedy; > 0 samples from softmax(logits / temperature)."""
+    _set(params, "temperature", temperature)
+
+
+@_api
+def GeneratorParams_SetTopP(params: int, top_p: float) -> Status:
+    """Nucleus sampling mass in (0, 1]; used only when temperature > 0."""
+    _set(params, "top_p", top_p)
+
+
+@_api
+def GeneratorParams_SetSeed(params: int, seed: int) -> Status:
+    """Seed (>= 0) of the sampler's numpy generator: same seed, same tokens."""
+    _set(params, "seed", seed)
+
+
+@_api
+def GeneratorParams_SetIgnoreEos(params: int, ignore_eos: bool) -> Status:
+    """When true, EOS does not stop generation (fixed-length runs for benchmarks)."""
+    _set(params, "ignore_eos", bool(ignore_eos))
+
+
+@_api
+def GeneratorParams_Destroy(params: int) -> Status:
+    _drop(params, GeneratorParams, "GeneratorParams")
+
+
+# --- Generator ---------------------------------------------------------------------------------
+
+
+@_api
+def Generator_Create(bundle: int, params: int, image, prompt: str, raw_prompt: bool, out: Out) -> Status:
+    """Starts one request: loads `image` (a file path, or a PIL image used as is), builds the prompt
+    (the bundle's chat template around `prompt`, or `prompt` itself when `raw_prompt`, which must then
+    contain "<image>" once), runs the vision and prefill graphs and fills the KV cache.
+
+    out.value: a Generator handle, owned by the caller until Generator_Destroy; it holds its own KV cache.
+    Fails with IMAGE_INVALID, PROMPT_TOO_LONG, INVALID_ARGUMENT (bad prompt, or max_new_tokens that
+    cannot fit the cache), INFERENCE_FAILED.
+    """
+    b = _get(bundle, LoadedBundle, "Bundle")
+    p = _get(params, GeneratorParams, "GeneratorParams")
+    _check_out(out)
+    _put(out, _new(Generator(b, p, image, prompt, bool(raw_prompt))))
+
+
+@_api
+def Generator_IsDone(generator: int, out: Out) -> Status:
+    """out.value: True once generation stopped (see Generator_GetStopReason)."""
+    _put(out, _get(generator, Generator, "Generator").done)
+
+
+@_api
+def Generator_GenerateNextToken(generator: int) -> Status:
+    """Computes the next token (the first one from the prefill logits, later ones with one decode step).
+
+    Fails with CACHE_FULL when it stopped because the cache is full, INVALID_ARGUMENT when it stopped
+    for another reason, INFERENCE_FAILED when ORT fails.
+    Invalidates the view returned by Generator_GetLogits.
+    """
+    _get(generator, Generator, "Generator").generate_next_token()
+
+
+@_api
+def Generator_GetNextTokenId(generator: int, out: Out) -> Status:
+    """out.value: the id produced by the latest Generator_GenerateNextToken (an int).
+    INVALID_ARGUMENT before the first token."""
+    g = _get(generator, Generator, "Generator")
+    if not g.token_ids:
+        raise RuntimeStatusError(Status.INVALID_ARGUMENT, "no token yet; call Generator_GenerateNextToken first")
+    _put(out, g.token_ids[-1])
+
+
+@_api
+def Generator_GetTokenIds(generator: int, out: Out) -> Status:
+    """out.value: every generated id so far (a tuple owned by the caller; EOS included when it stopped there)."""
+    _put(out, tuple(_get(generator, Generator, "Generator").token_ids))
+
+
+@_api
+def Generator_GetLogits(generator: int, out: Out) -> Status:
+    """out.value: read-only float view [vocab] of the latest logits: before the first
+    GenerateNextToken the prefill's (the first token will be sampled from them), afterwards the ones
+    the latest GenerateNextToken sampled its token from.
+
+    The view aliases the generator's buffer: valid until the next call on this generator
+    (GenerateNextToken overwrites it, Destroy frees it); copy it to keep it.
+    """
+    g = _get(generator, Generator, "Generator")
+    view = g.logits.view()
+    view.flags.writeable = False
+    _put(out, view)
+
+
+@_api
+def Generator_GetStopReason(generator: int, out: Out) -> Status:
+    """out.value: None while running, else "eos", "max_new_tokens" or "cache_full" (a str).
+
+    "cache_full" is a normal stop: every KV-cache slot is used (a further GenerateNextToken returns CACHE_FULL)."""
+    _put(out, _get(generator, Generator, "Generator").stop_reason)
+
+
+@_api
+def Generator_GetVisualTokens(generator: int, out: Out) -> Status:
+    """out.value: the number of valid visual slots the language model saw (an int)."""
+    _put(out, _get(generator, Generator, "Generator").visual_tokens)
+
+
+@_api
+def Generator_GetPromptTokenIds(generator: int, out: Out) -> Status:
+    """out.value: the prompt's token ids with the image token in place of the visual slots (a tuple owned by the caller)."""
+    _put(out, tuple(_get(generator, Generator, "Generator").prompt_token_ids))
+
+
+@_api
+def Generator_GetCacheLength(generator: int, out: Out) -> Status:
+    """out.value: KV-cache slots in use (prompt slots + decoded tokens), an int <= the capacity."""
+    _put(out, _get(generator, Generator, "Generator").cache.length)
+
+
+@_api
+def Generator_GetTimings(generator: int, out: Out) -> Status:
+    """out.value: a dict of seconds spent in runtime calls (image_s, preprocess_s, vision_s, prefill_s,
+    ttft_s, decode_s), tokens and decode_tokens_per_s (None below two tokens); a copy owned by the caller."""
+    _put(out, _get(generator, Generator, "Generator").timings.to_dict())
+
+
+@_api
+def Generator_Destroy(generator: int) -> Status:
+    """Releases the generator and its KV cache; logits views from it become invalid."""
+    _drop(generator, Generator, "Generator")
+
+
+# --- TokenizerStream ---------------------------------------------------------------------------
+
+
+@_api
+def TokenizerStream_Create(bundle: int, out: Out) -> Status:
+    """out.value: a TokenizerStream handle (incremental detokenizer), owned by the caller until
+    TokenizerStream_Destroy; it keeps the bundle's tokenizer alive."""
+    b = _get(bundle, LoadedBundle, "Bundle")
+    _check_out(out)
+    _put(out, _new(TextStream(b.tokenizer)))
+
+
+@_api
+def TokenizerStream_Decode(stream: int, token_id: int, out: Out) -> Status:
+    """out.value: the text `token_id` adds to the stream ("" while a character is incomplete), a str owned by the caller."""
+    s = _get(stream, TextStream, "TokenizerStream")
+    _check_out(out)
+    _put(out, s.put(int(token_id)))
+
+
+@_api
+def TokenizerStream_Flush(stream: int, out: Out) -> Status:
+    """out.value: text held back so far (an incomplete character shows as U+FFFD); call it once
+    generation is done so the pieces add up to the decoded text. A str owned by the caller."""
+    s = _get(stream, TextStream, "TokenizerStream")
+    _check_out(out)
+    _put(out, s.flush())
+
+
+@_api
+def TokenizerStream_Destroy(stream: int) -> Status:
+    _drop(stream, TextStream, "TokenizerStream")
+
+
+__all__ = [name for name in dir() if name[0].isupper() and "_" in name] + ["Out", "GetLastError", "Status"]

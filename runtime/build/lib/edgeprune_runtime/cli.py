@@ -1,0 +1,81 @@
+"""`python -m edgeprune_runtime BUNDLE --image IMG --prompt TEXT`: one answer, streamed to stdout.
+
+Every RuntimeStatusError becomes `error: <message>` on stderr and exit code 2, no traceback.
+`run()` is the reusable part (the toolchain's `edgeprune run` calls it); `main()` adds argparse.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import TextIO
+
+from edgeprune_runtime.api import Bundle, Result
+from edgeprune_runtime.errors import RuntimeStatusError
+
+EXIT_USER_ERROR = 2
+
+
+def run(bundle_path, image, prompt: str, *, max_new_tokens: int = 32, raw_prompt: bool = False,
+        temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, as_json: bool = False,
+        verify_hashes: bool = True, stdout: TextIO | None = None, stderr: TextIO | None = None) -> Result:
+    """Loads the bundle, generates, and prints: the text as it comes (plus a summary line on stderr),
+    or with `as_json` one JSON object with the Result's fields. Raises RuntimeStatusError."""
+    stdout = stdout or sys.stdout
+    stderr = stderr or sys.stderr
+
+    def stream(text: str) -> None:
+        stdout.write(text)
+        stdout.flush()
+
+    with Bundle(bundle_path, verify_hashes=verify_hashes) as bundle:
+        result = bundle.generate(image, prompt, max_new_tokens=max_new_tokens, raw_prompt=raw_prompt,
+                                 temperature=temperature, top_p=top_p, seed=seed,
+                                 on_text=None if as_json else stream)
+    if as_json:
+        stdout.write(json.dumps(result.to_dict()) + "\n")
+    else:
+        stdout.write("\n")
+        stdout.flush()  # the answer before the summary line when both go to one terminal
+        rate = f"{result.decode_tokens_per_s:.1f} tokens/s" if result.decode_tokens_per_s is not None else "- tokens/s"
+        stderr.write(f"[{len(result.token_ids)} tokens, stop: {result.stop_reason}, {result.visual_tokens} visual tokens, "
+                     f"ttft {result.ttft_s:.3f} s, {rate}]\n")
+    stdout.flush()
+    return result
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m edgeprune_runtime",
+                                description="Answer a prompt about an image with an edgeprune bundle (ONNX Runtime, no PyTorch).")
+    p.add_argument("bundle", help="bundle directory (holds manifest.json)")
+    p.add_argument("--image", required=True, help="image file (PNG, JPEG, ...)")
+    p.add_argument("--prompt", required=True, help="question; the bundle's chat template is applied unless --raw-prompt")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="stop after N tokens; 0 = until EOS or the cache is full (default 32)")
+    p.add_argument("--raw-prompt", action="store_true", help="use --prompt verbatim (it must contain <image> once)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1.0)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    p.add_argument("--skip-hash-check", action="store_true", help="do not verify the bundle files' sha256 (faster start)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Returns the exit code: 0, or 2 for a user error (bad bundle, image, prompt or option)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # argparse already printed usage and the error
+        return int(e.code or 0)
+    try:
+        run(args.bundle, args.image, args.prompt, max_new_tokens=args.max_new_tokens, raw_prompt=args.raw_prompt,
+            temperature=args.temperature, top_p=args.top_p, seed=args.seed, as_json=args.json,
+            verify_hashes=not args.skip_hash_check)
+    except RuntimeStatusError as e:
+        sys.stdout.flush()
+        print(f"error: {e.message}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,215 @@
+"""One request: image + prompt -> vision -> prefill -> token-by-token decode over the fixed cache.
+
+Plain Python objects that raise RuntimeStatusError; `capi.py` turns them into handles and statuses.
+
+    LoadedBundle(path)                      manifest + tokenizer + preprocessing + Engine (sessions)
+    Generator(bundle, params, image, ...)   runs vision and prefill; then
+        while not g.done: g.generate_next_token()
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgeprune_runtime.engine import Engine
+from edgeprune_runtime.errors import RuntimeStatusError, Status
+from edgeprune_runtime.kvcache import prefill_slot_valid
+from edgeprune_runtime.layout import compute_layout
+from edgeprune_runtime.manifest import Manifest, load_manifest
+from edgeprune_runtime.sampling import Sampler, check_sampling
+from edgeprune_runtime.tokenize import PromptTokenizer
+
+STOP_EOS = "eos"
+STOP_MAX_NEW_TOKENS = "max_new_tokens"
+STOP_CACHE_FULL = "cache_full"
+
+
+class LoadedBundle:
+    """Everything a request needs that does not change between requests."""
+
+    def __init__(self, path: str | os.PathLike, verify_hashes: bool = True):
+        from edgeprune_runtime.preprocess import PreprocessParams
+
+        self.manifest: Manifest = load_manifest(path, verify_hashes=verify_hashes)
+        m, s = self.manifest, self.manifest.shapes
+        try:
+            self.preprocess_params = PreprocessParams.from_dict(m.preprocess)
+        except (ValueError, TypeError, KeyError) as e:
+            raise RuntimeStatusError(Status.BUNDLE_INVALID, f"manifest `preprocess` is invalid: {e}; re-export") from None
+        template = m.data["prompt_template"]
+        try:
+            tok = m.tokenizer
+            self.tokenizer = PromptTokenizer.from_file(
+                m.path(tok["file"]), tok["image_token"], tok["image_token_id"], tok["eos_token_ids"],
+                s.text_slots_before_image, s.text_slots_after_image)
+        except (KeyError, TypeError):
+            raise RuntimeStatusError(Status.BUNDLE_INVALID, "manifest `tokenizer` needs file, image_token, "
+                                     "image_token_id and eos_token_ids; re-export") from None
+        if not (isinstance(template, str) and template.count(tok["image_token"]) == 1 and template.count("{prompt}") == 1):
+            raise RuntimeStatusError(Status.BUNDLE_INVALID, f"manifest `prompt_template` must contain "
+                                     f"{tok['image_token']!r} and '{{prompt}}' once each, got {template!r}; re-export")
+        self.prompt_template = template
+        self.engine = Engine(m)
+
+    @property
+    def shapes(self):
+        return self.manifest.shapes
+
+
+@dataclass
+class GeneratorParams:
+    max_new_tokens: int = 32  # 0: until EOS or the cache is full
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int = 0
+    ignore_eos: bool = False  # benchmarks: always generate max_new_tokens (EOS is still sampled, not a stop)
+
+    def check(self) -> None:
+        if not (isinstance(self.max_new_tokens, (int, np.integer)) and self.max_new_tokens >= 0):
+            raise RuntimeStatusError(Status.INVALID_ARGUMENT,
+                                     f"max_new_tokens must be an integer >= 0 (0 = until EOS or cache full), got {self.max_new_tokens!r}")
+        check_sampling(self.temperature, self.top_p, self.seed)
+
+
+@dataclass
+class Timings:
+    """Seconds spent inside runtime calls (time the caller spends between calls is not counted)."""
+
+    image_s: float = 0.0  # load + decode the image file
+    preprocess_s: float = 0.0  # anyres pixel values + layout
+    vision_s: float = 0.0
+    prefill_s: float = 0.0  # prefill graph + cache fill
+    ttft_s: float = 0.0  # Generator creation + the call that produced the first token
+    decode_s: float = 0.0  # every later GenerateNextToken call
+    tokens: int = 0
+
+    @property
+    def decode_tokens_per_s(self) -> float | None:
+        """(tokens - 1) / decode_s; None when fewer than two tokens were generated."""
+        if self.tokens < 2 or self.decode_s <= 0:
+            return None
+        return (self.tokens - 1) / self.decode_s
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in ("image_s", "preprocess_s", "vision_s", "prefill_s", "ttft_s", "decode_s",
+                                               "tokens")} | {"decode_tokens_per_s": self.decode_tokens_per_s}
+
+
+class Generator:
+    """Runs vision and prefill at construction; each `generate_next_token` then yields one token id."""
+
+    def __init__(self, bundle: LoadedBundle, params: GeneratorParams, image, prompt: str, raw_prompt: bool = False):
+        t0 = time.perf_counter()
+        params.check()
+        self.bundle = bundle
+        self.params = GeneratorParams(**params.__dict__)  # a snapshot: later changes to params do not leak in
+        s = bundle.shapes
+        tok = bundle.tokenizer
+
+        text = tok.prompt_text(prompt, bundle.prompt_template, raw_prompt)
+        before, after = tok.encode_prompt(text)  # prompt errors surface before any heavy work
+        self.prompt_token_ids = before + [tok.image_token_id] + after
+
+        self.timings = Timings()
+        t = time.perf_counter()
+        img = _load(image)
+        self.timings.image_s = time.perf_counter() - t
+
+        from edgeprune_runtime.preprocess import preprocess
+
+        t = time.perf_counter()
+        pixel_values, image_hw = preprocess(img, bundle.preprocess_params)
+        pp = bundle.preprocess_params
+        try:
+            layout = compute_layout(image_hw, pp.image_grid_pinpoints, s.crop_size, s.patch_grid, s.partitions, s.newline_slots)
+        except ValueError as e:
+            raise RuntimeStatusError(Status.BUNDLE_INVALID, f"bundle shapes do not fit its preprocessing: {e}; re-export") from None
+        self.timings.preprocess_s = time.perf_counter() - t
+
+        engine = bundle.engine
+        t = time.perf_counter()
+        embeds, visual_valid, self.visual_source = engine.run_vision(pixel_values, layout.feeds())
+        self.timings.vision_s = time.perf_counter() - t
+        self.visual_tokens = int(round(float(visual_valid.sum())))
+
+        t1, t2 = s.text_slots_before_image, s.text_slots_after_image
+        text_ids = np.zeros(t1 + t2, np.int64)  # padding id 0: masked out, any in-vocabulary id would do
+        text_valid = np.zeros(t1 + t2, np.float32)
+        text_ids[:len(before)], text_valid[:len(before)] = before, 1.0
+        text_ids[t1:t1 + len(after)], text_valid[t1:t1 + len(after)] = after, 1.0
+        slot_valid = prefill_slot_valid(text_valid, visual_valid, t1)
+        self.prompt_slots = int((slot_valid > 0.5).sum())
+        m = self.params.max_new_tokens
+        if m and self.prompt_slots + m > s.cache_capacity:
+            raise RuntimeStatusError(
+                Status.INVALID_ARGUMENT,
+                f"--max-new-tokens {m} needs {self.prompt_slots + m} cache slots ({self.prompt_slots} prompt + {m} new), "
+                f"the bundle has {s.cache_capacity}; lower it or raise `shapes.new_token_slots` in the recipe and re-export",
+            )
+
+        t = time.perf_counter()
+        logits, keys, values = engine.run_prefill(text_ids, text_valid, embeds, visual_valid)
+        self.cache = engine.new_cache()
+        self.cache.fill_from_prefill(keys, values, slot_valid)
+        self.decoder = engine.decoder(self.cache)
+        self.timings.prefill_s = time.perf_counter() - t
+
+        self.logits = logits  # [vocab], of the last prompt token until the first decode step
+        self.sampler = Sampler(self.params.temperature, self.params.top_p, self.params.seed)
+        self.token_ids: list[int] = []
+        self.stop_reason: str | None = None
+        self._eos = set(tok.eos_token_ids)
+        self.timings.ttft_s = time.perf_counter() - t0
+
+    @property
+    def done(self) -> bool:
+        return self.stop_reason is not None
+
+    def generate_next_token(self) -> int:
+        """Samples the next token (running one decode step except for the first token) and returns it.
+
+        Raises RuntimeStatusError(CACHE_FULL) when generation stopped at a full cache, INVALID_ARGUMENT
+        when it stopped for another reason.
+        """
+        if self.stop_reason == STOP_CACHE_FULL:
+            raise RuntimeStatusError(Status.CACHE_FULL, f"the KV cache is full ({self.cache.capacity} slots); "
+                                     "raise `shapes.new_token_slots` in the recipe and re-export for longer answers")
+        if self.done:
+            raise RuntimeStatusError(Status.INVALID_ARGUMENT,
+                                     f"generation is done (stop reason: {self.stop_reason}); create a new generator")
+        t = time.perf_counter()
+        if self.token_ids:
+            self.logits = self.decoder.step(self.token_ids[-1])
+        token = self.sampler(self.logits)
+        self.token_ids.append(token)
+        self.timings.tokens = len(self.token_ids)
+        if token in self._eos and not self.params.ignore_eos:
+            self.stop_reason = STOP_EOS
+        elif len(self.token_ids) == self.params.max_new_tokens:
+            self.stop_reason = STOP_MAX_NEW_TOKENS
+        elif self.cache.full:  # no slot left for this token's K/V: it cannot be continued
+            self.stop_reason = STOP_CACHE_FULL
+        dt = time.perf_counter() - t
+        if len(self.token_ids) == 1:
+            self.timings.ttft_s += dt
+        else:
+            self.timings.decode_s += dt
+        return token
+
+
+def _load(image):
+    """A path (str / PathLike) is loaded with the bundle's loader; a PIL image is used as it is."""
+    from PIL import Image
+
+    from edgeprune_runtime.preprocess import load_image
+
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, (str, os.PathLike)):
+        return load_image(Path(image))
+    raise RuntimeStatusError(Status.INVALID_ARGUMENT, f"image must be a file path or a PIL image, got {type(image).__name__}")

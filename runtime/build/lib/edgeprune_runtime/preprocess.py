@@ -1,0 +1,326 @@
+"""Image preprocessing of the runtime: LLaVA-NeXT "anyres" pixel values, without torch or transformers.
+
+Reproduces, operation for operation, `transformers`' `LlavaNextImageProcessorPil` (the PIL backend):
+
+1. `convert_to_rgb`: an image with an alpha band (or a `transparency` entry) is composited onto
+   white, anything else goes through `Image.convert("RGB")`.
+2. anyres: `select_best_resolution` picks a grid pinpoint (h, w); the image is resized (PIL,
+   `resample`) to fit it keeping its aspect ratio (`get_patch_output_size`, which rounds the free
+   side *up* with `math.ceil`), zero-padded (uint8 0, i.e. black, centred, odd pixel at the
+   bottom/right) and cut into `crop x crop` partitions, row-major.
+3. the base image: the original resized (squashed, aspect ratio *not* kept) to
+   `shortest_edge x shortest_edge`, placed before the partitions.
+4. per partition, still uint8: resize so the shortest edge is `shortest_edge` (a same-size
+   resize when `crop == shortest_edge`), center-crop to `crop x crop`; then rescale in float64
+   (`x.astype(f64) * rescale_factor`) cast to float32, then normalize in float32
+   (`(x - mean_f32) / std_f32`, a true division, not a multiply by the reciprocal).
+5. the patch axis is zero-padded (exact 0.0, not the normalized black) to `partitions`.
+
+Every resize goes through `PIL.Image.resize((w, h), resample, reducing_gap=None)` on a uint8 RGB
+image, as transformers does, so the result is bitwise equal to the processor's.
+
+Only numpy, pillow and the standard library are used here (runtime rule: no torch, transformers, onnx).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from .errors import RuntimeStatusError, Status
+from .layout import max_partitions, select_best_resolution
+
+# Resample codes PIL.Image.resize accepts (NEAREST, LANCZOS, BILINEAR, BICUBIC, BOX, HAMMING).
+_PIL_RESAMPLE_CODES = (0, 1, 2, 3, 4, 5)
+
+# Processor types whose to_dict() we understand. Both the PIL and the torchvision backend of
+# transformers 5 report "LlavaNextImageProcessor" (the PIL class strips its "Pil" suffix in
+# to_dict), so the dict cannot tell them apart; we reproduce the PIL backend.
+_KNOWN_PROCESSOR_TYPES = ("LlavaNextImageProcessor", "LlavaNextImageProcessorPil", "LlavaNextImageProcessorFast")
+
+
+@dataclass(frozen=True)
+class PreprocessParams:
+    image_grid_pinpoints: list[list[int]]  # [[h, w], ...]
+    crop_size: int  # H == W of each partition (e.g. 336 or 112)
+    shortest_edge: int  # the processor's size["shortest_edge"]
+    image_mean: tuple[float, float, float]
+    image_std: tuple[float, float, float]
+    rescale_factor: float
+    resample: int  # PIL resample code, 3 = BICUBIC
+    partitions: int  # P: pad the patch axis to this many (1 + max crops)
+
+    def __post_init__(self):
+        pinpoints = [[int(h), int(w)] for h, w in self.image_grid_pinpoints]
+        object.__setattr__(self, "image_grid_pinpoints", pinpoints)
+        object.__setattr__(self, "image_mean", tuple(float(x) for x in self.image_mean))
+        object.__setattr__(self, "image_std", tuple(float(x) for x in self.image_std))
+        if not pinpoints:
+            raise ValueError("image_grid_pinpoints is empty")
+        if self.crop_size <= 0 or self.shortest_edge <= 0:
+            raise ValueError(f"crop_size ({self.crop_size}) and shortest_edge ({self.shortest_edge}) must be > 0")
+        for h, w in pinpoints:
+            if h <= 0 or w <= 0 or h % self.crop_size or w % self.crop_size:
+                raise ValueError(
+                    f"image_grid_pinpoints entry {[h, w]} is not a positive multiple of crop_size {self.crop_size}"
+                )
+        if len(self.image_mean) != 3 or len(self.image_std) != 3:
+            raise ValueError(f"image_mean/image_std must have 3 values, got {self.image_mean} / {self.image_std}")
+        if any(s == 0 for s in self.image_std):
+            raise ValueError(f"image_std has a zero: {self.image_std}")
+        if int(self.resample) not in _PIL_RESAMPLE_CODES:
+            raise ValueError(f"resample={self.resample!r} is not a PIL resample code {_PIL_RESAMPLE_CODES}")
+        need = max_partitions(pinpoints, self.crop_size)
+        if self.partitions < need:
+            raise ValueError(f"partitions={self.partitions} < {need} (1 base image + the largest crop grid)")
+
+    @classmethod
+    def from_processor_dict(cls, d: dict, partitions: int) -> "PreprocessParams":
+        """From `image_processor.to_dict()` of a LLaVA-NeXT image processor.
+
+        Raises ValueError naming any option we do not reproduce when it is set to a value that
+        would change the output.
+        """
+        kind = d.get("image_processor_type")
+        if kind is not None and kind not in _KNOWN_PROCESSOR_TYPES:
+            raise ValueError(f"image_processor_type={kind!r} is not a LLaVA-NeXT image processor")
+
+        size = {k: v for k, v in (d.get("size") or {}).items() if v is not None}
+        if set(size) != {"shortest_edge"}:
+            raise ValueError(f"size={d.get('size')!r}: only {{'shortest_edge': N}} is supported")
+        shortest_edge = int(size["shortest_edge"])
+
+        crop = {k: v for k, v in (d.get("crop_size") or {}).items() if v is not None}
+        if set(crop) != {"height", "width"} or crop["height"] != crop["width"]:
+            raise ValueError(f"crop_size={d.get('crop_size')!r}: a square {{'height': N, 'width': N}} is required")
+        crop_size = int(crop["height"])
+
+        for flag in ("do_convert_rgb", "do_rescale", "do_normalize"):
+            if d.get(flag, True) is not True:
+                raise ValueError(f"{flag}={d.get(flag)!r} is not supported (only True)")
+        # do_resize / do_center_crop only act on the partitions; with crop == shortest_edge both are
+        # no-ops (same-size resize, full-size crop), so turning them off changes nothing then.
+        for flag in ("do_resize", "do_center_crop"):
+            if d.get(flag, True) is not True and shortest_edge != crop_size:
+                raise ValueError(
+                    f"{flag}={d.get(flag)!r} is not supported when shortest_edge ({shortest_edge})"
+                    f" != crop_size ({crop_size})"
+                )
+        # do_pad only pads the patch axis across a batch; we always pad to `partitions`.
+        if d.get("pad_size") is not None:
+            raise ValueError(f"pad_size={d.get('pad_size')!r} is not supported")
+
+        resample = d.get("resample", 3)
+        if resample is None:  # the PIL backend's resize falls back to BILINEAR
+            resample = 2
+        return cls(
+            image_grid_pinpoints=[[int(h), int(w)] for h, w in d["image_grid_pinpoints"]],
+            crop_size=crop_size,
+            shortest_edge=shortest_edge,
+            image_mean=_three(d.get("image_mean"), "image_mean"),
+            image_std=_three(d.get("image_std"), "image_std"),
+            rescale_factor=float(d.get("rescale_factor", 1 / 255)),
+            resample=int(resample),
+            partitions=int(partitions),
+        )
+
+    def to_dict(self) -> dict:
+        return {
+            "image_grid_pinpoints": [list(p) for p in self.image_grid_pinpoints],
+            "crop_size": self.crop_size,
+            "shortest_edge": self.shortest_edge,
+            "image_mean": list(self.image_mean),
+            "image_std": list(self.image_std),
+            "rescale_factor": self.rescale_factor,
+            "resample": self.resample,
+            "partitions": self.partitions,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PreprocessParams":
+        missing = [k for k in cls.__dataclass_fields__ if k not in d]
+        if missing:
+            raise ValueError(f"preprocessing parameters lack {missing}")
+        return cls(
+            image_grid_pinpoints=[[int(h), int(w)] for h, w in d["image_grid_pinpoints"]],
+            crop_size=int(d["crop_size"]),
+            shortest_edge=int(d["shortest_edge"]),
+            image_mean=tuple(float(x) for x in d["image_mean"]),
+            image_std=tuple(float(x) for x in d["image_std"]),
+            rescale_factor=float(d["rescale_factor"]),
+            resample=int(d["resample"]),
+            partitions=int(d["partitions"]),
+        )
+
+
+def _three(value, name: str) -> tuple[float, float, float]:
+    if isinstance(value, (int, float)):  # transformers accepts a scalar for all channels
+        value = [value] * 3
+    if value is None or len(value) != 3:
+        raise ValueError(f"{name}={value!r}: 3 values (one per RGB channel) are required")
+    return tuple(float(x) for x in value)
+
+
+# --- image loading ----------------------------------------------------------------------------
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _convert_to_rgb(image: Image.Image) -> Image.Image:
+    """transformers' `convert_to_rgb` for PIL input: transparency is composited onto white."""
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, image).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_image(path, *, exif_transpose: bool = False) -> Image.Image:
+    """Open and fully decode an image file, returned as an RGB PIL image.
+
+    Transparency is composited onto white exactly as the processor's `convert_to_rgb` would, so
+    `preprocess(load_image(p))` equals the processor applied to `Image.open(p)`. EXIF orientation
+    is ignored by default (as the processor ignores it on a PIL image); `exif_transpose=True`
+    applies it, as `transformers.image_utils.load_image` does.
+
+    Raises RuntimeStatusError(IMAGE_INVALID) for a missing path, a directory, or a file that is not
+    a decodable image (unknown format, corrupt or truncated data). Note: a truncated file is only
+    detected while PIL's global `ImageFile.LOAD_TRUNCATED_IMAGES` is False (its default).
+    """
+    p = os.fspath(path)
+    if not os.path.exists(p):
+        raise RuntimeStatusError(Status.IMAGE_INVALID, f"image file not found: {p!r}; check the path")
+    if os.path.isdir(p):
+        raise RuntimeStatusError(
+            Status.IMAGE_INVALID, f"image path {p!r} is a directory; pass the path of an image file inside it"
+        )
+    try:
+        with Image.open(p) as img:
+            img.load()
+            if exif_transpose:
+                img = ImageOps.exif_transpose(img)
+            rgb = _convert_to_rgb(img)
+            rgb.load()
+    except Image.DecompressionBombError as e:
+        raise RuntimeStatusError(
+            Status.IMAGE_INVALID, f"image {p!r} is too large to decode ({_one_line(e)}); downscale it first"
+        ) from None
+    except Image.UnidentifiedImageError:
+        raise RuntimeStatusError(
+            Status.IMAGE_INVALID,
+            f"{p!r} is not a readable image file (format not recognised); pass a PNG/JPEG/WebP/BMP image",
+        ) from None
+    except OSError as e:
+        if "truncated" in str(e).lower():
+            why = f"truncated ({_one_line(e)})"
+        else:
+            why = f"unreadable or corrupt ({type(e).__name__}: {_one_line(e)})"
+        raise RuntimeStatusError(Status.IMAGE_INVALID, f"image {p!r} is {why}; re-export or re-copy the file") from None
+    except Exception as e:  # PIL plugins raise assorted errors (SyntaxError, ValueError, struct.error ...)
+        raise RuntimeStatusError(
+            Status.IMAGE_INVALID,
+            f"image {p!r} is corrupt ({type(e).__name__}: {_one_line(e)}); re-export or re-copy the file",
+        ) from None
+    if rgb.width == 0 or rgb.height == 0:
+        raise RuntimeStatusError(
+            Status.IMAGE_INVALID, f"image {p!r} is empty ({rgb.width}x{rgb.height}); pass a non-empty image"
+        )
+    return rgb
+
+
+# --- the transforms (uint8 HWC arrays until the rescale) -------------------------------------
+
+
+def _resize(arr: np.ndarray, height: int, width: int, resample: int) -> np.ndarray:
+    """transformers' `image_transforms.resize` on uint8 data: a PIL resize, no value changes around it."""
+    out = np.asarray(Image.fromarray(arr).resize((width, height), resample=resample, reducing_gap=None))
+    return out
+
+
+def _patch_output_size(hw: tuple[int, int], target: tuple[int, int]) -> tuple[int, int]:
+    """transformers' `get_patch_output_size`: fit inside `target`, free side rounded up (ceil)."""
+    original_height, original_width = hw
+    target_height, target_width = target
+    scale_w = target_width / original_width
+    scale_h = target_height / original_height
+    if scale_w < scale_h:
+        return min(math.ceil(original_height * scale_w), target_height), target_width
+    return target_height, min(math.ceil(original_width * scale_h), target_width)
+
+
+def _shortest_edge_size(hw: tuple[int, int], size: int) -> tuple[int, int]:
+    """transformers' `get_resize_output_image_size(default_to_square=False)` (torchvision-style, int-truncated)."""
+    height, width = hw
+    short, long = (width, height) if width <= height else (height, width)
+    new_short, new_long = size, int(size * long / short)
+    return (new_long, new_short) if width <= height else (new_short, new_long)
+
+
+def _center_crop(arr: np.ndarray, crop: int) -> np.ndarray:
+    """transformers' `center_crop` (pads with zeros when the image is smaller than the crop), HWC."""
+    orig_height, orig_width = arr.shape[:2]
+    top, left = (orig_height - crop) // 2, (orig_width - crop) // 2
+    bottom, right = top + crop, left + crop
+    if top >= 0 and bottom <= orig_height and left >= 0 and right <= orig_width:
+        return arr[top:bottom, left:right]
+    new_height, new_width = max(crop, orig_height), max(crop, orig_width)
+    canvas = np.zeros((new_height, new_width) + arr.shape[2:], dtype=arr.dtype)
+    top_pad, left_pad = math.ceil((new_height - orig_height) / 2), math.ceil((new_width - orig_width) / 2)
+    canvas[top_pad:top_pad + orig_height, left_pad:left_pad + orig_width] = arr
+    top, bottom, left, right = top + top_pad, bottom + top_pad, left + left_pad, right + left_pad
+    return canvas[max(0, top):min(new_height, bottom), max(0, left):min(new_width, right)]
+
+
+def preprocess(image: Image.Image, params: PreprocessParams) -> tuple[np.ndarray, tuple[int, int]]:
+    """returns pixel_values float32 [P, 3, crop, crop] (zero-padded on the patch axis like the processor's
+    do_pad) and image_hw = (height, width) of the original image"""
+    if not isinstance(image, Image.Image):
+        raise RuntimeStatusError(
+            Status.INVALID_ARGUMENT,
+            f"preprocess expects a PIL image, got {type(image).__name__}; use load_image(path)",
+        )
+    if image.width == 0 or image.height == 0:
+        raise RuntimeStatusError(
+            Status.IMAGE_INVALID, f"image is empty ({image.width}x{image.height}); pass a non-empty image"
+        )
+    resample, crop, se = int(params.resample), params.crop_size, params.shortest_edge
+
+    rgb = np.asarray(_convert_to_rgb(image))  # uint8 [H, W, 3]
+    hw = (int(rgb.shape[0]), int(rgb.shape[1]))
+
+    # anyres partitions: fit the best pinpoint, pad with black, cut row-major
+    best = select_best_resolution(hw, params.image_grid_pinpoints)
+    rh, rw = _patch_output_size(hw, best)
+    resized = _resize(rgb, rh, rw, resample)
+    ph, pw = _patch_output_size(resized.shape[:2], best)  # the processor recomputes it on the resized image
+    top, left = (best[0] - ph) // 2, (best[1] - pw) // 2
+    padded = np.zeros((best[0], best[1], 3), np.uint8)
+    padded[top:top + ph, left:left + pw] = resized
+    patches = [padded[i:i + crop, j:j + crop] for i in range(0, best[0], crop) for j in range(0, best[1], crop)]
+
+    base = _resize(rgb, se, se, resample)  # squashed to (shortest_edge, shortest_edge)
+
+    out = []
+    for patch in [base] + patches:
+        oh, ow = _shortest_edge_size(patch.shape[:2], se)
+        patch = _resize(patch, oh, ow, resample)  # same size when crop == shortest_edge (PIL copies)
+        out.append(_center_crop(patch, crop))
+    stacked = np.stack(out).transpose(0, 3, 1, 2)  # uint8 [n, 3, crop, crop]
+
+    x = (stacked.astype(np.float64) * params.rescale_factor).astype(np.float32)
+    mean = np.array(params.image_mean, dtype=np.float32)[:, None, None]
+    std = np.array(params.image_std, dtype=np.float32)[:, None, None]
+    x = (x - mean) / std
+
+    n = x.shape[0]
+    if n > params.partitions:
+        raise ValueError(f"image needs {n} partitions, params allow {params.partitions}")
+    pixel_values = np.zeros((params.partitions, 3, crop, crop), np.float32)
+    pixel_values[:n] = x
+    return pixel_values, hw
