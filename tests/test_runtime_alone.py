@@ -4,6 +4,7 @@ answers with the same token ids as `edgeprune run`."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import venv
@@ -15,11 +16,13 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_fresh_venv_runtime_matches_edgeprune_run(tmp_path, tiny_bundles):
     from edgeprune.sample_image import write_sample_image
 
+    source = tmp_path / "runtime-src"  # a copy: pip's build would leave build/ in the source tree
+    shutil.copytree(ROOT / "runtime", source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
     env_dir = tmp_path / "venv"
     venv.create(env_dir, with_pip=True)
     python = env_dir / "bin" / "python"
     install = subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check",
-                              str(ROOT / "runtime")], capture_output=True, text=True, timeout=900)
+                              str(source)], capture_output=True, text=True, timeout=900)
     assert install.returncode == 0, install.stderr[-2000:]
     probe = subprocess.run([str(python), "-c", "import importlib.util as u; "
                             "print([m for m in ('torch', 'transformers', 'onnx') if u.find_spec(m)])"],

@@ -1,5 +1,0 @@
-import sys
-
-from edgeprune_runtime.cli import main
-
-sys.exit(main())
