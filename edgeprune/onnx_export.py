@@ -9,10 +9,10 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 from edgeprune.errors import ExportError
+from edgeprune_runtime.manifest import WeightEntry
 
 INLINE_LIMIT = 1024  # bytes; smaller initializers (shape constants, scalars) stay inside the graph
 ALIGN = 64  # byte alignment of every tensor in a weights file (mmap views stay SIMD-aligned)
@@ -36,16 +36,7 @@ def export_module(module, args: tuple, input_names: list[str], output_names: lis
         raise ExportError(f"asked the exporter for opset {opset} but got {got}; set onnx.opset = {got} in the recipe")
 
 
-@dataclass(frozen=True)
-class StoredTensor:
-    name: str
-    offset: int
-    length: int
-    dtype: str  # numpy dtype string, e.g. "<f4"
-    shape: tuple[int, ...]
-
-
-def store_weights_once(graphs: dict[Path, Path], weights_path: Path) -> list[StoredTensor]:
+def store_weights_once(graphs: dict[Path, Path], weights_path: Path) -> list[WeightEntry]:
     """Moves the large initializers of several graphs into ONE external-data file, each tensor once.
 
     `graphs` maps an exported graph (in a scratch dir, possibly with its own external data) to
@@ -57,7 +48,7 @@ def store_weights_once(graphs: dict[Path, Path], weights_path: Path) -> list[Sto
     import onnx
     from onnx import external_data_helper, numpy_helper
 
-    by_digest: dict[str, StoredTensor] = {}
+    by_digest: dict[str, WeightEntry] = {}
     names_taken: dict[str, str] = {}  # canonical name -> digest
     loaded = []
     weights_path.parent.mkdir(parents=True, exist_ok=True)
@@ -82,7 +73,7 @@ def store_weights_once(graphs: dict[Path, Path], weights_path: Path) -> list[Sto
                         name = f"{name}__{digest[:8]}"
                     pad = (-wf.tell()) % ALIGN
                     wf.write(b"\0" * pad)
-                    stored = StoredTensor(name, wf.tell(), len(data), array.dtype.str, tuple(array.shape))
+                    stored = WeightEntry(name, wf.tell(), len(data), array.dtype.str, tuple(array.shape))
                     wf.write(data)
                     by_digest[digest], names_taken[name] = stored, digest
                 if stored.name != tensor.name:
@@ -102,7 +93,7 @@ def store_weights_once(graphs: dict[Path, Path], weights_path: Path) -> list[Sto
     for model, dst in loaded:
         onnx.save(model, str(dst))
     tensors = sorted(by_digest.values(), key=lambda t: t.offset)
-    index = {"file": weights_path.name, "tensors": [t.__dict__ | {"shape": list(t.shape)} for t in tensors]}
+    index = {"file": weights_path.name, "tensors": [t.to_dict() for t in tensors]}
     weights_path.with_name(weights_path.name + ".json").write_text(json.dumps(index, indent=1))
     return tensors
 

@@ -31,7 +31,6 @@ RSS), but that is loader behaviour of one version; `add_initializer` makes shari
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +38,7 @@ import numpy as np
 from edgeprune_runtime.env import env_flag, env_int
 from edgeprune_runtime.errors import RuntimeStatusError, Status
 from edgeprune_runtime.kvcache import KVCache
-from edgeprune_runtime.manifest import Manifest
+from edgeprune_runtime.manifest import Manifest, WeightEntry
 
 PROVIDERS = ["CPUExecutionProvider"]
 
@@ -64,15 +63,6 @@ def _bad(message: str) -> RuntimeStatusError:
 # --- the shared LM weights -------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class TensorEntry:
-    name: str
-    offset: int
-    length: int
-    dtype: str  # numpy dtype string, e.g. "<f4"
-    shape: tuple[int, ...]
-
-
 class SharedWeights:
     """One read-only memory map of a weights file and one OrtValue per tensor in it.
 
@@ -87,8 +77,7 @@ class SharedWeights:
             raise _bad(f"{index_path.name} (the tensor index of {weights_path.name}) is missing; re-export the bundle")
         try:
             index = json.loads(index_path.read_text())
-            entries = [TensorEntry(t["name"], int(t["offset"]), int(t["length"]), str(t["dtype"]),
-                                   tuple(int(d) for d in t["shape"])) for t in index["tensors"]]
+            entries = [WeightEntry.from_dict(t) for t in index["tensors"]]
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
             raise _bad(f"{index_path} is malformed ({type(e).__name__}: {_one_line(e)}); re-export the bundle") from None
         size = weights_path.stat().st_size

@@ -71,6 +71,25 @@ class Shapes:
 
 
 @dataclass(frozen=True)
+class WeightEntry:
+    """One tensor of a weights file, as listed in its `<file>.json` index ({"file", "tensors": [...]})."""
+
+    name: str  # the initializer name, the same in every graph that uses the tensor
+    offset: int  # bytes into the weights file
+    length: int  # bytes
+    dtype: str  # numpy dtype string, e.g. "<f4"
+    shape: tuple[int, ...]
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "offset": self.offset, "length": self.length, "dtype": self.dtype,
+                "shape": list(self.shape)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "WeightEntry":
+        return cls(d["name"], int(d["offset"]), int(d["length"]), str(d["dtype"]), tuple(int(x) for x in d["shape"]))
+
+
+@dataclass(frozen=True)
 class Manifest:
     root: Path
     data: dict[str, Any]
