@@ -21,9 +21,6 @@ from pathlib import Path
 
 from edgeprune.errors import EdgePruneError
 
-DEFAULT_PROMPT = "What is on the table?"
-
-
 def _peak_rss_bytes() -> int:
     """This process's peak resident set size.
 
@@ -68,7 +65,6 @@ def measure_transformers(model_name: str, model_dir: str | None, layers: int, im
             pass
 
     clock = Clock()
-    torch.set_num_threads(torch.get_num_threads())
     with torch.inference_mode():
         start = time.perf_counter()
         inputs = processor(images=image, text=text, return_tensors="pt")
@@ -91,8 +87,8 @@ def measure_bundle(bundle: str, image_path: str, prompt: str, max_new_tokens: in
     with Bundle(bundle) as b:
         result = b.generate(image_path, prompt, max_new_tokens=max_new_tokens, ignore_eos=True)
     s = manifest.shapes
-    weights = sum((Path(bundle) / manifest.graphs[g]).stat().st_size for g in ("lm_weights",)) + \
-        (Path(bundle) / manifest.graphs["vision"]["weights"]).stat().st_size
+    weights = (manifest.path(manifest.graphs["lm_weights"]).stat().st_size
+               + manifest.path(manifest.graphs["vision"]["weights"]).stat().st_size)
     cache = 2 * sum(h * s.cache_capacity * s.head_dim * 4 for h in s.kv_heads)
     return {"ttft_s": result.ttft_s, "decode_tokens_per_s": result.decode_tokens_per_s,
             "peak_rss_bytes": _peak_rss_bytes(), "generated_tokens": len(result.token_ids),
@@ -100,38 +96,57 @@ def measure_bundle(bundle: str, image_path: str, prompt: str, max_new_tokens: in
 
 
 def _child(args: list[str]) -> dict:
-    env = dict(os.environ)
-    proc = subprocess.run([sys.executable, "-m", "edgeprune.bench", *args], capture_output=True, text=True, env=env)
+    """Runs one measurement worker (`python -m edgeprune.bench ...`) and returns its JSON report."""
+    proc = subprocess.run([sys.executable, "-m", "edgeprune.bench", *args], capture_output=True, text=True)
     if proc.returncode != 0:
-        raise EdgePruneError(f"benchmark worker failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
+        last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit code {proc.returncode}"
+        raise EdgePruneError(f"benchmark worker failed: {last}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None
 
 
 def run_bench(model_name: str, budget_recipe, model_dir: str | None, layers: int, image_path: str | None,
               prompt: str, max_new_tokens: int, bundle_dir: str | None, on_stage=lambda s: None) -> dict:
-    """Exports (unless `bundle_dir` holds one already), then measures both sides. Returns the report dict."""
+    """Exports the bundle (or uses `bundle_dir`, which must hold one of `model_name`), then measures both
+    sides. Returns the report dict. Raises EdgePruneError / RuntimeStatusError for bad inputs up front."""
+    from edgeprune.errors import ConfigError
     from edgeprune.export import export_bundle
     from edgeprune.sample_image import write_sample_image
+    from edgeprune_runtime.manifest import load_manifest
+    from edgeprune_runtime.preprocess import load_image
 
+    if max_new_tokens < 2:
+        raise ConfigError("--max-new-tokens must be at least 2 to time decoding")
+    if image_path:
+        load_image(image_path)  # a bad image fails now, not after a long export
+    budget = budget_recipe.budget
+    if bundle_dir:
+        manifest = load_manifest(bundle_dir, verify_hashes=False)
+        if manifest.data["source"]["model"] != model_name:
+            raise ConfigError(f"--bundle {bundle_dir} was exported from {manifest.data['source']['model']!r}, "
+                              f"not {model_name!r}")
+        budget = manifest.data["recipe"]["budget"]
     with tempfile.TemporaryDirectory(prefix="edgeprune-bench-") as tmp:
         image = image_path or str(write_sample_image(Path(tmp) / "sample.png"))
         bundle = bundle_dir or str(Path(tmp) / "bundle")
-        if not (Path(bundle) / "manifest.json").is_file():
-            on_stage(f"export {model_name} at budget {budget_recipe.budget}")
+        if not bundle_dir:
+            on_stage(f"export {model_name} at budget {budget}")
             export_bundle(model_name, bundle, budget_recipe, model_dir=model_dir, model_options={"layers": layers},
                           on_stage=lambda s: on_stage(f"export: {s}"))
         on_stage("transformers generate (full budget)")
         hf = _child(["transformers", model_name, model_dir or "", str(layers), image, prompt, str(max_new_tokens)])
-        on_stage(f"edgeprune bundle (budget {budget_recipe.budget})")
+        on_stage(f"edgeprune bundle (budget {budget})")
         ours = _child(["bundle", bundle, image, prompt, str(max_new_tokens)])
-    memory_bound = ours["weights_bytes"] + ours["cache_bytes"]
     ratios = {
-        "ttft_speedup": hf["ttft_s"] / ours["ttft_s"],
-        "decode_speedup": ours["decode_tokens_per_s"] / hf["decode_tokens_per_s"] if hf["decode_tokens_per_s"] else None,
-        "peak_rss_ratio": ours["peak_rss_bytes"] / hf["peak_rss_bytes"],
-        "peak_rss_vs_weights_plus_cache": ours["peak_rss_bytes"] / memory_bound,
+        "ttft_speedup": _ratio(hf["ttft_s"], ours["ttft_s"]),
+        "decode_speedup": _ratio(ours["decode_tokens_per_s"], hf["decode_tokens_per_s"]),
+        "peak_rss_ratio": _ratio(ours["peak_rss_bytes"], hf["peak_rss_bytes"]),
+        "peak_rss_vs_weights_plus_cache": _ratio(ours["peak_rss_bytes"], ours["weights_bytes"] + ours["cache_bytes"]),
     }
-    return {"model": model_name, "budget": budget_recipe.budget, "max_new_tokens": max_new_tokens,
+    return {"model": model_name, "budget": budget, "max_new_tokens": max_new_tokens,
             "threads": os.cpu_count(), "transformers": hf, "edgeprune": ours, "ratios": ratios}
 
 
@@ -211,7 +226,7 @@ def selection_cost(model_name: str, base_recipe, strategies: list[str], model_di
     from edgeprune.onnx_export import export_module
     from edgeprune.plan import plan_shapes
     from edgeprune.sample_image import make_sample_image
-    from edgeprune_runtime.layout import compute_layout
+    from edgeprune_runtime.layout import layout_for
     from edgeprune_runtime.preprocess import PreprocessParams, load_image, preprocess
 
     on_stage(f"load {model_name}")
@@ -241,8 +256,7 @@ def selection_cost(model_name: str, base_recipe, strategies: list[str], model_di
                                                 tmp / "base1" / "g.onnx", short_repeats)
         for name, recipe in recipes.items():
             s = shapes[name]
-            layout = compute_layout(hw, params.image_grid_pinpoints, s.crop_size, s.patch_grid, s.partitions,
-                                    s.newline_slots)
+            layout = layout_for(hw, params.image_grid_pinpoints, s)
             graph = VisionGraph(loaded.model, s, recipe).eval()
             graph.layers = nn.ModuleList(graph.layers[-1:])  # the feature layer only
             on_stage(f"time {name}")

@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from edgeprune import __version__
+from edgeprune.sample_image import SAMPLE_PROMPT
 
 
 def _fail(message: str, code: int = 2):
@@ -130,8 +131,8 @@ def tiny(model_name, out_dir, layers):
     from edgeprune.models.llava_next import save_twin
 
     entry = registry.get(model_name)
-    if model_name == "llava-next":
-        raise ConfigError("`llava-next` is a local checkpoint already; `tiny` saves built-in models "
+    if entry.checkpoint:
+        raise ConfigError(f"`{model_name}` is a local checkpoint already; `tiny` saves built-in models "
                           "such as llava-next-tiny")
     path = save_twin(entry.loader(None, layers=layers), out_dir)
     click.echo(f"saved {model_name} to {path} (load with LlavaNextForConditionalGeneration.from_pretrained)")
@@ -148,19 +149,21 @@ def tiny(model_name, out_dir, layers):
 @click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling mass in (0, 1].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
+@click.option("--skip-hash-check", is_flag=True, help="Do not verify the bundle files' sha256 (faster start).")
 @user_errors
-def run(bundle, image, prompt, max_new_tokens, raw_prompt, temperature, top_p, seed, as_json):
+def run(bundle, image, prompt, max_new_tokens, raw_prompt, temperature, top_p, seed, as_json, skip_hash_check):
     """Answer PROMPT about IMAGE with BUNDLE on ONNX Runtime, streaming tokens as they come."""
     from edgeprune_runtime.cli import run as runtime_run
 
     runtime_run(bundle, image, prompt, max_new_tokens=max_new_tokens, raw_prompt=raw_prompt,
-                temperature=temperature, top_p=top_p, seed=seed, as_json=as_json)
+                temperature=temperature, top_p=top_p, seed=seed, as_json=as_json,
+                verify_hashes=not skip_hash_check)
 
 
 @cli.command()
 @click.argument("bundle", type=click.Path())
 @click.option("--image", required=True, type=click.Path(), help="Image to feed every stage.")
-@click.option("--prompt", default="What is on the table?", show_default=True)
+@click.option("--prompt", default=SAMPLE_PROMPT, show_default=True)
 @click.option("--raw-prompt", is_flag=True, help="Use the prompt verbatim (it must contain <image>).")
 @click.option("--model", "model_dir", type=click.Path(), help="Source checkpoint dir, if it moved since export.")
 @click.option("--atol", type=float, default=1e-4, show_default=True)
@@ -198,8 +201,8 @@ def compare(bundle, image, prompt, raw_prompt, model_dir, atol, rtol, as_json):
 @click.option("--recipe", "recipe_file", type=click.Path(), help="Recipe TOML for the export.")
 @click.option("--bundle", "bundle_dir", type=click.Path(), help="Use this exported bundle instead of exporting.")
 @click.option("--image", type=click.Path(), help="Image [default: the built-in 640x480 sample].")
-@click.option("--prompt", default="What is on the table?", show_default=True)
-@click.option("--max-new-tokens", type=int, default=32, show_default=True)
+@click.option("--prompt", default=SAMPLE_PROMPT, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(min=2), default=32, show_default=True)
 @click.option("--selection-cost", "selection_strategies",
               help="Instead: time the vision graph of each listed strategy (comma-separated) against the "
                    "same graph without selection.")
@@ -235,17 +238,21 @@ def bench(model_name, budget, layers, model_dir, recipe_file, bundle_dir, image,
     from rich.table import Table
 
     hf, ours, r = report["transformers"], report["edgeprune"], report["ratios"]
+
+    def ratio(key: str, suffix: str) -> str:
+        return "-" if r[key] is None else f"{r[key]:.2f}{suffix}"
+
     table = Table(title=f"{model_name}: transformers (full image) vs edgeprune (budget {report['budget']}), "
                         f"{max_new_tokens} new tokens")
     for col in ("", "transformers", "edgeprune", "ratio"):
         table.add_column(col, justify="right")
     table.add_row("time to first token", f"{hf['ttft_s']:.3f} s", f"{ours['ttft_s']:.3f} s",
-                  f"{r['ttft_speedup']:.2f}x faster")
+                  ratio("ttft_speedup", "x faster"))
     table.add_row("decode", f"{hf['decode_tokens_per_s']:.2f} tok/s", f"{ours['decode_tokens_per_s']:.2f} tok/s",
-                  f"{r['decode_speedup']:.2f}x faster")
+                  ratio("decode_speedup", "x faster"))
     table.add_row("peak RSS", f"{hf['peak_rss_bytes'] / 2**30:.2f} GiB", f"{ours['peak_rss_bytes'] / 2**30:.2f} GiB",
-                  f"{r['peak_rss_ratio']:.2f}x")
-    table.add_row("peak RSS / (weights + cache)", "", f"{r['peak_rss_vs_weights_plus_cache']:.2f}", "")
+                  ratio("peak_rss_ratio", "x"))
+    table.add_row("peak RSS / (weights + cache)", "", ratio("peak_rss_vs_weights_plus_cache", ""), "")
     table.add_row("visual tokens in the LM", "", str(ours["visual_tokens"]), "")
     _table_console().print(table)
 
@@ -285,7 +292,7 @@ def inspect(bundle, image, out_png, as_json):
 @click.option("--recipe", "recipe_file", type=click.Path(), help="Base recipe TOML.")
 @click.option("--layers", type=int, default=2, show_default=True, help="LM layers of llava-next-7b-shape.")
 @click.option("--image", type=click.Path(), help="Image for the timings [default: the built-in sample].")
-@click.option("--max-new-tokens", type=int, default=16, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(min=2), default=16, show_default=True)
 @user_errors
 def sweep(model_name, budgets, strategies, data, out_dir, model_dir, recipe_file, layers, image, max_new_tokens):
     """Export every strategy x budget and report TTFT, decode speed, memory and answer agreement."""
@@ -341,4 +348,11 @@ def models_cmd():
 
 
 def main():
-    cli(prog_name="edgeprune")
+    """Entry point: usage errors too become one `error:` line (click would print a usage block)."""
+    try:
+        code = cli.main(prog_name="edgeprune", standalone_mode=False)
+    except click.ClickException as e:  # bad option value, missing argument, unknown command
+        _fail(f"{e.format_message()} (see `edgeprune --help`)", e.exit_code)
+    except click.Abort:
+        _fail("interrupted", 130)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -23,8 +23,8 @@ import numpy as np
 
 from edgeprune import registry
 from edgeprune.errors import ConfigError
+from edgeprune.sample_image import SAMPLE_PROMPT
 
-DEFAULT_PROMPT = "What is on the table?"
 
 
 @dataclass
@@ -103,7 +103,7 @@ def _compare_stage(stage: str, torch_runner, onnx_path: Path, feed: dict, atol: 
     return rows, onnx_out
 
 
-def compare_bundle(bundle_dir: str | Path, image_path: str, prompt: str = DEFAULT_PROMPT, raw_prompt: bool = False,
+def compare_bundle(bundle_dir: str | Path, image_path: str, prompt: str = SAMPLE_PROMPT, raw_prompt: bool = False,
                    atol: float = 1e-4, rtol: float = 1e-3, model_dir: str | None = None) -> CompareReport:
     """Compares the bundle's ONNX graphs with eager PyTorch stage by stage. Raises EdgePruneError /
     RuntimeStatusError for a bad bundle, image or prompt, or a source model that is not the one exported."""
@@ -111,7 +111,7 @@ def compare_bundle(bundle_dir: str | Path, image_path: str, prompt: str = DEFAUL
     from edgeprune.recipe import recipe_from_dict
     from edgeprune_runtime.generator import LoadedBundle
     from edgeprune_runtime.kvcache import KVCache, prefill_slot_valid
-    from edgeprune_runtime.layout import compute_layout
+    from edgeprune_runtime.layout import layout_for
     from edgeprune_runtime.preprocess import load_image, preprocess
     from edgeprune_runtime.tokenize import text_slots
 
@@ -119,7 +119,7 @@ def compare_bundle(bundle_dir: str | Path, image_path: str, prompt: str = DEFAUL
     m, s = bundle.manifest, bundle.shapes
     source = m.data["source"]
     entry = registry.get(source["model"])
-    path = model_dir or (source["path"] if source["model"] == "llava-next" else None)
+    path = model_dir or (source["path"] if entry.checkpoint else None)
     loaded = entry.loader(path, **source.get("options", {}))
     if loaded.weights_sha256 != source["weights_sha256"]:
         raise ConfigError(f"the model at {path or source['model']} is not the one this bundle was exported from "
@@ -128,7 +128,7 @@ def compare_bundle(bundle_dir: str | Path, image_path: str, prompt: str = DEFAUL
 
     pixel_values, image_hw = preprocess(load_image(image_path), bundle.preprocess_params)
     pp = bundle.preprocess_params
-    layout = compute_layout(image_hw, pp.image_grid_pinpoints, s.crop_size, s.patch_grid, s.partitions, s.newline_slots)
+    layout = layout_for(image_hw, pp.image_grid_pinpoints, s)
     vision = VisionGraph(loaded.model, s, recipe).eval()
     feed = {"pixel_values": pixel_values, **layout.feeds()}
     feed = {n: feed[n] for n in vision.input_names}

@@ -36,6 +36,8 @@ def export_bundle(model_name: str, out_dir: str | Path, recipe: Recipe, model_di
     import torch
 
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out} is a file; choose another --out directory")
     if out.exists() and not (out / "manifest.json").is_file() and any(out.iterdir()):
         raise ExportError(f"{out} exists and is not an edgeprune bundle; choose another --out or remove it")
     entry = registry.get(model_name)
@@ -58,7 +60,7 @@ def export_bundle(model_name: str, out_dir: str | Path, recipe: Recipe, model_di
 
     from edgeprune.graphs import VISION_OUTPUTS, DecodeGraph, PrefillGraph, VisionGraph, feature_layer_count
     from edgeprune.onnx_export import check_static, export_module, store_weights_once
-    from edgeprune_runtime.layout import compute_layout
+    from edgeprune_runtime.layout import layout_for
 
     out.parent.mkdir(parents=True, exist_ok=True)
     stage_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
@@ -69,8 +71,7 @@ def export_bundle(model_name: str, out_dir: str | Path, recipe: Recipe, model_di
         opset = recipe.onnx.opset
         pinpoints = model.config.image_grid_pinpoints
         # Trace inputs: any image's layout will do, every shape is static (a 1x2 grid here).
-        layout = compute_layout((s.crop_size, 2 * s.crop_size), pinpoints, s.crop_size, s.patch_grid,
-                                s.partitions, s.newline_slots)
+        layout = layout_for((s.crop_size, 2 * s.crop_size), pinpoints, s)
         feeds = {k: torch.from_numpy(v) for k, v in layout.feeds().items()}
         feeds["pixel_values"] = torch.zeros(s.partitions, 3, s.crop_size, s.crop_size)
 

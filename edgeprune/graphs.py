@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from edgeprune.selection import SelectionInputs, SelectionParams, get_strategy, select
+from edgeprune.selection import SelectionInputs, SelectionParams, get_strategy
 from edgeprune_runtime.layout import INVALID_KEY
 from edgeprune_runtime.manifest import Shapes
 
@@ -66,11 +66,12 @@ class VisionGraph(nn.Module):
         self.layers = nn.ModuleList(self.tower.encoder.layers[: feature_layer_count(model.config)])
         self.shapes = shapes
         self.strategy = get_strategy(recipe.strategy)
+        self.spec = self.strategy.spec
         self.keep_newlines = shapes.newline_slots > 0
         self.params = SelectionParams(k=shapes.visual_topk, budget=recipe.budget, alpha=recipe.alpha,
                                       contextual=recipe.contextual, seed=recipe.seed,
                                       heads=self.layers[0].self_attn.num_heads)
-        self.input_names = (*BASE_INPUTS, *self.strategy.layout_inputs,
+        self.input_names = (*BASE_INPUTS, *self.spec.layout_inputs,
                             *(NEWLINE_INPUTS if self.keep_newlines else ()))
 
     def forward(self, *inputs):
@@ -80,18 +81,18 @@ class VisionGraph(nn.Module):
         early = keys = scores = None
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            if i == 0 and self.strategy.early_scores:
+            if i == 0 and self.spec.early_scores:
                 early = cls_attention(layer, h)  # layer 0: HiRED's budget allocation [P, N]
             if i == last:
-                scores = cls_attention(layer, h, with_keys=self.strategy.keys)  # feature layer [P, N]
-                if self.strategy.keys:
+                scores = cls_attention(layer, h, with_keys=self.spec.keys)  # feature layer [P, N]
+                if self.spec.keys:
                     scores, keys = scores
             h = layer(h, None)
         features = h[:, 1:]  # [P, N, Dv], CLS dropped
 
         x = SelectionInputs(scores=scores, valid=named["patch_valid"], features=features, early_scores=early,
-                            keys=keys, layout={n: named[n] for n in self.strategy.layout_inputs})
-        sel = select(self.strategy, x, self.params)
+                            keys=keys, layout={n: named[n] for n in self.spec.layout_inputs})
+        sel = self.strategy.fn(x, self.params)
         flat_features = sel.features if sel.features is not None else features.reshape(-1, features.shape[-1])
         flat_key = sel.key if sel.key is not None else named["patch_key"].reshape(-1)
 

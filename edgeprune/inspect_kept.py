@@ -42,7 +42,7 @@ def kept_patches(bundle_dir: str | Path, image_path: str | Path) -> KeptPatches:
     import onnxruntime as ort
 
     from edgeprune_runtime.errors import RuntimeStatusError, Status
-    from edgeprune_runtime.layout import compute_layout
+    from edgeprune_runtime.layout import layout_for
     from edgeprune_runtime.manifest import load_manifest
     from edgeprune_runtime.preprocess import PreprocessParams, load_image, preprocess
 
@@ -50,8 +50,7 @@ def kept_patches(bundle_dir: str | Path, image_path: str | Path) -> KeptPatches:
     s = m.shapes
     params = PreprocessParams.from_dict(m.preprocess)
     pixel_values, image_hw = preprocess(load_image(image_path), params)
-    layout = compute_layout(image_hw, params.image_grid_pinpoints, s.crop_size, s.patch_grid, s.partitions,
-                            s.newline_slots)
+    layout = layout_for(image_hw, params.image_grid_pinpoints, s)
     try:
         session = ort.InferenceSession(str(m.path(m.graphs["vision"]["file"])), providers=["CPUExecutionProvider"])
     except Exception as e:  # ORT raises its own exception types
@@ -108,6 +107,10 @@ def draw_kept(result: KeptPatches, out_path: str | Path) -> Path:
             + (f", + {result.newline_slots} newline slots" if result.newline_slots else ""))
     draw.text((gap, height - caption + 6), text, fill=(0, 0, 0))
     out = Path(out_path)
+    if out.is_dir():
+        from edgeprune.errors import ConfigError
+
+        raise ConfigError(f"--out {out} is a directory; give a file name such as {out / 'kept.png'}")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     canvas.save(tmp, format="PNG")

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgeprune.errors import ConfigError
+from edgeprune.strategies import SPECS
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -51,16 +52,16 @@ class Recipe:
     def validated(self) -> "Recipe":
         if not (0.0 < self.budget <= 1.0):
             raise ConfigError(f"budget must be in (0, 1], got {self.budget}; e.g. --budget 0.2 keeps 20% of visual tokens")
-        from edgeprune.selection import STRATEGIES  # imports torch: validation happens only when exporting
-
-        _one_of("strategy", self.strategy, tuple(STRATEGIES))
+        _one_of("strategy", self.strategy, tuple(SPECS))
         _one_of("newlines", self.newlines, NEWLINE_POLICIES)
-        if self.newlines == "keep" and not STRATEGIES[self.strategy].newlines:
+        if self.newlines == "keep" and not SPECS[self.strategy].newlines:
             raise ConfigError(f"strategy {self.strategy!r} emits no newline tokens; use newlines = 'drop' or 'auto'")
         if not (0.0 <= self.alpha <= 1.0):
             raise ConfigError(f"alpha must be in [0, 1] (the base image's share of the budget), got {self.alpha}")
         if not (0.0 <= self.contextual < 1.0):
             raise ConfigError(f"contextual must be in [0, 1), got {self.contextual}")
+        if self.seed < 0:
+            raise ConfigError(f"seed must be >= 0, got {self.seed}")
         _one_of("onnx.precision", self.onnx.precision, PRECISIONS)
         if not (13 <= self.onnx.opset <= 21):
             raise ConfigError(f"onnx.opset must be between 13 and 21, got {self.onnx.opset}")
@@ -70,9 +71,7 @@ class Recipe:
         return self
 
     def keeps_newlines(self) -> bool:
-        from edgeprune.selection import STRATEGIES
-
-        if not STRATEGIES[self.strategy].newlines:
+        if not SPECS[self.strategy].newlines:
             return False
         return self.newlines == "keep" or (self.newlines == "auto" and self.budget == 1.0)
 
@@ -80,11 +79,34 @@ class Recipe:
         return dataclasses.asdict(self)
 
 
+def did_you_mean(value: str, choices) -> str:
+    """' Did you mean 'x'?' for the nearest choice, or ''."""
+    close = difflib.get_close_matches(str(value), list(choices), n=1)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
 def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        close = difflib.get_close_matches(str(value), allowed, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ConfigError(f"{key} {value!r} is not one of {', '.join(allowed)}.{hint}")
+        raise ConfigError(f"{key} {value!r} is not one of {', '.join(allowed)}.{did_you_mean(value, allowed)}")
+
+
+_TABLES = {"shapes": ShapesRecipe, "onnx": OnnxRecipe}
+_SCALARS = {"int": int, "float": float, "str": str}
+
+
+def _typed(key: str, value, annotation: str):
+    """`value` as the field's type (ints are fine for float fields); ConfigError naming the key otherwise."""
+    want = _SCALARS[annotation]
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        ok = False
+    elif want is float:
+        ok = isinstance(value, (int, float))
+    else:
+        ok = isinstance(value, want)
+    if not ok:
+        raise ConfigError(f"recipe key '{key}' must be {'a number' if want is float else 'an integer' if want is int else 'a string'}, "
+                          f"got {value!r}")
+    return float(value) if want is float else value
 
 
 def _build(cls, data: dict, where: str):
@@ -92,16 +114,13 @@ def _build(cls, data: dict, where: str):
     kwargs = {}
     for key, value in data.items():
         if key not in fields:
-            close = difflib.get_close_matches(key, fields, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"unknown recipe key '{where}{key}'.{hint}")
-        if isinstance(value, dict):
-            sub_cls = {"shapes": ShapesRecipe, "onnx": OnnxRecipe}.get(key)
-            if sub_cls is None:
-                raise ConfigError(f"recipe key {where}{key!r} is not a table")
-            value = _build(sub_cls, value, f"{where}{key}.")
-        elif key in ("shapes", "onnx"):
-            raise ConfigError(f"recipe key {where}{key!r} must be a table, e.g. [{key}]")
+            raise ConfigError(f"unknown recipe key '{where}{key}'.{did_you_mean(key, fields)}")
+        if key in _TABLES:
+            if not isinstance(value, dict):
+                raise ConfigError(f"recipe key '{where}{key}' must be a table, e.g. [{key}]")
+            value = _build(_TABLES[key], value, f"{where}{key}.")
+        else:
+            value = _typed(f"{where}{key}", value, fields[key].type)
         kwargs[key] = value
     return cls(**kwargs)
 

@@ -6,7 +6,6 @@ Adding a model family is a new module under `edgeprune/models/`, not edits acros
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -16,20 +15,20 @@ from edgeprune.errors import ConfigError
 @dataclass(frozen=True)
 class ModelEntry:
     name: str
-    family: str  # adapter family, e.g. "llava-next"
     description: str
     loader: Callable[..., object]  # (model_dir: str | None, **options) -> LoadedModel
     recipe: str  # recipe file name under recipes/
+    checkpoint: bool  # True: weights come from a directory (--model); False: built in code (a twin)
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
 
 
-def register(name: str, *, family: str, description: str, recipe: str):
+def register(name: str, *, description: str, recipe: str, checkpoint: bool = False):
     def wrap(loader):
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} registered twice")
-        _REGISTRY[name] = ModelEntry(name, family, description, loader, recipe)
+        _REGISTRY[name] = ModelEntry(name, description, loader, recipe, checkpoint)
         return loader
 
     return wrap
@@ -48,7 +47,7 @@ def names() -> list[str]:
 def get(name: str) -> ModelEntry:
     _load_builtin_models()
     if name not in _REGISTRY:
-        close = difflib.get_close_matches(name, _REGISTRY, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ConfigError(f"unknown model {name!r}.{hint} Known: {', '.join(sorted(_REGISTRY))}")
+        from edgeprune.recipe import did_you_mean
+
+        raise ConfigError(f"unknown model {name!r}.{did_you_mean(name, _REGISTRY)} Known: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+SAMPLE_PROMPT = "What is on the table?"  # the question the demo, compare and the benchmarks ask about it
+
 
 def make_sample_image(width: int = 640, height: int = 480):
     """Returns a PIL RGB image: sky/floor gradient, a table, a cup, a box and a ball."""
@@ -25,7 +27,21 @@ def make_sample_image(width: int = 640, height: int = 480):
 
 
 def write_sample_image(path: str | Path, width: int = 640, height: int = 480) -> Path:
+    """Writes the sample photo (format from the file extension) via a temporary file; ConfigError on bad input."""
+    from edgeprune.errors import ConfigError
+
     path = Path(path)
+    if width < 1 or height < 1:
+        raise ConfigError(f"image size must be at least 1x1, got {width}x{height}")
+    if path.is_dir():
+        raise ConfigError(f"{path} is a directory; give a file name such as {path / 'sample.png'}")
+    from PIL import Image
+
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None:
+        raise ConfigError(f"cannot tell the image format of {path.name}; use a .png or .jpg name")
     path.parent.mkdir(parents=True, exist_ok=True)
-    make_sample_image(width, height).save(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    make_sample_image(width, height).save(tmp, format=fmt)
+    tmp.replace(path)
     return path

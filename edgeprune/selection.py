@@ -13,7 +13,7 @@ over the priorities and sorts the winners back into sequence order. Priority ban
 so exactly min(K, real patches) slots are valid for every strategy but hired-reference, which
 reproduces the released code and may emit fewer.
 
-Each strategy is registered with the extra layout inputs and score layers it needs.
+Each implementation is registered under its name in edgeprune.strategies, which says what it needs.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from typing import Callable
 
 import numpy as np
 import torch
+
+from edgeprune.strategies import SPECS, StrategySpec
 
 CHOSEN = 3.0  # priority floor of the rule's choice
 REAL = 1.0  # priority floor of any other real patch
@@ -61,20 +63,18 @@ class Selection:
 
 @dataclass(frozen=True)
 class Strategy:
-    name: str
+    spec: StrategySpec  # what it needs (torch-free, in edgeprune.strategies)
     fn: Callable[[SelectionInputs, SelectionParams], Selection]
-    layout_inputs: tuple[str, ...] = ()  # layout feeds beyond patch_valid / patch_key / patch_row
-    early_scores: bool = False
-    keys: bool = False
-    newlines: bool = True  # False: the strategy never emits newline slots
 
 
 STRATEGIES: dict[str, Strategy] = {}
 
 
-def strategy(name: str, **needs):
+def strategy(name: str):
+    """Registers the implementation of the strategy `name` declared in edgeprune.strategies.SPECS."""
+
     def wrap(fn):
-        STRATEGIES[name] = Strategy(name, fn, **needs)
+        STRATEGIES[name] = Strategy(SPECS[name], fn)
         return fn
 
     return wrap
@@ -133,7 +133,7 @@ def global_topk(x: SelectionInputs, p: SelectionParams) -> Selection:
     return Selection(_priority(torch.zeros_like(x.valid), x.valid, x.scores, p.heads))
 
 
-@strategy("hired", layout_inputs=("base_region",), early_scores=True)
+@strategy("hired")
 def hired(x: SelectionInputs, p: SelectionParams) -> Selection:
     """HiRED with its quirks fixed (DESIGN.md section 5).
 
@@ -158,8 +158,7 @@ def hired(x: SelectionInputs, p: SelectionParams) -> Selection:
     return Selection(_priority(chosen, x.valid, x.scores, p.heads))
 
 
-@strategy("hired-reference", layout_inputs=("partition_real", "released_valid", "released_key"),
-          early_scores=True, newlines=False)
+@strategy("hired-reference")
 def hired_reference(x: SelectionInputs, p: SelectionParams) -> Selection:
     """The released HiRED code's kept set, quirks included (hasanar1f/HiRED @ 42be984).
 
@@ -217,7 +216,7 @@ def random(x: SelectionInputs, p: SelectionParams) -> Selection:
     return Selection((x.valid * (REAL + noise)).reshape(-1))
 
 
-@strategy("visionzip", keys=True)
+@strategy("visionzip")
 def visionzip(x: SelectionInputs, p: SelectionParams) -> Selection:
     """VisionZip per partition: dominant tokens by CLS attention, plus contextual tokens.
 
@@ -253,9 +252,8 @@ def visionzip(x: SelectionInputs, p: SelectionParams) -> Selection:
                      features=features.reshape(-1, features.shape[-1]))
 
 
+assert set(STRATEGIES) == set(SPECS), "every strategy in edgeprune.strategies needs an implementation here"
+
+
 def get_strategy(name: str) -> Strategy:
     return STRATEGIES[name]
-
-
-def select(strat: Strategy, x: SelectionInputs, params: SelectionParams) -> Selection:
-    return strat.fn(x, params)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgeprune.errors import ConfigError, MissingDependencyError
+from edgeprune.sample_image import SAMPLE_PROMPT
 
 REFERENCE_BUDGET = 1.0
 
@@ -69,7 +70,7 @@ def answers(bundle: Path, questions: list[Question], max_new_tokens: int) -> lis
 
 def run_sweep(model_name: str, base_recipe, strategies: list[str], budgets: list[float], out_dir: Path,
               model_dir: str | None = None, layers: int = 2, data: str | None = None, image: str | None = None,
-              prompt: str = "What is on the table?", max_new_tokens: int = 16, on_stage=lambda s: None) -> dict:
+              prompt: str = SAMPLE_PROMPT, max_new_tokens: int = 16, on_stage=lambda s: None) -> dict:
     """Exports and measures every pair; writes `sweep.json` and `sweep.png` into `out_dir`; returns the report."""
     from edgeprune import registry
     from edgeprune.bench import _child

@@ -134,7 +134,7 @@ TINY_IMAGE = 112  # 8 x 8 patches of 14 px
 TINY_PINPOINTS = [[112, 224], [224, 112], [224, 224]]  # 1x2, 2x1 and 2x2 crop grids
 
 
-@register("llava-next-tiny", family="llava-next", recipe="llava-next-tiny.toml",
+@register("llava-next-tiny", recipe="llava-next-tiny.toml",
           description="offline tiny twin of LLaVA-NeXT (seeded weights, tokenizer trained in code)")
 def load_tiny(model_dir: str | None = None, **_options) -> LoadedModel:
     if model_dir is not None:
@@ -154,7 +154,7 @@ def load_tiny(model_dir: str | None = None, **_options) -> LoadedModel:
 LLAVA_16_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 
 
-@register("llava-next-7b-shape", family="llava-next", recipe="llava-next.toml",
+@register("llava-next-7b-shape", recipe="llava-next.toml",
           description="CLIP-L/14-336 + Llama-7B dimensions, random weights, --layers LM layers (benchmarks)")
 def load_7b_shape(model_dir: str | None = None, layers: int = 2, **_options) -> LoadedModel:
     if model_dir is not None:
@@ -172,7 +172,7 @@ def load_7b_shape(model_dir: str | None = None, layers: int = 2, **_options) -> 
     return _finish("llava-next-7b-shape", f"random LLaVA-NeXT-7B shape, {layers} LM layers", model, processor)
 
 
-@register("llava-next", family="llava-next", recipe="llava-next.toml",
+@register("llava-next", recipe="llava-next.toml", checkpoint=True,
           description=f"a local Hugging Face LLaVA-NeXT checkpoint (--model DIR; default {HF_DEFAULT_ID} from the HF cache)")
 def load_checkpoint(model_dir: str | None = None, **_options) -> LoadedModel:
     path = Path(model_dir) if model_dir else _from_hf_cache()

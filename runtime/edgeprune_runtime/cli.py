@@ -45,8 +45,15 @@ def run(bundle_path, image, prompt: str, *, max_new_tokens: int = 32, raw_prompt
     return result
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """A usage error is one `error:` line (argparse would print the usage block first)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USER_ERROR, f"error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m edgeprune_runtime",
+    p = _OneLineParser(prog="python -m edgeprune_runtime",
                                 description="Answer a prompt about an image with an edgeprune bundle (ONNX Runtime, no PyTorch).")
     p.add_argument("bundle", help="bundle directory (holds manifest.json)")
     p.add_argument("--image", required=True, help="image file (PNG, JPEG, ...)")

@@ -19,7 +19,7 @@ import numpy as np
 from edgeprune_runtime.engine import Engine
 from edgeprune_runtime.errors import RuntimeStatusError, Status
 from edgeprune_runtime.kvcache import prefill_slot_valid
-from edgeprune_runtime.layout import compute_layout
+from edgeprune_runtime.layout import layout_for
 from edgeprune_runtime.manifest import Manifest, load_manifest
 from edgeprune_runtime.sampling import Sampler, check_sampling
 from edgeprune_runtime.tokenize import PromptTokenizer, text_slots
@@ -126,7 +126,7 @@ class Generator:
         pixel_values, image_hw = preprocess(img, bundle.preprocess_params)
         pp = bundle.preprocess_params
         try:
-            layout = compute_layout(image_hw, pp.image_grid_pinpoints, s.crop_size, s.patch_grid, s.partitions, s.newline_slots)
+            layout = layout_for(image_hw, pp.image_grid_pinpoints, s)
         except ValueError as e:
             raise RuntimeStatusError(Status.BUNDLE_INVALID, f"bundle shapes do not fit its preprocessing: {e}; re-export") from None
         self.timings.preprocess_s = time.perf_counter() - t

@@ -154,6 +154,12 @@ def compute_layout(image_hw: tuple[int, int], pinpoints, crop_size: int, patch_g
                   partition_real, base_region, released_valid, released_key)
 
 
+def layout_for(image_hw: tuple[int, int], pinpoints, shapes) -> Layout:
+    """`compute_layout` with the static sizes of a bundle's `Shapes`."""
+    return compute_layout(image_hw, pinpoints, shapes.crop_size, shapes.patch_grid, shapes.partitions,
+                          shapes.newline_slots)
+
+
 def _released_packing(image_hw, rows: int, cols: int, g: int, partitions: int):
     """Which patches survive, and in which order, in released HiRED's `pack_HiRED_image_features`.
 
