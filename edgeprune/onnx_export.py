@@ -11,7 +11,7 @@ import json
 import warnings
 from pathlib import Path
 
-from edgeprune.errors import ExportError
+from edgeprune.errors import ExportError, InternalError
 from edgeprune_runtime.manifest import WeightEntry
 
 INLINE_LIMIT = 1024  # bytes; smaller initializers (shape constants, scalars) stay inside the graph
@@ -55,7 +55,7 @@ def store_weights_once(graphs: dict[Path, Path], weights_path: Path) -> list[Wei
     with open(weights_path, "wb") as wf:
         for src, dst in graphs.items():
             if dst.parent != weights_path.parent:
-                raise ValueError("graphs and their weights file must share a directory")
+                raise InternalError("graphs and their weights file must share a directory")
             model = onnx.load(str(src), load_external_data=False)
             renames: dict[str, str] = {}
             for tensor in model.graph.initializer:

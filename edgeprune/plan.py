@@ -24,6 +24,10 @@ def plan_shapes(config, image_processor, recipe: Recipe) -> Shapes:
     if config.vision_feature_select_strategy != "default":
         raise ModelLoadError("only vision_feature_select_strategy='default' (CLS dropped) is supported")
     crop = vision.image_size
+    processor_crop = (image_processor.crop_size or {}).get("height", crop)
+    if processor_crop != crop or [list(p) for p in image_processor.image_grid_pinpoints] != [list(p) for p in config.image_grid_pinpoints]:
+        raise ModelLoadError(f"the image processor (crop {processor_crop}, pinpoints {image_processor.image_grid_pinpoints}) "
+                             f"disagrees with the model config (image_size {crop}, pinpoints {config.image_grid_pinpoints})")
     grid = crop // vision.patch_size
     patches = grid * grid
     pinpoints = config.image_grid_pinpoints

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeprune_runtime.env import env_flag, env_int
-from edgeprune_runtime.errors import RuntimeStatusError, Status
+from edgeprune_runtime.errors import RuntimeStatusError, Status, bundle_invalid
 from edgeprune_runtime.kvcache import KVCache
 from edgeprune_runtime.manifest import Manifest, WeightEntry
 
@@ -56,10 +56,6 @@ def _one_line(e: BaseException) -> str:
     return lines[0] if lines else type(e).__name__
 
 
-def _bad(message: str) -> RuntimeStatusError:
-    return RuntimeStatusError(Status.BUNDLE_INVALID, message)
-
-
 # --- the shared LM weights -------------------------------------------------------------------
 
 
@@ -72,14 +68,14 @@ class SharedWeights:
 
     def __init__(self, weights_path: Path, index_path: Path):
         if not weights_path.is_file():
-            raise _bad(f"LM weights {weights_path} are missing; re-export the bundle")
+            raise bundle_invalid(f"LM weights {weights_path} are missing; re-export the bundle")
         if not index_path.is_file():
-            raise _bad(f"{index_path.name} (the tensor index of {weights_path.name}) is missing; re-export the bundle")
+            raise bundle_invalid(f"{index_path.name} (the tensor index of {weights_path.name}) is missing; re-export the bundle")
         try:
             index = json.loads(index_path.read_text())
             entries = [WeightEntry.from_dict(t) for t in index["tensors"]]
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
-            raise _bad(f"{index_path} is malformed ({type(e).__name__}: {_one_line(e)}); re-export the bundle") from None
+            raise bundle_invalid(f"{index_path} is malformed ({type(e).__name__}: {_one_line(e)}); re-export the bundle") from None
         size = weights_path.stat().st_size
         self.path = weights_path
         self.entries = entries
@@ -92,20 +88,16 @@ class SharedWeights:
             try:
                 dtype = np.dtype(t.dtype)
             except TypeError:
-                raise _bad(f"{index_path.name}: tensor {t.name} has unknown dtype {t.dtype!r}") from None
+                raise bundle_invalid(f"{index_path.name}: tensor {t.name} has unknown dtype {t.dtype!r}") from None
             if t.offset < 0 or t.offset + t.length > size:
-                raise _bad(f"{index_path.name}: tensor {t.name} [{t.offset}, +{t.length}) lies outside {weights_path.name} ({size} bytes)")
+                raise bundle_invalid(f"{index_path.name}: tensor {t.name} [{t.offset}, +{t.length}) lies outside {weights_path.name} ({size} bytes)")
             if int(np.prod(t.shape, dtype=np.int64)) * dtype.itemsize != t.length:
-                raise _bad(f"{index_path.name}: tensor {t.name} has {t.length} bytes, shape {list(t.shape)} x {dtype} needs another size")
+                raise bundle_invalid(f"{index_path.name}: tensor {t.name} has {t.length} bytes, shape {list(t.shape)} x {dtype} needs another size")
             if t.offset % dtype.itemsize:
-                raise _bad(f"{index_path.name}: tensor {t.name} at offset {t.offset} is not aligned to its {dtype.itemsize}-byte dtype")
+                raise bundle_invalid(f"{index_path.name}: tensor {t.name} at offset {t.offset} is not aligned to its {dtype.itemsize}-byte dtype")
             view = self.map[t.offset:t.offset + t.length].view(dtype).reshape(t.shape)
             self.arrays[t.name] = view
             self.values[t.name] = ort.OrtValue.ortvalue_from_numpy(view)  # CPU: wraps, does not copy
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.length for t in self.entries)
 
     def add_to(self, options) -> None:
         """Makes `options`' session use these buffers for the same-named initializers.
@@ -138,11 +130,11 @@ def open_session(path: Path, options, what: str):
     import onnxruntime as ort
 
     if not path.is_file():
-        raise _bad(f"{what} graph {path} is missing; re-export the bundle")
+        raise bundle_invalid(f"{what} graph {path} is missing; re-export the bundle")
     try:
         return ort.InferenceSession(str(path), options, providers=PROVIDERS)
     except Exception as e:  # ORT raises its own pybind exception types (Fail, InvalidGraph, ...)
-        raise _bad(f"ONNX Runtime cannot load {what} graph {path.name}: {_one_line(e)}") from None
+        raise bundle_invalid(f"ONNX Runtime cannot load {what} graph {path.name}: {_one_line(e)}") from None
 
 
 def _declared(args) -> dict[str, tuple[list, str]]:
@@ -155,13 +147,13 @@ def _check_io(what: str, declared: dict, expected: dict[str, list[int]], kind: s
         if name not in declared:
             if name in optional:
                 continue
-            raise _bad(f"{what} graph lacks the {kind} {name!r} required by the bundle contract (manifest.py); re-export")
+            raise bundle_invalid(f"{what} graph lacks the {kind} {name!r} required by the bundle contract (manifest.py); re-export")
         got = declared[name][0]
         if got != shape:
-            raise _bad(f"{what} graph {kind} {name!r} has shape {got}, the manifest's shapes say {shape}; re-export")
+            raise bundle_invalid(f"{what} graph {kind} {name!r} has shape {got}, the manifest's shapes say {shape}; re-export")
     extra = sorted(set(declared) - set(expected))
     if extra and kind == "input":
-        raise _bad(f"{what} graph has inputs {extra} this runtime does not know; update edgeprune-runtime or re-export")
+        raise bundle_invalid(f"{what} graph has inputs {extra} this runtime does not know; update edgeprune-runtime or re-export")
 
 
 class Engine:
@@ -177,7 +169,7 @@ class Engine:
             decode_path = manifest.path(graphs["decode"]["file"])
             weights_path = manifest.path(graphs["lm_weights"])
         except (KeyError, TypeError):
-            raise _bad("manifest `graphs` must name vision/prefill/decode files and lm_weights; re-export") from None
+            raise bundle_invalid("manifest `graphs` must name vision/prefill/decode files and lm_weights; re-export") from None
 
         self.weights = SharedWeights(weights_path, weights_path.with_name(weights_path.name + ".json"))
         lm_prepack = env_flag("EDGEPRUNE_LM_PREPACK")
@@ -194,9 +186,9 @@ class Engine:
         P, N, R, V = s.partitions, s.patches_per_partition, s.newline_slots, s.visual_slots
         T, S, C = s.text_slots_before_image + s.text_slots_after_image, s.prefill_slots, s.cache_capacity
         if S != s.text_slots_before_image + V + s.text_slots_after_image:
-            raise _bad(f"manifest shapes: prefill_slots {S} != T1 + V + T2; re-export")
+            raise bundle_invalid(f"manifest shapes: prefill_slots {S} != T1 + V + T2; re-export")
         if len(s.kv_heads) != s.num_layers:
-            raise _bad(f"manifest shapes: kv_heads lists {len(s.kv_heads)} layers, num_layers is {s.num_layers}; re-export")
+            raise bundle_invalid(f"manifest shapes: kv_heads lists {len(s.kv_heads)} layers, num_layers is {s.num_layers}; re-export")
         vin = _declared(self.vision.get_inputs())
         # Each selection strategy declares only the layout inputs it reads (layout.Layout.feeds lists them all;
         # hired-reference, say, reads released_valid/released_key instead of patch_valid/patch_key).

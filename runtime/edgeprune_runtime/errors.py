@@ -25,3 +25,8 @@ class RuntimeStatusError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+def bundle_invalid(message: str) -> RuntimeStatusError:
+    """The error for a bundle that is missing, malformed or does not match its manifest."""
+    return RuntimeStatusError(Status.BUNDLE_INVALID, message)

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgeprune_runtime.errors import RuntimeStatusError, Status
+from edgeprune_runtime.errors import bundle_invalid
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -119,10 +119,6 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def _bad(message: str) -> RuntimeStatusError:
-    return RuntimeStatusError(Status.BUNDLE_INVALID, message)
-
-
 def load_manifest(bundle_dir: str | Path, verify_hashes: bool = True) -> Manifest:
     """Reads and checks `bundle_dir/manifest.json`.
 
@@ -132,33 +128,33 @@ def load_manifest(bundle_dir: str | Path, verify_hashes: bool = True) -> Manifes
     """
     root = Path(bundle_dir)
     if not root.is_dir():
-        raise _bad(f"bundle directory {root} does not exist; create one with `edgeprune export`")
+        raise bundle_invalid(f"bundle directory {root} does not exist; create one with `edgeprune export`")
     mpath = root / MANIFEST_NAME
     if not mpath.is_file():
-        raise _bad(f"{root} has no {MANIFEST_NAME}; it is not an edgeprune bundle (re-run `edgeprune export`)")
+        raise bundle_invalid(f"{root} has no {MANIFEST_NAME}; it is not an edgeprune bundle (re-run `edgeprune export`)")
     try:
         data = json.loads(mpath.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise _bad(f"{mpath} is malformed JSON ({e}); re-run `edgeprune export`") from None
+        raise bundle_invalid(f"{mpath} is malformed JSON ({e}); re-run `edgeprune export`") from None
     if not isinstance(data, dict):
-        raise _bad(f"{mpath} is not a JSON object; re-run `edgeprune export`")
+        raise bundle_invalid(f"{mpath} is not a JSON object; re-run `edgeprune export`")
     version = data.get("schema_version")
     if version != SCHEMA_VERSION:
-        raise _bad(
+        raise bundle_invalid(
             f"bundle schema version {version!r} is not supported by this runtime (expects {SCHEMA_VERSION}); "
             "re-export the bundle with a matching edgeprune version"
         )
     for key in ("shapes", "preprocess", "tokenizer", "graphs", "files", "prompt_template"):
         if key not in data:
-            raise _bad(f"{mpath} lacks the key {key!r}; re-run `edgeprune export`")
+            raise bundle_invalid(f"{mpath} lacks the key {key!r}; re-run `edgeprune export`")
     try:
         shapes = Shapes.from_dict(data["shapes"])
     except (TypeError, KeyError, ValueError) as e:  # unknown/missing field, kv_heads missing or not a list
-        raise _bad(f"{mpath} has malformed shapes ({type(e).__name__}: {e}); re-run `edgeprune export`") from None
+        raise bundle_invalid(f"{mpath} has malformed shapes ({type(e).__name__}: {e}); re-run `edgeprune export`") from None
     for rel, digest in data["files"].items():
         fpath = root / rel
         if not fpath.is_file():
-            raise _bad(f"bundle file {rel} is missing from {root}; re-run `edgeprune export`")
+            raise bundle_invalid(f"bundle file {rel} is missing from {root}; re-run `edgeprune export`")
         if verify_hashes and sha256_file(fpath) != digest:
-            raise _bad(f"bundle file {rel} does not match its sha256 in the manifest (modified or corrupt); re-export")
+            raise bundle_invalid(f"bundle file {rel} does not match its sha256 in the manifest (modified or corrupt); re-export")
     return Manifest(root, data, shapes)
