@@ -57,6 +57,7 @@ def store_weights_once(graphs: dict[Path, Path], weights_path: Path) -> list[Wei
             if dst.parent != weights_path.parent:
                 raise InternalError("graphs and their weights file must share a directory")
             model = onnx.load(str(src), load_external_data=False)
+            _inline_constant_attributes(model, src.parent)
             renames: dict[str, str] = {}
             for tensor in model.graph.initializer:
                 array = numpy_helper.to_array(tensor, base_dir=str(src.parent))
@@ -96,6 +97,22 @@ def store_weights_once(graphs: dict[Path, Path], weights_path: Path) -> list[Wei
     index = {"file": weights_path.name, "tensors": [t.to_dict() for t in tensors]}
     weights_path.with_name(weights_path.name + ".json").write_text(json.dumps(index, indent=1))
     return tensors
+
+
+def _inline_constant_attributes(model, base_dir: Path) -> None:
+    """Loads the tensors of Constant nodes that the exporter wrote as external data back into the graph.
+
+    Above 2 GB the TorchScript exporter externalises every large tensor, Constant attributes included;
+    only initializers go to the shared weights file, so these return to the graph file itself.
+    """
+    import onnx
+    from onnx import external_data_helper, numpy_helper
+
+    for node in _all_nodes(model.graph):
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR and external_data_helper.uses_external_data(attr.t):
+                attr.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(attr.t, base_dir=str(base_dir)),
+                                                        attr.t.name))
 
 
 def _all_nodes(graph):

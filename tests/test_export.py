@@ -365,3 +365,30 @@ def test_recipe_file_values_and_flag_precedence():
     assert recipe.override(budget=0.5, strategy=None).budget == 0.5
     assert recipe.override(budget=None).budget == 0.2
     assert not recipe.keeps_newlines() and recipe.override(budget=1.0).keeps_newlines()
+
+
+def test_store_weights_once_handles_externalised_constants(tiny_bundles, tmp_path):
+    """Above 2 GB the TorchScript exporter writes Constant attributes as external data too (seen on the
+    7B-shaped model at budget 0.4); the weights pass must bring them back into the graph."""
+    from onnx import external_data_helper
+
+    from edgeprune.onnx_export import store_weights_once
+
+    src = Path(tiny_bundles[0.2]) / "lm" / "prefill.onnx"
+    model = onnx.load(str(src))
+    external_data_helper.convert_model_to_external_data(model, all_tensors_to_one_file=False, size_threshold=0,
+                                                        convert_attribute=True)
+    (tmp_path / "scratch").mkdir()
+    onnx.save_model(model, str(tmp_path / "scratch" / "prefill.onnx"))
+    scratch = onnx.load(str(tmp_path / "scratch" / "prefill.onnx"), load_external_data=False)
+    assert any(a.type == onnx.AttributeProto.TENSOR and external_data_helper.uses_external_data(a.t)
+               for n in scratch.graph.node for a in n.attribute)
+    store_weights_once({tmp_path / "scratch" / "prefill.onnx": tmp_path / "out" / "prefill.onnx"},
+                       tmp_path / "out" / "lm.weights")
+    onnx.checker.check_model(str(tmp_path / "out" / "prefill.onnx"))
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["lm.weights", "lm.weights.json", "prefill.onnx"]
+    feeds = {i.name: np.zeros(i.shape, np.int64 if "int64" in i.type else np.float32)
+             for i in _session(src).get_inputs()}
+    feeds["text_valid"][0] = 1.0
+    np.testing.assert_array_equal(_session(src).run(None, feeds)[0],
+                                  _session(tmp_path / "out" / "prefill.onnx").run(None, feeds)[0])
