@@ -338,7 +338,7 @@ def test_recipe_budget_out_of_range(tiny_recipe, tmp_path, budget):
     ("[shapes\nnew_token_slots = 3\n", "not valid TOML"),
     ("budget = \n", "not valid TOML"),
     ("shapes = 3\n", r"'shapes' must be a table"),
-    ("[strategy]\nname = 'x'\n", "'strategy' is not a table"),
+    ("[strategy]\nname = 'x'\n", "recipe key 'strategy' must be a string"),
     ("[onnx]\nopset = 9\n", "onnx.opset must be between 13 and 21"),
     ("[shapes]\nnew_token_slots = 0\n", r"shapes\.new_token_slots must be >= 1"),
 ])
