@@ -70,7 +70,7 @@ class VisionGraph(nn.Module):
         self.keep_newlines = shapes.newline_slots > 0
         self.params = SelectionParams(k=shapes.visual_topk, budget=recipe.budget, alpha=recipe.alpha,
                                       contextual=recipe.contextual, seed=recipe.seed,
-                                      heads=self.layers[0].self_attn.num_heads)
+                                      heads=self.layers[0].self_attn.num_heads, patch_grid=shapes.patch_grid)
         self.input_names = (*BASE_INPUTS, *self.spec.layout_inputs,
                             *(NEWLINE_INPUTS if self.keep_newlines else ()))
 

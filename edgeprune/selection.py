@@ -40,6 +40,7 @@ class SelectionParams:
     contextual: float  # visionzip: fraction of each partition's slots given to merged contextual tokens
     seed: int  # random
     heads: int  # CLIP heads: CLS-attention sums lie in [0, heads]
+    patch_grid: int  # patches per side of a partition (N = patch_grid ** 2)
 
 
 @dataclass
@@ -196,14 +197,25 @@ def hired_reference(x: SelectionInputs, p: SelectionParams) -> Selection:
     return Selection(priority, key=x.layout["released_key"].reshape(-1))
 
 
+def _morton(grid: int) -> np.ndarray:
+    """Z-order index of every patch of a grid x grid partition, raster order [N]."""
+    rows, cols = np.divmod(np.arange(grid * grid), grid)
+    code = np.zeros(grid * grid, np.int64)
+    for bit in range(int(grid - 1).bit_length()):
+        code |= ((cols >> bit) & 1) << (2 * bit) | ((rows >> bit) & 1) << (2 * bit + 1)
+    return code
+
+
 @strategy("uniform")
 def uniform(x: SelectionInputs, p: SelectionParams) -> Selection:
-    """Spatially even stride: each partition's share (proportional to its real patches) spread
-    evenly over its real patches in raster order. A baseline that ignores attention."""
+    """Evenly spread, ignoring attention: each partition's share (proportional to its real patches)
+    at an even stride along the Z-order (Morton) curve through its real patches. The curve keeps
+    neighbours close in both directions, so an even stride along it spreads the picks over the
+    area; a stride in raster order instead lines them up in columns when it divides the row."""
     budgets = _proportional_budgets(x.valid, p.k)  # [P]
-    counts = torch.clamp(x.valid.sum(dim=1), min=1.0)  # [P]
-    pos = torch.cumsum(x.valid, dim=1) - 1.0  # [P, N] index among real patches
-    step = budgets[:, None] / counts[:, None]
+    morton = torch.from_numpy(_morton(p.patch_grid).astype(np.float32))  # [N], a constant in the graph
+    pos = rank_within(-morton[None, :].expand_as(x.valid), x.valid)  # [P, N] index along the curve
+    step = budgets[:, None] / torch.clamp(x.valid.sum(dim=1, keepdim=True), min=1.0)
     chosen = x.valid * (torch.floor((pos + 1.0) * step) > torch.floor(pos * step)).to(x.valid.dtype)
     return Selection(_priority(chosen, x.valid, x.scores, p.heads))
 

@@ -134,8 +134,13 @@ def test_uniform_spreads_evenly(vision_for, tiny_case):
     _, valid, source = run_vision(vision, case.layout, case.pixel_values)
     kept = coords(source, valid, shapes)
     for p in range(5):
-        flat = sorted(r * 8 + c for q, r, c in kept if q == p)
-        assert flat == list(range(3, 64, 4))
+        mine = [(r, c) for q, r, c in kept if q == p]
+        flat = sorted(r * 8 + c for r, c in mine)
+        assert len(flat) == 16
+        nearest = min(max(abs(a - c), abs(b - d)) for i, (a, b) in enumerate(mine) for c, d in mine[i + 1:])
+        assert nearest >= 2, mine  # no two picks touch: 16 of 64 on a 2-patch lattice
+        quadrants = np.bincount([2 * (r // 4) + c // 4 for r, c in mine], minlength=4)
+        assert quadrants.tolist() == [4, 4, 4, 4], mine  # an even stride along the Z-curve: 4 per quadrant
 
 
 def test_random_is_seeded(vision_for, tiny_case):
