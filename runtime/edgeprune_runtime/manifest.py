@@ -144,7 +144,7 @@ def load_manifest(bundle_dir: str | Path, verify_hashes: bool = True) -> Manifes
             f"bundle schema version {version!r} is not supported by this runtime (expects {SCHEMA_VERSION}); "
             "re-export the bundle with a matching edgeprune version"
         )
-    for key in ("shapes", "preprocess", "tokenizer", "graphs", "files", "prompt_template"):
+    for key in ("source", "recipe", "shapes", "preprocess", "tokenizer", "graphs", "files", "prompt_template"):
         if key not in data:
             raise bundle_invalid(f"{mpath} lacks the key {key!r}; re-run `edgeprune export`")
     try:

@@ -18,7 +18,7 @@ def write_bundle(root, **overrides):
     (root / "lm").mkdir(exist_ok=True)
     (root / "lm" / "decode.onnx").write_bytes(b"graph bytes")
     data = {
-        "schema_version": SCHEMA_VERSION, "shapes": SHAPES, "preprocess": {}, "tokenizer": {},
+        "schema_version": SCHEMA_VERSION, "source": {"model": "fake"}, "recipe": {"budget": 0.5}, "shapes": SHAPES, "preprocess": {}, "tokenizer": {},
         "graphs": {}, "prompt_template": "USER: <image>\n{prompt} ASSISTANT:",
         "files": {"lm/decode.onnx": hashlib.sha256(b"graph bytes").hexdigest()},
     }
