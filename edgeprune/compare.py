@@ -115,7 +115,7 @@ def compare_bundle(bundle_dir: str | Path, image_path: str, prompt: str = SAMPLE
     from edgeprune_runtime.preprocess import load_image, preprocess
     from edgeprune_runtime.tokenize import text_slots
 
-    bundle = LoadedBundle(bundle_dir)
+    bundle = LoadedBundle(bundle_dir, with_engine=False)  # Polygraphy opens its own sessions below
     m, s = bundle.manifest, bundle.shapes
     source = m.data["source"]
     entry = registry.get(source["model"])

@@ -32,7 +32,9 @@ STOP_CACHE_FULL = "cache_full"
 class LoadedBundle:
     """Everything a request needs that does not change between requests."""
 
-    def __init__(self, path: str | os.PathLike, verify_hashes: bool = True):
+    def __init__(self, path: str | os.PathLike, verify_hashes: bool = True, with_engine: bool = True):
+        """`with_engine=False` skips the ONNX Runtime sessions (tools that only need preprocessing and
+        the tokenizer, such as the toolchain's compare, which runs the graphs itself)."""
         from edgeprune_runtime.preprocess import PreprocessParams
 
         self.manifest: Manifest = load_manifest(path, verify_hashes=verify_hashes)
@@ -54,7 +56,7 @@ class LoadedBundle:
             raise RuntimeStatusError(Status.BUNDLE_INVALID, f"manifest `prompt_template` must contain "
                                      f"{tok['image_token']!r} and '{{prompt}}' once each, got {template!r}; re-export")
         self.prompt_template = template
-        self.engine = Engine(m)
+        self.engine = Engine(m) if with_engine else None
 
     @property
     def shapes(self):
