@@ -16,7 +16,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml runtime/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check $(TORCH)
-	$(BIN)/pip install -q --disable-pip-version-check -e ./runtime -e '.[dev]'
+	$(BIN)/pip install -q --disable-pip-version-check -e ./runtime -e '.[dev,trt-rtx]'
 	touch $@
 
 demo: setup
