@@ -104,13 +104,17 @@ def rank_within(scores: torch.Tensor, eligible: torch.Tensor) -> torch.Tensor:
 def largest_remainder(weights: torch.Tensor, total: torch.Tensor | float) -> torch.Tensor:
     """Integer shares of `total` proportional to `weights` [M] that sum exactly to `total`.
 
-    floor of each exact share, then one more for the entries with the largest remainders
-    (ties by index). Zero weights everywhere give zero shares.
+    weights (counts) and total are whole numbers. floor of each exact share, then one more for the
+    entries with the largest remainders (ties by index). Zero weights everywhere give zero shares.
+    The remainders are kept as integers (w * total mod sum): equal remainders compare equal, where
+    w / sum * total in f32 would break a tie by rounding noise.
     """
-    exact = weights / torch.clamp(weights.sum(), min=1e-12) * total
-    base = torch.floor(exact)
+    whole = torch.clamp(weights.sum(), min=1.0)
+    scaled = weights * total  # [M] whole numbers, exact in f32 below 2**24
+    base = torch.floor(scaled / whole)  # exact: a non-multiple is >= 1/whole away from the next integer
+    remainder = scaled - base * whole  # [M] integers in [0, whole)
     missing = torch.clamp(torch.round(total - base.sum()), min=0.0) * (weights.sum() > 0).to(weights.dtype)
-    order = rank_within((exact - base)[None, :], torch.ones_like(exact)[None, :])[0]
+    order = rank_within(remainder[None, :], torch.ones_like(remainder)[None, :])[0]
     return base + (order < missing).to(weights.dtype)
 
 
@@ -215,8 +219,11 @@ def uniform(x: SelectionInputs, p: SelectionParams) -> Selection:
     budgets = _proportional_budgets(x.valid, p.k)  # [P]
     morton = torch.from_numpy(_morton(p.patch_grid).astype(np.float32))  # [N], a constant in the graph
     pos = rank_within(-morton[None, :].expand_as(x.valid), x.valid)  # [P, N] index along the curve
-    step = budgets[:, None] / torch.clamp(x.valid.sum(dim=1, keepdim=True), min=1.0)
-    chosen = x.valid * (torch.floor((pos + 1.0) * step) > torch.floor(pos * step)).to(x.valid.dtype)
+    real = torch.clamp(x.valid.sum(dim=1, keepdim=True), min=1.0)  # [P, 1]
+    # pick j of n iff floor((j+1) b / n) > floor(j b / n). Multiply before dividing: the products are exact
+    # integers in f32, so the last step lands on b exactly (b * (1 / n) * n can fall just short of b).
+    b = budgets[:, None]
+    chosen = x.valid * (torch.floor((pos + 1.0) * b / real) > torch.floor(pos * b / real)).to(x.valid.dtype)
     return Selection(_priority(chosen, x.valid, x.scores, p.heads))
 
 

@@ -107,6 +107,41 @@ def test_hired_allocates_crops_by_their_spatial_region(vision_for, tiny_case):
     assert set(region[:4, :4].flatten()) == {1} and set(region[4:, 4:].flatten()) == {4}
 
 
+@pytest.mark.parametrize("budget, alpha", [(0.2, 0.5), (0.13, 0.5), (0.13, 0.3)])
+@pytest.mark.parametrize("hw", [(224, 224), (180, 150), (100, 220), (300, 90)])
+def test_hired_keeps_what_transformers_attention_decides(tiny, vision_for, tiny_case, hw, budget, alpha):
+    """The kept set of `hired` on the tiny twin, against the rule applied to CLS attention computed by the oracle of
+    tests/hired_reference_impl.py from transformers' CLIP layers (layer 0 for the crops' shares, the feature layer
+    within each partition). Budget 0.13 (K = 42) leaves remainders; the images give 2x2, 1x2 and 2x1 grids with
+    padding, where the base image's top layer-0 tokens fall unevenly across the crops' regions."""
+    from fractions import Fraction
+
+    from hired_reference_impl import _cls_attention
+    from test_selection_rules import chosen_by_rule, hired_budgets
+
+    shapes, vision = vision_for("hired", budget, alpha=alpha)
+    case = tiny_case(hw, shapes)
+    _, valid, source = run_vision(vision, case.layout, case.pixel_values)
+    n, g, p = shapes.patches_per_partition, shapes.patch_grid, shapes.partitions
+    real = case.hf_inputs["pixel_values"][0][: 1 + case.layout.grid[0] * case.layout.grid[1]]
+    tower = tiny.model.model.vision_tower
+    feat = len(tower.encoder.layers) + tiny.config.vision_feature_layer
+    rows = _cls_attention(tower, real, [0, feat])
+    early = rows[0][:, :, 1:].sum(dim=1)  # [p_real, N] CLS -> patch attention summed over heads
+    scores = torch.zeros(p, n)
+    scores[: len(real)] = rows[feat][:, :, 1:].sum(dim=1)
+    budgets = hired_budgets(early[0].tolist(), case.layout.base_region.astype(int).tolist(), shapes.visual_topk,
+                            Fraction(str(alpha)), n, p - 1)
+    expected = chosen_by_rule(budgets, scores.tolist(), case.layout.patch_valid.tolist())
+    got = [set() for _ in range(p)]
+    for q, r, c in coords(source, valid, shapes):
+        got[q].add(r * g + c)
+    # slots the rule leaves empty (a crop with fewer real patches than its share) go to the best other real patches
+    spare = shapes.visual_topk - sum(len(e) for e in expected)
+    assert all(e <= k for e, k in zip(expected, got)) and sum(len(k) for k in got) - sum(map(len, expected)) == spare
+    assert len(set(budgets[1:])) > 1, "the layout should split the crops' share unevenly"
+
+
 def test_hired_alpha_extremes(vision_for, tiny_case):
     for alpha, base in [(1.0, 64), (0.0, 0)]:
         shapes, vision = vision_for("hired", 0.2, alpha=alpha)
