@@ -174,7 +174,7 @@ def test_hired_matches_the_oracle(hw, k, alpha, seed, skew):
     early = distinct_scores(rng, layout.patch_valid.shape)
     region = layout.base_region.astype(int)
     favoured = 1 + skew % (layout.grid[0] * layout.grid[1])
-    early[0] += (region == favoured) * float(rng.uniform(0, HEADS))  # the favoured crop's region scores higher
+    early[0] += (region == favoured) * (float(rng.integers(0, 2 * HEADS)) / 2 + 1 / (3 * early.size))  # no ties
     scores = distinct_scores(rng, layout.patch_valid.shape)
     sel = get_strategy("hired").fn(inputs_for(layout, scores, early), params(k, float(alpha)))
     budgets = hired_budgets(early[0].tolist(), region.tolist(), k, alpha, 64, 4)
@@ -192,7 +192,7 @@ def test_hired_matches_the_oracle_llava16(hw, k, seed):
     rng = np.random.default_rng(seed)
     layout = compute_layout(hw, LLAVA_16_PINPOINTS, 336, 24, 5, 0)
     early = distinct_scores(rng, layout.patch_valid.shape)
-    early[0] += (layout.base_region == 1) * 2.0
+    early[0] += (layout.base_region == 1) * (2.0 + 1 / (3 * early.size))  # off the score lattice: no ties
     scores = distinct_scores(rng, layout.patch_valid.shape)
     sel = get_strategy("hired").fn(inputs_for(layout, scores, early), params(k, grid=24))
     budgets = hired_budgets(early[0].tolist(), layout.base_region.astype(int).tolist(), k, Fraction(1, 2), 576, 4)
