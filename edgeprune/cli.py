@@ -81,15 +81,22 @@ def _recipe(model_name: str, recipe_file: str | None, **flags):
 @click.option("--newlines", type=click.Choice(["auto", "keep", "drop"]), help="image_newline slots policy.")
 @click.option("--alpha", type=float, help="hired: the base image's share of the budget, in [0, 1].")
 @click.option("--layers", type=int, default=2, show_default=True, help="LM layers of llava-next-7b-shape.")
+@click.option("--target", help="Shape the graphs for this TensorRT target (opset, ops its parser lacks); see `edgeprune targets`.")
+@click.option("--opset", type=int, help="ONNX opset (default: the recipe's, lowered to the target's maximum).")
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), help="fp16: matmuls and their weights in fp16.")
 @user_errors
-def export(model_name, budget, model_dir, out_dir, recipe_file, strategy, newlines, alpha, layers):
-    """Trace NAME into a static-shape ONNX bundle (vision, prefill, decode graphs + manifest)."""
+def export(model_name, budget, model_dir, out_dir, recipe_file, strategy, newlines, alpha, layers, target, opset,
+           precision):
+    """Trace NAME into a static-shape ONNX bundle (vision, prefill, decode, step graphs + manifest)."""
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from edgeprune.export import STAGES, export_bundle
+    from edgeprune.trt.forms import resolve_for_target
 
-    recipe = _recipe(model_name, recipe_file, budget=budget, strategy=strategy, newlines=newlines, alpha=alpha)
+    recipe = _recipe(model_name, recipe_file, budget=budget, strategy=strategy, newlines=newlines, alpha=alpha,
+                     target=target, opset=opset, precision=precision)
+    recipe = resolve_for_target(recipe, opset_given=opset is not None)
     out = Path(out_dir or Path("export") / model_name)
     console = Console(stderr=True)
     columns = (TextColumn("[bold]export[/]"), BarColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
@@ -336,6 +343,87 @@ def sample_image(out, size):
     except ValueError:
         raise ConfigError(f"--size must look like 640x480, got {size!r}") from None
     click.echo(f"wrote {write_sample_image(out, width, height)}")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the profiles as JSON.")
+@user_errors
+def targets(as_json):
+    """List the TensorRT target profiles (recipes/targets/*.toml)."""
+    import json
+
+    from edgeprune.trt.targets import targets as all_targets
+
+    known = all_targets()
+    if as_json:
+        click.echo(json.dumps({name: t.to_dict() for name, t in known.items()}))
+        return
+    for name, t in known.items():
+        click.echo(f"{name:18s} {t.description}; sm {'/'.join(t.compute_capabilities)}, opset <= {t.max_opset}, "
+                   f"{'/'.join(p.upper() for p in t.precisions)}, {t.device_memory_gib:g} GiB")
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path())
+@click.option("--target", "target_name", required=True, help="Target profile (see `edgeprune targets`).")
+@click.option("--memory-gib", type=click.FloatRange(min=0, min_open=True), help="Device memory instead of the profile's.")
+@click.option("--no-parser", is_flag=True, help="Skip the real TensorRT parser even when one is installed.")
+@click.option("--json", "as_json", is_flag=True, help='Print {"target", "ok", "findings": [...], "memory", "parser"}.')
+@user_errors
+def check(bundle, target_name, memory_gib, no_parser, as_json):
+    """Say whether BUNDLE will build for a target: opset, ops, shapes, precision, memory, TensorRT's parser. Exit 1 if not."""
+    import json
+
+    from edgeprune.trt.check import check_bundle
+    from edgeprune.trt.targets import get_target
+
+    report = check_bundle(bundle, get_target(target_name), memory_gib=memory_gib, use_parser=not no_parser)
+    if as_json:
+        click.echo(json.dumps(report.to_dict()))
+    else:
+        for f in report.findings:
+            where = f.graph + (f" {f.node}" if f.node else "")
+            click.echo(f"{f.severity:7s} {where}: {f.message}")
+        click.echo(f"check {target_name}: {'ok' if report else 'will NOT build (see error lines)'}")
+    sys.exit(0 if report else 1)
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path())
+@click.option("--target", "target_name", required=True, help="Target profile (see `edgeprune targets`).")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest's new engines entry as JSON.")
+@user_errors
+def build(bundle, target_name, as_json):
+    """Build TensorRT engines for BUNDLE into BUNDLE/engines/TARGET (vision + one LM engine, weights once)."""
+    import json
+
+    from rich.console import Console
+
+    from edgeprune.trt.build import build_bundle
+    from edgeprune.trt.targets import get_target
+
+    target = get_target(target_name)
+    console = Console(stderr=True)
+    with console.status("building", spinner="dots") if console.is_terminal else _nullcontext() as status:
+        def on_stage(text: str) -> None:
+            if status is not None:
+                status.update(text)
+
+        entry = build_bundle(bundle, target, on_stage=on_stage)
+    if as_json:
+        click.echo(json.dumps(entry))
+        return
+    total = sum(e["bytes"] for e in entry["engines"].values())
+    for name, e in entry["engines"].items():
+        click.echo(f"{e['file']}: {e['bytes'] / 2**20:.1f} MiB from {e['graph']} in {e['build_seconds']:.1f} s")
+    click.echo(f"built {len(entry['engines'])} engines for {target_name} with {entry['library']} {entry['version']}: "
+               f"{total / 2**20:.1f} MiB")
+
+
+def _nullcontext():
+    import contextlib
+
+    return contextlib.nullcontext()
 
 
 @cli.command(name="models")

@@ -19,7 +19,10 @@ from edgeprune.errors import ExportError
 from edgeprune.recipe import Recipe
 
 STAGES = ("load model", "plan shapes", "export vision graph", "export prefill graph",
-          "export decode graph", "store weights once", "check graphs", "write manifest")
+          "export decode graph", "export step graph", "shape graphs for the target", "store weights once",
+          "check graphs", "write manifest")
+GRAPH_FILES = {"vision": "vision/vision.onnx", "prefill": "lm/prefill.onnx", "decode": "lm/decode.onnx",
+               "step": "lm/step.onnx"}
 
 PROMPT_SENTINEL = "\u2063PROMPT\u2063"  # invisible separator, never in a chat template
 
@@ -58,8 +61,9 @@ def export_bundle(model_name: str, out_dir: str | Path, recipe: Recipe, model_di
     except ValueError as e:
         raise ExportError(f"the checkpoint's image processor is not supported: {e}") from None
 
-    from edgeprune.graphs import VISION_OUTPUTS, DecodeGraph, PrefillGraph, VisionGraph, feature_layer_count
-    from edgeprune.onnx_export import check_static, export_module, store_weights_once
+    from edgeprune.graphs import VISION_OUTPUTS, DecodeGraph, PrefillGraph, StepGraph, VisionGraph, feature_layer_count
+    from edgeprune.onnx_export import apply_passes, check_static, export_module, store_weights_once
+    from edgeprune.trt.forms import graph_passes
     from edgeprune_runtime.layout import layout_for
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -101,16 +105,30 @@ def export_bundle(model_name: str, out_dir: str | Path, recipe: Recipe, model_di
                       ["token_id", "position", "cache_valid", *kv_names("past_")],
                       ["logits", *kv_names("new_")], scratch / "decode" / "decode.onnx", opset)
 
+        on_stage("export step graph")
+        # The LM of TensorRT engines: T slots over the cache, T dynamic (prefill and decode profiles).
+        slots = StepGraph.input_names
+        step_args = (torch.zeros(s.prefill_slots, dtype=torch.int64), torch.zeros(s.prefill_slots, s.hidden_size),
+                     torch.zeros(s.prefill_slots), torch.ones(s.prefill_slots), torch.zeros(1, dtype=torch.int64),
+                     torch.zeros(s.cache_capacity), *past)
+        per_slot = [*slots[:4], *kv_names("new_")]
+        export_module(StepGraph(model, s).eval(), step_args, [*slots, *kv_names("past_")],
+                      ["logits", *kv_names("new_")], scratch / "step" / "step.onnx", opset,
+                      dynamic_axes={n: {1 if n.startswith("new_") else 0: "T"} for n in per_slot})
+
+        on_stage("shape graphs for the target")
+        passes = graph_passes(recipe)
+        applied = {name: apply_passes(scratch / name / f"{name}.onnx", passes) for name in GRAPH_FILES}
+
         on_stage("store weights once")
-        store_weights_once({scratch / "vision" / "vision.onnx": stage_dir / "vision" / "vision.onnx"},
+        store_weights_once({scratch / "vision" / "vision.onnx": stage_dir / GRAPH_FILES["vision"]},
                            stage_dir / "vision" / "vision.weights")
-        store_weights_once({scratch / "prefill" / "prefill.onnx": stage_dir / "lm" / "prefill.onnx",
-                            scratch / "decode" / "decode.onnx": stage_dir / "lm" / "decode.onnx"},
-                           stage_dir / "lm" / "lm.weights")
+        store_weights_once({scratch / name / f"{name}.onnx": stage_dir / GRAPH_FILES[name]
+                            for name in ("prefill", "decode", "step")}, stage_dir / "lm" / "lm.weights")
 
         on_stage("check graphs")
-        for rel in ("vision/vision.onnx", "lm/prefill.onnx", "lm/decode.onnx"):
-            check_static(stage_dir / rel)
+        for name, rel in GRAPH_FILES.items():
+            check_static(stage_dir / rel, dynamic=("T",) if name == "step" else ())
 
         on_stage("write manifest")
         tokenizer = processor.tokenizer
@@ -125,14 +143,17 @@ def export_bundle(model_name: str, out_dir: str | Path, recipe: Recipe, model_di
             "shapes": {**s.__dict__, "kv_heads": list(s.kv_heads)},
             "rewrites": [f"vision: layers after the feature layer dropped "
                          f"({feature_layer_count(model.config)} of {model.config.vision_config.num_hidden_layers} kept)"],
-            "onnx": {"opset": opset, "precision": recipe.onnx.precision},
+            "onnx": {"opset": opset, "precision": recipe.onnx.precision, "target": recipe.onnx.target,
+                     "passes": {name: {r.name: r.changed for r in results} for name, results in applied.items()}},
             "preprocess": preprocess.to_dict(),
             "tokenizer": {"file": "tokenizer.json", "image_token": processor.image_token,
                           "image_token_id": int(model.config.image_token_id),
                           "eos_token_ids": _eos_ids(model, tokenizer)},
             "prompt_template": _prompt_template(processor),
-            "graphs": {"vision": {"file": "vision/vision.onnx", "weights": "vision/vision.weights"},
-                       "prefill": {"file": "lm/prefill.onnx"}, "decode": {"file": "lm/decode.onnx"},
+            "graphs": {"vision": {"file": GRAPH_FILES["vision"], "weights": "vision/vision.weights"},
+                       "prefill": {"file": GRAPH_FILES["prefill"]}, "decode": {"file": GRAPH_FILES["decode"]},
+                       # T slots: prefill_slots for prefill, 1 or 2 for decode (TensorRT profiles)
+                       "step": {"file": GRAPH_FILES["step"], "dynamic": {"T": [1, s.prefill_slots]}},
                        "lm_weights": "lm/lm.weights"},
             "targets": {},
         }

@@ -144,6 +144,15 @@ def _apply_rope(x, cos, sin):  # x [heads, T, Dh]; cos/sin [T, Dh]
     return x * cos + _rotate_half(x) * sin
 
 
+def _last_valid_row(x, valid, slot):
+    """x [T, D], valid/slot [T] -> [1, D]: the row of the last real slot.
+
+    ArgMax over a [1, T] view: TensorRT's ArgMax (a TopK) needs at least 2 dimensions.
+    """
+    last = torch.argmax((valid * (slot + 1.0))[None, :], dim=1)  # [1]
+    return torch.index_select(x, 0, last)
+
+
 class _LanguageModel(nn.Module):
     """Shared pieces of prefill and decode: the LM's own embedding, layers, norm, head and RoPE table."""
 
@@ -204,8 +213,7 @@ class PrefillGraph(_LanguageModel):
             x = x + attn.o_proj(out)
             x = self.mlp_block(layer, x)
 
-        last = torch.argmax(valid * (slot + 1.0))  # index of the last real slot
-        return (self.logits(x[last][None, :]), *presents)
+        return (self.logits(_last_valid_row(x, valid, slot)), *presents)
 
 
 class DecodeGraph(_LanguageModel):
@@ -238,3 +246,49 @@ class DecodeGraph(_LanguageModel):
             x = x + attn.o_proj(out.reshape(1, -1))
             x = self.mlp_block(layer, x)
         return (self.logits(x), *news)
+
+
+class StepGraph(_LanguageModel):
+    """T new slots (text tokens or visual embeddings) attending to the fixed-size cache and to each other.
+
+    The language model for TensorRT: one graph whose first dimension T is dynamic, so one engine with
+    two optimization profiles (T = S for prefill, T in [1, 2] for decode) holds the weights once
+    (DESIGN.md section 8: two engines would each embed the whole LM). Prefill is a step over an empty
+    cache; decode is a step of one slot. Positions continue from `position` (the valid slots already
+    in the cache) counting only valid new slots, as the prefill graph does.
+
+        x ─ q ──┬─ q·Kcacheᵀ [Hkv,G·T,C] + cache mask ──┐
+                └─ q·k_newᵀ  [Hkv,G·T,T] + causal mask ─┴─ softmax ─┬─ p[:C]·Vcache ─┬─ + ─ o_proj
+                                                                     └─ p[C:]·v_new ──┘
+    """
+
+    input_names = ("token_ids", "visual_embeds", "is_visual", "slot_valid", "position", "cache_valid")
+
+    def forward(self, token_ids, visual_embeds, is_visual, slot_valid, position, cache_valid, *past):
+        s = self.shapes
+        # [T, D]: the token embedding of text slots, the given embedding of visual slots
+        x = torch.where(is_visual[:, None] > 0.5, visual_embeds, self.embed(token_ids))
+        count = torch.cumsum(slot_valid, dim=0)  # [T]
+        positions = position.to(torch.float32) + torch.clamp(count - 1.0, min=0.0)
+        cos, sin = _rope(self.inv_freq, self.rope_scaling, positions)
+        slot = torch.cumsum(torch.ones_like(slot_valid), dim=0) - 1.0  # [T] 0, 1, 2, ...
+        allowed = (slot[None, :] <= slot[:, None]).to(torch.float32) * slot_valid[None, :]
+        self_mask = (1.0 - allowed) * NEG  # [T, T] causal & real keys
+        cache_mask = (1.0 - cache_valid) * NEG  # [C]
+        t = x.shape[0]
+        news = []
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            past_k, past_v = past[2 * i], past[2 * i + 1]  # [Hkv, C, Dh]
+            q, k, v = self.qkv(layer, layer.input_layernorm(x), cos, sin)  # q [H,T,Dh], k/v [Hkv,T,Dh]
+            news += [k, v]
+            hkv, dh = k.shape[0], k.shape[2]
+            qg = q.reshape(hkv, -1, dh)  # [Hkv, G*T, Dh]: G query heads per KV head, T rows each
+            past_scores = torch.matmul(qg, past_k.transpose(1, 2)) * attn.scaling + cache_mask  # [Hkv, G*T, C]
+            self_scores = torch.matmul(qg, k.transpose(1, 2)).reshape(hkv, -1, t, t) * attn.scaling + self_mask
+            probs = torch.softmax(torch.cat([past_scores, self_scores.reshape(hkv, -1, t)], dim=-1), dim=-1)
+            out = torch.matmul(probs[..., : s.cache_capacity], past_v) + torch.matmul(probs[..., s.cache_capacity :], v)
+            out = out.reshape(-1, t, dh).transpose(0, 1).reshape(t, -1)  # [T, H*Dh]
+            x = x + attn.o_proj(out)
+            x = self.mlp_block(layer, x)
+        return (self.logits(_last_valid_row(x, slot_valid, slot)), *news)

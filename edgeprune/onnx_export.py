@@ -18,8 +18,12 @@ INLINE_LIMIT = 1024  # bytes; smaller initializers (shape constants, scalars) st
 ALIGN = 64  # byte alignment of every tensor in a weights file (mmap views stay SIMD-aligned)
 
 
-def export_module(module, args: tuple, input_names: list[str], output_names: list[str], path: Path, opset: int) -> None:
-    """Traces `module(*args)` into `path` with fully static shapes; checks the opset we really got."""
+def export_module(module, args: tuple, input_names: list[str], output_names: list[str], path: Path, opset: int,
+                  dynamic_axes: dict[str, dict[int, str]] | None = None) -> None:
+    """Traces `module(*args)` into `path`; checks the opset we really got.
+
+    Shapes are static except the axes named in `dynamic_axes` ({tensor: {axis: name}}), which only the
+    step graph uses (its slot count T spans TensorRT's prefill and decode profiles)."""
     import onnx
     import torch
 
@@ -28,12 +32,37 @@ def export_module(module, args: tuple, input_names: list[str], output_names: lis
         warnings.simplefilter("ignore")
         torch.onnx.export(
             module, args, str(path), input_names=input_names, output_names=output_names,
-            opset_version=opset, dynamo=False, do_constant_folding=True,
+            opset_version=opset, dynamo=False, do_constant_folding=True, dynamic_axes=dynamic_axes,
         )
     model = onnx.load(str(path), load_external_data=False)
     got = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     if got != opset:
         raise ExportError(f"asked the exporter for opset {opset} but got {got}; set onnx.opset = {got} in the recipe")
+    if dynamic_axes:
+        _declare_output_shapes(model, path, module, args, dynamic_axes)
+
+
+def _declare_output_shapes(model, path: Path, module, args: tuple, dynamic_axes: dict[str, dict[int, str]]) -> None:
+    """Declares each output's shape as traced, except the named dynamic axes.
+
+    With a dynamic axis the exporter's shape inference gives up on some outputs' other dimensions
+    (`new_key_0` came out [Hkv, T, 'Addnew_key_0_dim_2']); the traced outputs say what they are."""
+    import onnx
+    import torch
+
+    with torch.no_grad():
+        outs = module(*args)
+    for value, traced in zip(model.graph.output, outs):
+        dims = value.type.tensor_type.shape.dim
+        names = dynamic_axes.get(value.name, {})
+        del dims[:]
+        for axis, size in enumerate(traced.shape):
+            d = dims.add()
+            if axis in names:
+                d.dim_param = names[axis]
+            else:
+                d.dim_value = int(size)
+    onnx.save(model, str(path))
 
 
 def store_weights_once(graphs: dict[Path, Path], weights_path: Path) -> list[WeightEntry]:
@@ -99,6 +128,25 @@ def store_weights_once(graphs: dict[Path, Path], weights_path: Path) -> list[Wei
     return tensors
 
 
+def apply_passes(path: Path, passes) -> list:
+    """Runs graph passes (edgeprune.graph_passes) over the exported graph at `path`, rewriting it in place.
+
+    Returns the passes' results. The graph and its weights are written back as one external-data file
+    beside it, so models over 2 GB (protobuf's limit) work too."""
+    import onnx
+
+    if not passes:
+        return []
+    model = onnx.load(str(path))
+    results = [fn(model) for fn in passes]
+    if any(results):
+        for old in path.parent.iterdir():
+            old.unlink()
+        onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                  location=f"{path.stem}.data", size_threshold=INLINE_LIMIT)
+    return results
+
+
 def _inline_constant_attributes(model, base_dir: Path) -> None:
     """Loads the tensors of Constant nodes that the exporter wrote as external data back into the graph.
 
@@ -125,8 +173,9 @@ def _all_nodes(graph):
                 yield from _all_nodes(sub)
 
 
-def check_static(path: Path) -> None:
-    """onnx.checker on the file (external data included) and every graph input/output fully static."""
+def check_static(path: Path, dynamic: tuple[str, ...] = ()) -> None:
+    """onnx.checker on the file (external data included) and every graph input/output static, except
+    dimensions named in `dynamic`."""
     import onnx
 
     try:
@@ -139,5 +188,5 @@ def check_static(path: Path) -> None:
         if not dims and value.type.tensor_type.elem_type:
             continue  # scalar
         for d in dims:
-            if not d.HasField("dim_value"):
+            if not d.HasField("dim_value") and d.dim_param not in dynamic:
                 raise ExportError(f"{path.name}: {value.name} has a dynamic dimension {d.dim_param!r}")

@@ -17,7 +17,7 @@ from edgeprune.strategies import SPECS
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
 NEWLINE_POLICIES = ("auto", "keep", "drop")
-PRECISIONS = ("fp32",)
+PRECISIONS = ("fp32", "fp16")  # fp16: matmuls and their weights in fp16, the rest fp32 (graph_passes.fp16_matmuls)
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,7 @@ class ShapesRecipe:
 class OnnxRecipe:
     opset: int = 17  # TensorRT 8.5/8.6 (P40, Jetson Xavier/Orin JetPack 6.0) stop at 17
     precision: str = "fp32"
+    target: str = ""  # a target profile (recipes/targets/) whose parser the graph forms must suit; "" = any
 
 
 @dataclass(frozen=True)
@@ -45,9 +46,13 @@ class Recipe:
     onnx: OnnxRecipe = field(default_factory=OnnxRecipe)
 
     def override(self, **flags) -> "Recipe":
-        """Returns a copy with every flag that is not None applied, then validated."""
-        top = {k: v for k, v in flags.items() if v is not None}
-        return dataclasses.replace(self, **top).validated()
+        """Returns a copy with every flag that is not None applied, then validated.
+
+        `opset`, `precision` and `target` set the `[onnx]` table; the others are top-level keys."""
+        onnx_keys = {f.name for f in dataclasses.fields(OnnxRecipe)}
+        top = {k: v for k, v in flags.items() if v is not None and k not in onnx_keys}
+        onnx = {k: v for k, v in flags.items() if v is not None and k in onnx_keys}
+        return dataclasses.replace(self, **top, onnx=dataclasses.replace(self.onnx, **onnx)).validated()
 
     def validated(self) -> "Recipe":
         if not (0.0 < self.budget <= 1.0):
@@ -63,6 +68,10 @@ class Recipe:
         if self.seed < 0:
             raise ConfigError(f"seed must be >= 0, got {self.seed}")
         _one_of("onnx.precision", self.onnx.precision, PRECISIONS)
+        if self.onnx.target:
+            from edgeprune.trt.targets import get_target
+
+            get_target(self.onnx.target)  # ConfigError listing the known targets
         if not (13 <= self.onnx.opset <= 21):
             raise ConfigError(f"onnx.opset must be between 13 and 21, got {self.onnx.opset}")
         for name in ("text_slots_before_image", "text_slots_after_image", "new_token_slots"):

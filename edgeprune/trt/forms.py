@@ -1,0 +1,43 @@
+"""Graph forms per target: the opset, precision and graph passes an export for a target needs."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from edgeprune.errors import ConfigError
+from edgeprune.recipe import Recipe
+
+# op type -> the pass that removes it, for targets whose parser lacks the op
+DECOMPOSITIONS = {"LayerNormalization": "decompose_layernorm"}
+
+
+def resolve_for_target(recipe: Recipe, opset_given: bool) -> Recipe:
+    """The recipe with its opset lowered to the target's highest (unless --opset was given); ConfigError
+    when the target cannot run the recipe's precision."""
+    if not recipe.onnx.target:
+        return recipe
+    from edgeprune.trt.targets import get_target
+
+    target = get_target(recipe.onnx.target)
+    precision = recipe.onnx.precision
+    if precision not in target.precisions:
+        note = target.precision_notes.get(precision, f"it builds {', '.join(target.precisions)} only")
+        raise ConfigError(f"target {target.name} cannot run {precision.upper()}: {note}")
+    if not opset_given and recipe.onnx.opset > target.max_opset:
+        return recipe.override(opset=target.max_opset)
+    return recipe
+
+
+def graph_passes(recipe: Recipe) -> list[Callable]:
+    """The ONNX passes every exported graph gets for this recipe, in order."""
+    from edgeprune import graph_passes as gp
+
+    passes = []
+    if recipe.onnx.target:
+        from edgeprune.trt.targets import get_target, op_refusal
+
+        target = get_target(recipe.onnx.target)
+        passes += [getattr(gp, fn) for op, fn in DECOMPOSITIONS.items() if op_refusal(target, op)]
+    if recipe.onnx.precision == "fp16":
+        passes.append(gp.fp16_matmuls)
+    return passes
