@@ -129,9 +129,12 @@ class Generator:
 class Bundle:
     """A loaded bundle (manifest checked, sessions open). Use as a context manager or call close()."""
 
-    def __init__(self, path, *, verify_hashes: bool = True):
+    def __init__(self, path, *, verify_hashes: bool = True, memory_budget_mb: int | None = None,
+                 max_image_pixels: int | None = None):
+        """Options as in capi.Bundle_Create; raises RuntimeStatusError."""
         out = capi.Out()
-        _check(capi.Bundle_Create(path, out, verify_hashes=verify_hashes))
+        _check(capi.Bundle_Create(path, out, verify_hashes=verify_hashes, memory_budget_mb=memory_budget_mb,
+                                  max_image_pixels=max_image_pixels))
         self._handle = out.value
         self._finalize = weakref.finalize(self, capi.Bundle_Destroy, self._handle)
 
@@ -149,7 +152,7 @@ class Bundle:
         return _call(capi.Bundle_GetManifest, self._live())
 
     def decode(self, token_ids) -> str:
-        return _call(capi.Bundle_DecodeTokens, self._live(), list(token_ids))
+        return _call(capi.Bundle_DecodeTokens, self._live(), token_ids)
 
     def generator(self, image, prompt: str, **options) -> Generator:
         """A step-by-step generator; options as in `generate` (without on_text)."""

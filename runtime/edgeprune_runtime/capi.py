@@ -9,8 +9,11 @@ Rules, so that a C binding could mirror this file one to one:
 - Each docstring says who owns what a function returns and for how long it stays valid.
 - Threads: handles may be created and destroyed from any thread; one Generator must be driven
   by one thread at a time, different Generators of one Bundle may run concurrently.
-- Internally the runtime raises RuntimeStatusError; this layer turns it into a status. Any other
-  exception is a bug in the runtime and propagates with its traceback.
+- No exception leaves this layer, whatever the arguments (wrong types and arity included): the runtime
+  raises RuntimeStatusError, which becomes its status; a call that does not match the function's
+  signature is INVALID_ARGUMENT; MemoryError is RESOURCE_LIMIT; any other exception is a bug in the
+  runtime and becomes INTERNAL_ERROR with the exception named in GetLastError() (tests treat it as a failure).
+  KeyboardInterrupt and SystemExit are not errors of the call and pass through.
 
     st = Bundle_Create("export/tiny", out := Out());  bundle = out.value
     GeneratorParams_Create(out); params = out.value;  GeneratorParams_SetMaxNewTokens(params, 32)
@@ -23,6 +26,7 @@ Rules, so that a C binding could mirror this file one to one:
 from __future__ import annotations
 
 import functools
+import inspect
 import itertools
 import threading
 
@@ -54,14 +58,30 @@ def GetLastError() -> str:
     return getattr(_tls, "last_error", "")
 
 
+def _fail(status: Status, message: str) -> Status:
+    _tls.last_error = message
+    return status
+
+
 def _api(fn):
+    signature = inspect.signature(fn)
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs) -> Status:
         try:
+            signature.bind(*args, **kwargs)
+        except TypeError as e:
+            return _fail(Status.INVALID_ARGUMENT, f"{fn.__name__}: {e}")
+        try:
             fn(*args, **kwargs)
         except RuntimeStatusError as e:
-            _tls.last_error = e.message
-            return e.status
+            return _fail(e.status, e.message)
+        except MemoryError:
+            return _fail(Status.RESOURCE_LIMIT, f"{fn.__name__}: out of memory; lower EDGEPRUNE_MEMORY_BUDGET_MB or free memory")
+        except Exception as e:  # a bug: say so, with the exception, instead of crashing the embedding application
+            first = (str(e).splitlines() or [""])[0][:200]
+            return _fail(Status.INTERNAL_ERROR, f"{fn.__name__}: internal error in edgeprune_runtime (a bug, please report it): "
+                                                f"{type(e).__name__}: {first}")
         return Status.OK
 
     return wrapper
@@ -76,7 +96,7 @@ def _new(obj) -> int:
 
 def _get(handle, kind: type, what: str):
     with _lock:
-        obj = _objects.get(handle) if isinstance(handle, int) else None
+        obj = _objects.get(handle) if isinstance(handle, int) and not isinstance(handle, bool) else None
     if not isinstance(obj, kind):
         raise RuntimeStatusError(Status.INVALID_ARGUMENT, f"{handle!r} is not a live {what} handle (destroyed, or another kind)")
     return obj
@@ -109,16 +129,23 @@ def live_handles() -> int:
 
 
 @_api
-def Bundle_Create(path, out: Out, verify_hashes: bool = True) -> Status:
-    """Loads the bundle at `path`: manifest (and file hashes unless `verify_hashes` is False),
-    tokenizer, preprocessing and the three ONNX Runtime sessions (LM weights mapped once).
+def Bundle_Create(path, out: Out, verify_hashes: bool = True, memory_budget_mb: int | None = None,
+                  max_image_pixels: int | None = None) -> Status:
+    """Loads the bundle at `path` (untrusted input, see the README's threat model): manifest (and file
+    hashes unless `verify_hashes` is False), tokenizer, preprocessing and the three ONNX Runtime sessions
+    (LM weights mapped once). `memory_budget_mb` and `max_image_pixels` override EDGEPRUNE_MEMORY_BUDGET_MB
+    and EDGEPRUNE_MAX_IMAGE_PIXELS (budget.py).
 
     out.value: a Bundle handle, owned by the caller until Bundle_Destroy. Generators keep what they
     use alive, so destroying a bundle while its generators run is allowed.
-    Fails with BUNDLE_INVALID (naming the bad file or key) or INVALID_ARGUMENT (bad EDGEPRUNE_* variable).
+    Fails with BUNDLE_INVALID (naming the bad file or key), RESOURCE_LIMIT (the bundle's buffers exceed the
+    memory budget) or INVALID_ARGUMENT (a path that is not one, a bad option or EDGEPRUNE_* variable).
     """
     _check_out(out)
-    _put(out, _new(LoadedBundle(path, verify_hashes=verify_hashes)))
+    if not isinstance(verify_hashes, bool):
+        raise RuntimeStatusError(Status.INVALID_ARGUMENT, f"verify_hashes must be a bool, got {type(verify_hashes).__name__}")
+    _put(out, _new(LoadedBundle(path, verify_hashes=verify_hashes, memory_budget_mb=memory_budget_mb,
+                                max_image_pixels=max_image_pixels)))
 
 
 @_api
@@ -143,10 +170,11 @@ def Bundle_GetManifest(bundle: int, out: Out) -> Status:
 
 @_api
 def Bundle_DecodeTokens(bundle: int, token_ids, out: Out) -> Status:
-    """out.value: the text of `token_ids` (special tokens skipped), a str owned by the caller."""
+    """out.value: the text of `token_ids` (a list, tuple or 1-D integer array; special tokens skipped), a str
+    owned by the caller. INVALID_ARGUMENT for an id outside [0, vocabulary)."""
     b = _get(bundle, LoadedBundle, "Bundle")
     _check_out(out)
-    _put(out, b.tokenizer.decode([int(t) for t in token_ids]))
+    _put(out, b.tokenizer.decode(token_ids))
 
 
 # --- GeneratorParams ---------------------------------------------------------------------------
@@ -195,7 +223,7 @@ def GeneratorParams_SetSeed(params: int, seed: int) -> Status:
 @_api
 def GeneratorParams_SetIgnoreEos(params: int, ignore_eos: bool) -> Status:
     """When true, EOS does not stop generation (fixed-length runs for benchmarks)."""
-    _set(params, "ignore_eos", bool(ignore_eos))
+    _set(params, "ignore_eos", ignore_eos)
 
 
 @_api
@@ -219,7 +247,7 @@ def Generator_Create(bundle: int, params: int, image, prompt: str, raw_prompt: b
     b = _get(bundle, LoadedBundle, "Bundle")
     p = _get(params, GeneratorParams, "GeneratorParams")
     _check_out(out)
-    _put(out, _new(Generator(b, p, image, prompt, bool(raw_prompt))))
+    _put(out, _new(Generator(b, p, image, prompt, raw_prompt)))
 
 
 @_api
@@ -323,10 +351,11 @@ def TokenizerStream_Create(bundle: int, out: Out) -> Status:
 
 @_api
 def TokenizerStream_Decode(stream: int, token_id: int, out: Out) -> Status:
-    """out.value: the text `token_id` adds to the stream ("" while a character is incomplete), a str owned by the caller."""
+    """out.value: the text `token_id` adds to the stream ("" while a character is incomplete), a str owned by the caller.
+    INVALID_ARGUMENT for an id outside [0, vocabulary); the stream is left as it was."""
     s = _get(stream, TextStream, "TokenizerStream")
     _check_out(out)
-    _put(out, s.put(int(token_id)))
+    _put(out, s.put(token_id))
 
 
 @_api

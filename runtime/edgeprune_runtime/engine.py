@@ -30,11 +30,12 @@ RSS), but that is loader behaviour of one version; `add_initializer` makes shari
 
 from __future__ import annotations
 
-import json
+import math
 from pathlib import Path
 
 import numpy as np
 
+from edgeprune_runtime import checks
 from edgeprune_runtime.env import env_flag, env_int
 from edgeprune_runtime.errors import RuntimeStatusError, Status, bundle_invalid
 from edgeprune_runtime.kvcache import KVCache
@@ -59,6 +60,50 @@ def _one_line(e: BaseException) -> str:
 # --- the shared LM weights -------------------------------------------------------------------
 
 
+# dtypes a weights index may name (what the exporter writes for fp32/fp16 graphs and their int/bool constants)
+WEIGHT_DTYPES = ("<f2", "<f4", "<f8", "|i1", "<i2", "<i4", "<i8", "|u1", "<u2", "<u4", "<u8", "|b1")
+MAX_INDEX_BYTES = 64 << 20  # a 7B model's index is ~50 KB
+MAX_TENSORS = 1 << 20
+MAX_RANK = 8
+
+
+def read_weight_index(index_path: Path, weights_name: str, size: int) -> list[WeightEntry]:
+    """The tensors of `<weights>.json` (untrusted): names unique, dtypes from WEIGHT_DTYPES, shapes matching
+    lengths, every byte range aligned and inside the `size`-byte weights file.
+
+    Raises RuntimeStatusError(BUNDLE_INVALID) naming the index and the first bad tensor."""
+    what = index_path.name
+    data = checks.load_json(index_path, MAX_INDEX_BYTES, "weights index")
+    if not isinstance(data, dict) or not isinstance(data.get("tensors"), list) or len(data["tensors"]) > MAX_TENSORS:
+        raise bundle_invalid(f"{what} is malformed: an object with a list 'tensors' (at most {MAX_TENSORS}) is required")
+    if data.get("file", weights_name) != weights_name:
+        raise bundle_invalid(f"{what} indexes {checks.show(data['file'])}, not {weights_name}; re-export the bundle")
+    entries, names = [], set()
+    for t in data["tensors"]:
+        if not isinstance(t, dict) or any(k not in t for k in ("name", "offset", "length", "dtype", "shape")):
+            raise bundle_invalid(f"{what} is malformed: tensor {checks.show(t)} needs name, offset, length, dtype, shape")
+        name = checks.need_str(t["name"], f"{what} tensor name", 4096)
+        if name in names:
+            raise bundle_invalid(f"{what}: tensor {checks.show(name)} is listed twice; re-export the bundle")
+        names.add(name)
+        at = f"{what} tensor {checks.show(name)}"
+        offset = checks.need_int(t["offset"], f"{at} offset", 0, 1 << 62)
+        length = checks.need_int(t["length"], f"{at} length", 0, 1 << 62)
+        if t["dtype"] not in WEIGHT_DTYPES:
+            raise bundle_invalid(f"{at} has unknown dtype {checks.show(t['dtype'])} (expected one of {', '.join(WEIGHT_DTYPES)})")
+        dims = checks.need_list(t["shape"], f"{at} shape", MAX_RANK)
+        shape = tuple(checks.need_int(d, f"{at} shape", 0, 1 << 62) for d in dims)
+        dtype = np.dtype(t["dtype"])
+        if offset + length > size:
+            raise bundle_invalid(f"{at} [{offset}, +{length}) lies outside {weights_name} ({size} bytes)")
+        if math.prod(shape) * dtype.itemsize != length:
+            raise bundle_invalid(f"{at} has {length} bytes, shape {list(shape)} x {dtype} needs another size")
+        if offset % dtype.itemsize:
+            raise bundle_invalid(f"{at} at offset {offset} is not aligned to its {dtype.itemsize}-byte dtype")
+        entries.append(WeightEntry(name, offset, length, t["dtype"], shape))
+    return entries
+
+
 class SharedWeights:
     """One read-only memory map of a weights file and one OrtValue per tensor in it.
 
@@ -67,16 +112,9 @@ class SharedWeights:
     """
 
     def __init__(self, weights_path: Path, index_path: Path):
-        if not weights_path.is_file():
-            raise bundle_invalid(f"LM weights {weights_path} are missing; re-export the bundle")
-        if not index_path.is_file():
-            raise bundle_invalid(f"{index_path.name} (the tensor index of {weights_path.name}) is missing; re-export the bundle")
-        try:
-            index = json.loads(index_path.read_text())
-            entries = [WeightEntry.from_dict(t) for t in index["tensors"]]
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
-            raise bundle_invalid(f"{index_path} is malformed ({type(e).__name__}: {_one_line(e)}); re-export the bundle") from None
-        size = weights_path.stat().st_size
+        size = checks.regular_file(weights_path, "LM weights").st_size
+        checks.regular_file(index_path, f"{index_path.name} (the tensor index of {weights_path.name})")
+        entries = read_weight_index(index_path, weights_path.name, size)
         self.path = weights_path
         self.entries = entries
         self.map = np.memmap(weights_path, dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8)
@@ -85,17 +123,7 @@ class SharedWeights:
         import onnxruntime as ort
 
         for t in entries:
-            try:
-                dtype = np.dtype(t.dtype)
-            except TypeError:
-                raise bundle_invalid(f"{index_path.name}: tensor {t.name} has unknown dtype {t.dtype!r}") from None
-            if t.offset < 0 or t.offset + t.length > size:
-                raise bundle_invalid(f"{index_path.name}: tensor {t.name} [{t.offset}, +{t.length}) lies outside {weights_path.name} ({size} bytes)")
-            if int(np.prod(t.shape, dtype=np.int64)) * dtype.itemsize != t.length:
-                raise bundle_invalid(f"{index_path.name}: tensor {t.name} has {t.length} bytes, shape {list(t.shape)} x {dtype} needs another size")
-            if t.offset % dtype.itemsize:
-                raise bundle_invalid(f"{index_path.name}: tensor {t.name} at offset {t.offset} is not aligned to its {dtype.itemsize}-byte dtype")
-            view = self.map[t.offset:t.offset + t.length].view(dtype).reshape(t.shape)
+            view = self.map[t.offset:t.offset + t.length].view(np.dtype(t.dtype)).reshape(t.shape)
             self.arrays[t.name] = view
             self.values[t.name] = ort.OrtValue.ortvalue_from_numpy(view)  # CPU: wraps, does not copy
 
@@ -162,16 +190,14 @@ class Engine:
     def __init__(self, manifest: Manifest):
         self.manifest = manifest
         self.shapes = manifest.shapes
-        graphs = manifest.graphs
-        try:
-            vision_path = manifest.path(graphs["vision"]["file"])
-            prefill_path = manifest.path(graphs["prefill"]["file"])
-            decode_path = manifest.path(graphs["decode"]["file"])
-            weights_path = manifest.path(graphs["lm_weights"])
-        except (KeyError, TypeError):
-            raise bundle_invalid("manifest `graphs` must name vision/prefill/decode files and lm_weights; re-export") from None
+        graphs = manifest.graphs  # their presence and paths were checked by load_manifest
+        vision_path = manifest.path(graphs["vision"]["file"], "graphs.vision.file")
+        prefill_path = manifest.path(graphs["prefill"]["file"], "graphs.prefill.file")
+        decode_path = manifest.path(graphs["decode"]["file"], "graphs.decode.file")
+        weights_path = manifest.path(graphs["lm_weights"], "graphs.lm_weights")
+        index_path = manifest.path(graphs["lm_weights"] + ".json", "graphs.lm_weights index")
 
-        self.weights = SharedWeights(weights_path, weights_path.with_name(weights_path.name + ".json"))
+        self.weights = SharedWeights(weights_path, index_path)
         lm_prepack = env_flag("EDGEPRUNE_LM_PREPACK")
         self.vision = open_session(vision_path, session_options(prepacking=True), "vision")
         prefill_opts, decode_opts = session_options(prepacking=lm_prepack), session_options(prepacking=False)
@@ -182,13 +208,12 @@ class Engine:
         self._check_contract()
 
     def _check_contract(self) -> None:
+        """Every input/output the runtime feeds or reads is declared with the manifest's static shape
+        (Shapes.check already tied the sizes to each other), so no buffer the runtime sizes from the
+        manifest can disagree with the graphs."""
         s = self.shapes
         P, N, R, V = s.partitions, s.patches_per_partition, s.newline_slots, s.visual_slots
         T, S, C = s.text_slots_before_image + s.text_slots_after_image, s.prefill_slots, s.cache_capacity
-        if S != s.text_slots_before_image + V + s.text_slots_after_image:
-            raise bundle_invalid(f"manifest shapes: prefill_slots {S} != T1 + V + T2; re-export")
-        if len(s.kv_heads) != s.num_layers:
-            raise bundle_invalid(f"manifest shapes: kv_heads lists {len(s.kv_heads)} layers, num_layers is {s.num_layers}; re-export")
         vin = _declared(self.vision.get_inputs())
         # Each selection strategy declares only the layout inputs it reads (layout.Layout.feeds lists them all;
         # hired-reference, say, reads released_valid/released_key instead of patch_valid/patch_key).
@@ -218,7 +243,10 @@ class Engine:
         din = _declared(self.decode.get_inputs())
         _check_io("decode", din, {"token_id": [1], "position": [1], "cache_valid": [C], **past}, "input")
         _check_io("decode", _declared(self.decode.get_outputs()), {"logits": [s.vocab_size], **new}, "output")
-        self.cache_dtype = _ORT_DTYPES.get(din["past_key_0"][1], np.float32) if s.num_layers else np.float32
+        kinds = {din[name][1] for name in past}
+        if len(kinds) != 1 or next(iter(kinds)) not in ("tensor(float)", "tensor(float16)"):
+            raise bundle_invalid(f"decode graph cache inputs have types {sorted(kinds)}; float or float16 (one type) is required")
+        self.cache_dtype = _ORT_DTYPES[next(iter(kinds))]
 
     # --- one call per graph ---
 

@@ -15,7 +15,10 @@ class Status(enum.IntEnum):
     PROMPT_TOO_LONG = 4  # prompt does not fit the static text slots
     CACHE_FULL = 5  # KV cache capacity reached (also a normal stop reason of generation)
     DEPENDENCY_MISSING = 6  # optional package (e.g. tensorrt) not installed
-    INFERENCE_FAILED = 7  # the execution provider raised
+    INFERENCE_FAILED = 7  # the execution provider raised, or a graph produced non-finite logits
+    RESOURCE_LIMIT = 8  # the bundle or image needs more memory than the budget (EDGEPRUNE_MEMORY_BUDGET_MB)
+    OUTPUT_FAILED = 9  # the command line could not write its answer (closed pipe, full disk)
+    INTERNAL_ERROR = 10  # a bug in the runtime, never an answer to bad input; the message names the exception
 
 
 class RuntimeStatusError(Exception):

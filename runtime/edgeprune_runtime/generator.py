@@ -12,14 +12,14 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
+from edgeprune_runtime import budget
 from edgeprune_runtime.engine import Engine
 from edgeprune_runtime.errors import RuntimeStatusError, Status
 from edgeprune_runtime.kvcache import prefill_slot_valid
-from edgeprune_runtime.layout import layout_for
+from edgeprune_runtime.layout import layout_for, max_newline_rows
 from edgeprune_runtime.manifest import Manifest, load_manifest
 from edgeprune_runtime.sampling import Sampler, check_sampling
 from edgeprune_runtime.tokenize import PromptTokenizer, text_slots
@@ -32,31 +32,35 @@ STOP_CACHE_FULL = "cache_full"
 class LoadedBundle:
     """Everything a request needs that does not change between requests."""
 
-    def __init__(self, path: str | os.PathLike, verify_hashes: bool = True, with_engine: bool = True):
+    def __init__(self, path: str | os.PathLike, verify_hashes: bool = True, with_engine: bool = True,
+                 memory_budget_mb: int | None = None, max_image_pixels: int | None = None):
         """`with_engine=False` skips the ONNX Runtime sessions (tools that only need preprocessing and
-        the tokenizer, such as the toolchain's compare, which runs the graphs itself)."""
+        the tokenizer, such as the toolchain's compare, which runs the graphs itself).
+
+        The memory budget and image pixel limit come from the arguments, else the environment (budget.py).
+        Raises RuntimeStatusError: INVALID_ARGUMENT (bad path type or option), BUNDLE_INVALID, RESOURCE_LIMIT
+        (the bundle's static sizes need more than the budget: checked before any request buffer exists)."""
         from edgeprune_runtime.preprocess import PreprocessParams
 
+        self.limits = budget.limits(memory_budget_mb, max_image_pixels)
         self.manifest: Manifest = load_manifest(path, verify_hashes=verify_hashes)
         m, s = self.manifest, self.manifest.shapes
-        try:
-            self.preprocess_params = PreprocessParams.from_dict(m.preprocess)
-        except (ValueError, TypeError, KeyError) as e:
-            raise RuntimeStatusError(Status.BUNDLE_INVALID, f"manifest `preprocess` is invalid: {e}; re-export") from None
-        template = m.data["prompt_template"]
-        try:
-            tok = m.tokenizer
-            self.tokenizer = PromptTokenizer.from_file(
-                m.path(tok["file"]), tok["image_token"], tok["image_token_id"], tok["eos_token_ids"],
-                s.text_slots_before_image, s.text_slots_after_image)
-        except (KeyError, TypeError):
-            raise RuntimeStatusError(Status.BUNDLE_INVALID, "manifest `tokenizer` needs file, image_token, "
-                                     "image_token_id and eos_token_ids; re-export") from None
-        if not (isinstance(template, str) and template.count(tok["image_token"]) == 1 and template.count("{prompt}") == 1):
-            raise RuntimeStatusError(Status.BUNDLE_INVALID, f"manifest `prompt_template` must contain "
-                                     f"{tok['image_token']!r} and '{{prompt}}' once each, got {template!r}; re-export")
-        self.prompt_template = template
+        pp = self.preprocess_params = PreprocessParams.from_dict(m.preprocess)
+        newline_rows = max_newline_rows(pp.image_grid_pinpoints, pp.crop_size, s.patch_grid)
+        for ok, rule in ((pp.crop_size == s.crop_size, "preprocess.crop_size == shapes.crop_size"),
+                         (pp.partitions == s.partitions, "preprocess.partitions == shapes.partitions"),
+                         (s.newline_slots in (0, newline_rows), f"shapes.newline_slots is 0 or {newline_rows} (the "
+                                                                "stitched rows of the largest pinpoint)")):
+            if not ok:
+                raise RuntimeStatusError(Status.BUNDLE_INVALID, f"manifest breaks the rule {rule}; re-export the bundle")
+        tok = m.tokenizer  # its fields were checked by load_manifest
+        self.tokenizer = PromptTokenizer.from_file(
+            m.path(tok["file"], "tokenizer.file"), tok["image_token"], tok["image_token_id"], tok["eos_token_ids"],
+            s.text_slots_before_image, s.text_slots_after_image, s.vocab_size)
+        self.prompt_template = m.data["prompt_template"]
         self.engine = Engine(m) if with_engine else None
+        cache_itemsize = np.dtype(self.engine.cache_dtype).itemsize if self.engine else 4
+        self.request_bytes = budget.check_request(budget.request_bytes(s, pp, cache_itemsize), self.limits)
 
     @property
     def shapes(self):
@@ -72,10 +76,13 @@ class GeneratorParams:
     ignore_eos: bool = False  # benchmarks: always generate max_new_tokens (EOS is still sampled, not a stop)
 
     def check(self) -> None:
-        if not (isinstance(self.max_new_tokens, (int, np.integer)) and self.max_new_tokens >= 0):
+        if not (isinstance(self.max_new_tokens, (int, np.integer)) and not isinstance(self.max_new_tokens, (bool, np.bool_))
+                and self.max_new_tokens >= 0):
             raise RuntimeStatusError(Status.INVALID_ARGUMENT,
                                      f"max_new_tokens must be an integer >= 0 (0 = until EOS or cache full), got {self.max_new_tokens!r}")
         check_sampling(self.temperature, self.top_p, self.seed)
+        if not isinstance(self.ignore_eos, (bool, np.bool_)):
+            raise RuntimeStatusError(Status.INVALID_ARGUMENT, f"ignore_eos must be a bool, got {self.ignore_eos!r}")
 
 
 @dataclass
@@ -107,6 +114,8 @@ class Generator:
 
     def __init__(self, bundle: LoadedBundle, params: GeneratorParams, image, prompt: str, raw_prompt: bool = False):
         t0 = time.perf_counter()
+        if not isinstance(raw_prompt, (bool, np.bool_)):
+            raise RuntimeStatusError(Status.INVALID_ARGUMENT, f"raw_prompt must be a bool, got {type(raw_prompt).__name__}")
         params.check()
         self.bundle = bundle
         self.params = GeneratorParams(**params.__dict__)  # a snapshot: later changes to params do not leak in
@@ -118,14 +127,17 @@ class Generator:
         self.prompt_token_ids = before + [tok.image_token_id] + after
 
         self.timings = Timings()
+        # what is left of the budget for the image once the bundle's own buffers are counted
+        image_budget = bundle.limits.memory_bytes - bundle.request_bytes
         t = time.perf_counter()
-        img = _load(image)
+        img = _load(image, bundle.limits.image_pixels, image_budget)
         self.timings.image_s = time.perf_counter() - t
 
         from edgeprune_runtime.preprocess import preprocess
 
         t = time.perf_counter()
-        pixel_values, image_hw = preprocess(img, bundle.preprocess_params)
+        pixel_values, image_hw = preprocess(img, bundle.preprocess_params, max_pixels=bundle.limits.image_pixels,
+                                            max_bytes=image_budget)
         pp = bundle.preprocess_params
         try:
             layout = layout_for(image_hw, pp.image_grid_pinpoints, s)
@@ -201,8 +213,9 @@ class Generator:
         return token
 
 
-def _load(image):
-    """A path (str / PathLike) is loaded with the bundle's loader; a PIL image is used as it is."""
+def _load(image, max_pixels: int, max_bytes: int):
+    """A path (str / PathLike) is loaded with the bundle's loader; a PIL image is used as it is (preprocess
+    checks its size)."""
     from PIL import Image
 
     from edgeprune_runtime.preprocess import load_image
@@ -210,5 +223,5 @@ def _load(image):
     if isinstance(image, Image.Image):
         return image
     if isinstance(image, (str, os.PathLike)):
-        return load_image(Path(image))
+        return load_image(image, max_pixels=max_pixels, max_bytes=max_bytes)
     raise RuntimeStatusError(Status.INVALID_ARGUMENT, f"image must be a file path or a PIL image, got {type(image).__name__}")

@@ -26,20 +26,38 @@ slots before/after the image, S = T1 + V + T2 prefill slots, C cache slots, D LM
              out: logits f32[vocab], new_key_<l> / new_value_<l> f32[Hkv_l,1,Dh]
 
 Validity inputs are 0/1 floats; each graph turns them into additive masks itself.
+
+Trust (README "Threat model"): `load_manifest` treats the bundle as untrusted input. Every value is
+checked for type and bound; every path the manifest names is relative, stays inside the bundle and
+passes through no symlink; the bundle holds regular files and directories only, and every regular
+file except manifest.json is listed in `files` with its sha256 (engines included).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-from dataclasses import dataclass
+import os
+import re
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from edgeprune_runtime.errors import bundle_invalid
+from edgeprune_runtime import checks
+from edgeprune_runtime.errors import RuntimeStatusError, Status, bundle_invalid
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+MAX_MANIFEST_BYTES = 16 << 20  # today's manifests are ~3 KB
+MAX_SIZE = 1 << 24  # bound of every static size; what they allocate together is checked by budget.py
+MAX_LAYERS = 4096
+MAX_BUNDLE_ENTRIES = 100_000  # files and directories walked when checking that every file is listed
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+FILE_SECTIONS = ("graphs", "tokenizer", "engines")  # manifest sections whose file keys name bundle files
+
+
+def is_file_key(key: str) -> bool:
+    """Keys that name a bundle file (relative path), in any entry under FILE_SECTIONS, however deep."""
+    return key in ("file", "weights") or key.endswith(("_file", "_weights", "_path"))
 
 
 @dataclass(frozen=True)
@@ -64,10 +82,43 @@ class Shapes:
     head_dim: int
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Shapes":
-        d = dict(d)
-        d["kv_heads"] = tuple(d["kv_heads"])
-        return cls(**d)
+    def from_dict(cls, d: Any) -> "Shapes":
+        """From the manifest's `shapes` (untrusted): exactly these keys, integers in bounds, sizes consistent.
+
+        Raises RuntimeStatusError(BUNDLE_INVALID) naming the first bad value."""
+        d = checks.need_dict(d, "manifest `shapes`")
+        names = [f.name for f in fields(cls)]
+        unknown, missing = sorted(set(d) - set(names)), [n for n in names if n not in d]
+        if unknown or missing:
+            raise bundle_invalid(f"manifest `shapes` has unknown keys {unknown} / lacks {missing}; re-export the bundle")
+        values = {}
+        for name in names:
+            if name == "kv_heads":
+                heads = checks.need_list(d[name], "manifest shapes.kv_heads", MAX_LAYERS, 1)
+                values[name] = tuple(checks.need_int(h, "manifest shapes.kv_heads[]", 1, MAX_SIZE) for h in heads)
+            else:
+                low = 0 if name in ("newline_slots", "text_slots_before_image", "text_slots_after_image") else 1
+                values[name] = checks.need_int(d[name], f"manifest shapes.{name}", low, MAX_SIZE)
+        shapes = cls(**values)
+        shapes.check()
+        return shapes
+
+    def check(self) -> None:
+        """The relations between the sizes (plan.py builds them so); BUNDLE_INVALID names a broken one."""
+        s = self
+        rules = [
+            (s.patches_per_partition == s.patch_grid ** 2, "patches_per_partition == patch_grid**2"),
+            (s.crop_size % s.patch_grid == 0, "crop_size is a multiple of patch_grid"),
+            (s.visual_topk <= s.partitions * s.patches_per_partition, "visual_topk <= partitions * patches_per_partition"),
+            (s.visual_slots == s.visual_topk + s.newline_slots, "visual_slots == visual_topk + newline_slots"),
+            (s.prefill_slots == s.text_slots_before_image + s.visual_slots + s.text_slots_after_image,
+             "prefill_slots == text_slots_before_image + visual_slots + text_slots_after_image"),
+            (len(s.kv_heads) == s.num_layers, "len(kv_heads) == num_layers"),
+            (s.num_layers <= MAX_LAYERS, f"num_layers <= {MAX_LAYERS}"),
+        ]
+        for ok, rule in rules:
+            if not ok:
+                raise bundle_invalid(f"manifest shapes break the rule {rule}; re-export the bundle")
 
 
 @dataclass(frozen=True)
@@ -86,6 +137,7 @@ class WeightEntry:
 
     @classmethod
     def from_dict(cls, d: dict) -> "WeightEntry":
+        """Trusted input (the exporter's own index); the runtime reads indexes with engine.read_weight_index."""
         return cls(d["name"], int(d["offset"]), int(d["length"]), str(d["dtype"]), tuple(int(x) for x in d["shape"]))
 
 
@@ -94,9 +146,15 @@ class Manifest:
     root: Path
     data: dict[str, Any]
     shapes: Shapes
+    files: dict[str, str]  # relative path -> sha256, every regular file of the bundle but manifest.json
 
-    def path(self, rel: str) -> Path:
-        return self.root / rel
+    def path(self, rel: Any, where: str = "path") -> Path:
+        """root/rel for a path the manifest names: relative, inside the bundle, no symlink, listed in `files`."""
+        path = checks.inside(self.root, rel, f"manifest {where}")
+        if rel not in self.files:
+            raise bundle_invalid(f"manifest {where} = {checks.show(rel)} is not listed in `files` (so not hashed); "
+                                 "re-export the bundle")
+        return path
 
     @property
     def preprocess(self) -> dict:
@@ -119,42 +177,156 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def load_manifest(bundle_dir: str | Path, verify_hashes: bool = True) -> Manifest:
-    """Reads and checks `bundle_dir/manifest.json`.
-
-    Raises RuntimeStatusError(BUNDLE_INVALID) naming the problem: missing directory or manifest,
-    malformed JSON, unknown schema version, missing keys, a listed file missing or with a
-    sha256 different from the manifest's (`verify_hashes=False` skips only the hashing).
-    """
-    root = Path(bundle_dir)
+def bundle_root(bundle_dir: Any) -> Path:
+    """The bundle directory as a Path; INVALID_ARGUMENT for a value that is not a path, BUNDLE_INVALID if absent."""
+    try:
+        raw = os.fspath(bundle_dir)
+    except TypeError:
+        raise RuntimeStatusError(Status.INVALID_ARGUMENT,
+                                 f"the bundle path must be a str or os.PathLike, got {type(bundle_dir).__name__}") from None
+    if not isinstance(raw, str) or not raw or "\0" in raw:
+        raise RuntimeStatusError(Status.INVALID_ARGUMENT, f"the bundle path must be a non-empty text path, got {checks.show(raw)}")
+    root = Path(raw)
     if not root.is_dir():
         raise bundle_invalid(f"bundle directory {root} does not exist; create one with `edgeprune export`")
+    return root
+
+
+def read_manifest_data(root: Path) -> dict[str, Any]:
+    """manifest.json of `root` parsed (bounded, strict JSON) and its schema version checked; nothing else.
+
+    The toolchain uses it to tell an edgeprune bundle from any other directory."""
     mpath = root / MANIFEST_NAME
-    if not mpath.is_file():
+    if not os.path.lexists(mpath):
         raise bundle_invalid(f"{root} has no {MANIFEST_NAME}; it is not an edgeprune bundle (re-run `edgeprune export`)")
-    try:
-        data = json.loads(mpath.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise bundle_invalid(f"{mpath} is malformed JSON ({e}); re-run `edgeprune export`") from None
+    data = checks.load_json(mpath, MAX_MANIFEST_BYTES, "manifest")
     if not isinstance(data, dict):
         raise bundle_invalid(f"{mpath} is not a JSON object; re-run `edgeprune export`")
     version = data.get("schema_version")
-    if version != SCHEMA_VERSION:
+    if type(version) is not int or version != SCHEMA_VERSION:
         raise bundle_invalid(
-            f"bundle schema version {version!r} is not supported by this runtime (expects {SCHEMA_VERSION}); "
+            f"bundle schema version {checks.show(version)} is not supported by this runtime (expects {SCHEMA_VERSION}); "
             "re-export the bundle with a matching edgeprune version"
         )
+    return data
+
+
+def listed_files(data: dict[str, Any]) -> dict[str, str]:
+    """The manifest's `files` (relative path -> sha256), every key a safe relative path."""
+    files = checks.need_dict(data.get("files"), "manifest `files`")
+    for rel, digest in files.items():
+        checks.relative_path(rel, f"manifest `files` entry {checks.show(rel)}")
+        if rel == MANIFEST_NAME:
+            raise bundle_invalid(f"manifest `files` lists {MANIFEST_NAME} itself; re-export the bundle")
+        if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
+            raise bundle_invalid(f"manifest `files` entry {rel} has sha256 {checks.show(digest)}, not 64 hex digits; re-export")
+    return files
+
+
+def bundle_inventory(root: Path) -> list[str]:
+    """Every regular file under `root` (relative POSIX paths, sorted), without following anything.
+
+    Raises BUNDLE_INVALID for a symlink, FIFO, socket or device anywhere in the bundle."""
+    found, stack, seen = [], [(root, "")], 0
+    while stack:
+        directory, prefix = stack.pop()
+        try:
+            entries = list(os.scandir(directory))
+        except OSError as e:
+            raise bundle_invalid(f"cannot list {directory}: {e.strerror}") from None
+        for entry in entries:
+            seen += 1
+            if seen > MAX_BUNDLE_ENTRIES:
+                raise bundle_invalid(f"{root} holds more than {MAX_BUNDLE_ENTRIES} entries; it is not a bundle")
+            rel = prefix + entry.name
+            if entry.is_symlink():
+                raise bundle_invalid(f"bundle entry {rel} is a symlink; a bundle holds regular files only (copy the file in)")
+            if entry.is_dir(follow_symlinks=False):
+                stack.append((Path(entry.path), rel + "/"))
+            elif entry.is_file(follow_symlinks=False):
+                found.append(rel)
+            else:
+                raise bundle_invalid(f"bundle entry {rel} is not a regular file or directory; remove it")
+    return sorted(found)
+
+
+def _file_references(data: dict[str, Any]):
+    """(where, path) for every file key under FILE_SECTIONS, at any depth."""
+    stack = [(section, data[section]) for section in FILE_SECTIONS if section in data]
+    while stack:
+        where, node = stack.pop()
+        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+        for key, value in items:
+            at = f"{where}.{key}"
+            if isinstance(value, (dict, list)):
+                stack.append((at, value))
+            elif isinstance(key, str) and is_file_key(key) and value is not None:
+                yield at, value
+
+
+def _check_tokenizer_and_template(data: dict[str, Any], shapes: Shapes) -> None:
+    tok = checks.need_dict(data["tokenizer"], "manifest `tokenizer`")
+    for key in ("file", "image_token", "image_token_id", "eos_token_ids"):
+        if key not in tok:
+            raise bundle_invalid(f"manifest `tokenizer` lacks {key!r}; re-export the bundle")
+    image_token = checks.need_str(tok["image_token"], "manifest tokenizer.image_token", 256)
+    checks.need_int(tok["image_token_id"], "manifest tokenizer.image_token_id", 0, shapes.vocab_size - 1)
+    for i in checks.need_list(tok["eos_token_ids"], "manifest tokenizer.eos_token_ids", 64):
+        checks.need_int(i, "manifest tokenizer.eos_token_ids[]", 0, shapes.vocab_size - 1)
+    template = checks.need_str(data["prompt_template"], "manifest `prompt_template`", 1 << 16)
+    if template.count(image_token) != 1 or template.count("{prompt}") != 1:
+        raise bundle_invalid(f"manifest `prompt_template` must contain {image_token!r} and '{{prompt}}' once each, "
+                             f"got {checks.show(template)}; re-export")
+
+
+def _check_graphs(data: dict[str, Any]) -> None:
+    graphs = checks.need_dict(data["graphs"], "manifest `graphs`")
+    for name in ("vision", "prefill", "decode"):
+        entry = checks.need_dict(graphs.get(name), f"manifest graphs.{name}")
+        if "file" not in entry:
+            raise bundle_invalid(f"manifest graphs.{name} lacks 'file'; re-export the bundle")
+    checks.need_str(graphs.get("lm_weights"), "manifest graphs.lm_weights", checks.MAX_PATH_CHARS)
+
+
+def load_manifest(bundle_dir: str | Path, verify_hashes: bool = True) -> Manifest:
+    """Reads and checks `bundle_dir/manifest.json` and the bundle around it (untrusted input).
+
+    Raises RuntimeStatusError naming the problem: INVALID_ARGUMENT for a `bundle_dir` that is not a path;
+    BUNDLE_INVALID for a missing directory or manifest, malformed JSON, an unknown schema version, a missing
+    key or a value of the wrong type or out of bounds, a path that is absolute, climbs out or passes a
+    symlink, a symlink or special file in the bundle, a file that is not listed in `files` or listed and
+    missing, or a file whose sha256 differs (`verify_hashes=False` skips only the hashing).
+    """
+    root = bundle_root(bundle_dir)
+    data = read_manifest_data(root)
     for key in ("source", "recipe", "shapes", "preprocess", "tokenizer", "graphs", "files", "prompt_template"):
         if key not in data:
-            raise bundle_invalid(f"{mpath} lacks the key {key!r}; re-run `edgeprune export`")
-    try:
-        shapes = Shapes.from_dict(data["shapes"])
-    except (TypeError, KeyError, ValueError) as e:  # unknown/missing field, kv_heads missing or not a list
-        raise bundle_invalid(f"{mpath} has malformed shapes ({type(e).__name__}: {e}); re-run `edgeprune export`") from None
-    for rel, digest in data["files"].items():
-        fpath = root / rel
-        if not fpath.is_file():
-            raise bundle_invalid(f"bundle file {rel} is missing from {root}; re-run `edgeprune export`")
-        if verify_hashes and sha256_file(fpath) != digest:
-            raise bundle_invalid(f"bundle file {rel} does not match its sha256 in the manifest (modified or corrupt); re-export")
-    return Manifest(root, data, shapes)
+            raise bundle_invalid(f"{root / MANIFEST_NAME} lacks the key {key!r}; re-run `edgeprune export`")
+    for key in ("source", "recipe", "preprocess"):
+        checks.need_dict(data[key], f"manifest `{key}`")
+    shapes = Shapes.from_dict(data["shapes"])
+    _check_tokenizer_and_template(data, shapes)
+    _check_graphs(data)
+    files = listed_files(data)
+    manifest = Manifest(root, data, shapes, files)
+    for where, rel in _file_references(data):
+        manifest.path(rel, where)
+    manifest.path(data["graphs"]["lm_weights"] + ".json", "graphs.lm_weights index (<lm_weights>.json)")
+
+    present = bundle_inventory(root)
+    unlisted = [rel for rel in present if rel not in files and rel != MANIFEST_NAME]
+    if unlisted:
+        raise bundle_invalid(f"bundle file {unlisted[0]} is not listed in manifest `files` (every file is listed with its "
+                             f"sha256); move it out of {root} or re-export")
+    missing = sorted(set(files) - set(present))
+    if missing:
+        raise bundle_invalid(f"bundle file {missing[0]} is missing from {root}; re-run `edgeprune export`")
+    if verify_hashes:
+        for rel, digest in sorted(files.items()):
+            try:
+                ok = sha256_file(root / rel) == digest
+            except OSError as e:
+                raise bundle_invalid(f"cannot read bundle file {rel}: {e.strerror}") from None
+            if not ok:
+                raise bundle_invalid(f"bundle file {rel} does not match its sha256 in the manifest (modified or corrupt); re-export")
+    return manifest

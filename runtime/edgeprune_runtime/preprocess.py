@@ -3,7 +3,10 @@
 Reproduces, operation for operation, `transformers`' `LlavaNextImageProcessorPil` (the PIL backend):
 
 1. `convert_to_rgb`: an image with an alpha band (or a `transparency` entry) is composited onto
-   white, anything else goes through `Image.convert("RGB")`.
+   white, anything else goes through `Image.convert("RGB")`. Where that would be garbage we differ
+   from transformers: 16-bit ("I;16*"), 32-bit integer ("I") and float ("F") images are scaled to
+   8 bits (Pillow's convert clips them, a 16-bit photo turns white), premultiplied "La" is
+   un-premultiplied first (Pillow cannot convert it to RGB).
 2. anyres: `select_best_resolution` picks a grid pinpoint (h, w); the image is resized (PIL,
    `resample`) to fit it keeping its aspect ratio (`get_patch_output_size`, which rounds the free
    side *up* with `math.ceil`), zero-padded (uint8 0, i.e. black, centred, odd pixel at the
@@ -26,16 +29,22 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps
 
-from .errors import RuntimeStatusError, Status
+from . import checks
+from .budget import DEFAULT_MAX_IMAGE_PIXELS, image_bytes
+from .errors import RuntimeStatusError, Status, bundle_invalid
 from .layout import max_partitions, select_best_resolution
 
 # Resample codes PIL.Image.resize accepts (NEAREST, LANCZOS, BILINEAR, BICUBIC, BOX, HAMMING).
 _PIL_RESAMPLE_CODES = (0, 1, 2, 3, 4, 5)
+
+MAX_SIDE = 1 << 15  # pixels per side of a crop, pinpoint or shortest edge; also the most partitions
+MAX_PINPOINTS = 1024
 
 # Processor types whose to_dict() we understand. Both the PIL and the torchvision backend of
 # transformers 5 report "LlavaNextImageProcessor" (the PIL class strips its "Pil" suffix in
@@ -141,20 +150,35 @@ class PreprocessParams:
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "PreprocessParams":
+    def from_dict(cls, d) -> "PreprocessParams":
+        """From the manifest's `preprocess` (untrusted): every value typed and bounded.
+
+        Raises RuntimeStatusError(BUNDLE_INVALID) naming the first bad value. Sizes are bounded here only
+        loosely (MAX_SIDE); what they allocate together is checked against the memory budget (budget.py)."""
+        d = checks.need_dict(d, "manifest `preprocess`")
         missing = [k for k in cls.__dataclass_fields__ if k not in d]
         if missing:
-            raise ValueError(f"preprocessing parameters lack {missing}")
-        return cls(
-            image_grid_pinpoints=[[int(h), int(w)] for h, w in d["image_grid_pinpoints"]],
-            crop_size=int(d["crop_size"]),
-            shortest_edge=int(d["shortest_edge"]),
-            image_mean=tuple(float(x) for x in d["image_mean"]),
-            image_std=tuple(float(x) for x in d["image_std"]),
-            rescale_factor=float(d["rescale_factor"]),
-            resample=int(d["resample"]),
-            partitions=int(d["partitions"]),
-        )
+            raise bundle_invalid(f"manifest `preprocess` lacks {missing}; re-export the bundle")
+        where = "manifest preprocess."
+        pinpoints = []
+        for p in checks.need_list(d["image_grid_pinpoints"], where + "image_grid_pinpoints", MAX_PINPOINTS, 1):
+            pair = checks.need_list(p, where + "image_grid_pinpoints[]", 2, 2)
+            pinpoints.append([checks.need_int(v, where + "image_grid_pinpoints[][]", 1, MAX_SIDE) for v in pair])
+        mean = checks.need_list(d["image_mean"], where + "image_mean", 3, 3)
+        std = checks.need_list(d["image_std"], where + "image_std", 3, 3)
+        try:
+            return cls(
+                image_grid_pinpoints=pinpoints,
+                crop_size=checks.need_int(d["crop_size"], where + "crop_size", 1, MAX_SIDE),
+                shortest_edge=checks.need_int(d["shortest_edge"], where + "shortest_edge", 1, MAX_SIDE),
+                image_mean=tuple(checks.need_number(x, where + "image_mean[]") for x in mean),
+                image_std=tuple(checks.need_number(x, where + "image_std[]") for x in std),
+                rescale_factor=checks.need_number(d["rescale_factor"], where + "rescale_factor"),
+                resample=checks.need_int(d["resample"], where + "resample", 0, 5),
+                partitions=checks.need_int(d["partitions"], where + "partitions", 1, MAX_SIDE),
+            )
+        except ValueError as e:  # __post_init__: the values do not fit together
+            raise bundle_invalid(f"manifest `preprocess` is invalid: {e}; re-export the bundle") from None
 
 
 def _three(value, name: str) -> tuple[float, float, float]:
@@ -172,8 +196,37 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+# Full-scale values tried in order for "I" and "F" images, whose bit depth Pillow does not record: the
+# smallest that holds the data's maximum maps to 255 (float images in [0, 1], 8-bit or 16-bit data
+# widened to 32 bits, then the whole unsigned 32-bit range).
+_FULL_SCALES = {"F": (1.0, 255.0, 65535.0, 2.0 ** 32 - 1), "I": (255.0, 65535.0, 2.0 ** 32 - 1)}
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """A single-band 16-bit, 32-bit integer or float image as 8-bit "L", scaled to [0, 255] (not clipped).
+
+    NaN becomes 0 and values are clipped to [0, full scale]; work is float32 (4 bytes a pixel)."""
+    a = np.array(image, dtype=np.float32)  # [H, W]
+    np.nan_to_num(a, copy=False, nan=0.0, posinf=np.finfo(np.float32).max, neginf=0.0)
+    if image.mode in _SIXTEEN_BIT:
+        full = 65535.0
+    else:
+        top = float(a.max()) if a.size else 0.0
+        full = next((f for f in _FULL_SCALES[image.mode] if top <= f), top)
+    a *= np.float32(255.0 / full)
+    np.clip(np.rint(a, out=a), 0, 255, out=a)
+    return Image.fromarray(a.astype(np.uint8), "L")
+
+
 def _convert_to_rgb(image: Image.Image) -> Image.Image:
-    """transformers' `convert_to_rgb` for PIL input: transparency is composited onto white."""
+    """transformers' `convert_to_rgb` for PIL input: transparency is composited onto white.
+
+    Before it, images Pillow would convert into garbage or not at all are made 8-bit (see the module docstring)."""
+    if image.mode in _SIXTEEN_BIT or image.mode in ("I", "F"):
+        image = _to_8bit(image)
+    elif image.mode == "La":  # premultiplied alpha: Pillow converts La only to LA
+        image = image.convert("LA")
     if "A" in image.getbands() or image.info.get("transparency") is not None:
         image = image.convert("RGBA")
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
@@ -181,19 +234,41 @@ def _convert_to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(path, *, exif_transpose: bool = False) -> Image.Image:
+def check_image_size(width: int, height: int, max_pixels: int, max_bytes: int | None, name: str) -> None:
+    """Raises IMAGE_INVALID for more than `max_pixels` pixels, RESOURCE_LIMIT when decoding would pass `max_bytes`."""
+    if width * height > max_pixels:
+        raise RuntimeStatusError(
+            Status.IMAGE_INVALID,
+            f"image {name} is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}; downscale it "
+            "(or raise EDGEPRUNE_MAX_IMAGE_PIXELS)")
+    if max_bytes is not None and image_bytes(width, height) > max_bytes:
+        raise RuntimeStatusError(
+            Status.RESOURCE_LIMIT,
+            f"image {name} ({width}x{height}) needs about {image_bytes(width, height) >> 20} MiB to decode, "
+            f"{max(max_bytes, 0) >> 20} MiB of the memory budget are left; downscale it or raise EDGEPRUNE_MEMORY_BUDGET_MB")
+
+
+def load_image(path, *, exif_transpose: bool = False, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+               max_bytes: int | None = None) -> Image.Image:
     """Open and fully decode an image file, returned as an RGB PIL image.
 
     Transparency is composited onto white exactly as the processor's `convert_to_rgb` would, so
-    `preprocess(load_image(p))` equals the processor applied to `Image.open(p)`. EXIF orientation
-    is ignored by default (as the processor ignores it on a PIL image); `exif_transpose=True`
-    applies it, as `transformers.image_utils.load_image` does.
+    `preprocess(load_image(p))` equals the processor applied to `Image.open(p)` (for the modes where that
+    is not garbage, see the module docstring). EXIF orientation is ignored by default (as the processor
+    ignores it on a PIL image); `exif_transpose=True` applies it, as `transformers.image_utils.load_image` does.
+    The size in the file's header is checked against `max_pixels` and `max_bytes` before anything is decoded.
 
-    Raises RuntimeStatusError(IMAGE_INVALID) for a missing path, a directory, or a file that is not
-    a decodable image (unknown format, corrupt or truncated data). Note: a truncated file is only
-    detected while PIL's global `ImageFile.LOAD_TRUNCATED_IMAGES` is False (its default).
+    Raises RuntimeStatusError(IMAGE_INVALID) for a missing path, a directory, a file that is not a decodable
+    image (unknown format, corrupt or truncated data) or one over `max_pixels`; RESOURCE_LIMIT when decoding
+    needs more than `max_bytes`. Note: a truncated file is only detected while PIL's global
+    `ImageFile.LOAD_TRUNCATED_IMAGES` is False (its default).
     """
-    p = os.fspath(path)
+    try:
+        p = os.fspath(path)
+    except TypeError:
+        raise RuntimeStatusError(Status.INVALID_ARGUMENT, f"image path must be a str or os.PathLike, got {type(path).__name__}") from None
+    if not isinstance(p, str) or "\0" in p:
+        raise RuntimeStatusError(Status.INVALID_ARGUMENT, f"image path must be text without NUL characters, got {checks.show(p)}")
     if not os.path.exists(p):
         raise RuntimeStatusError(Status.IMAGE_INVALID, f"image file not found: {p!r}; check the path")
     if os.path.isdir(p):
@@ -201,12 +276,18 @@ def load_image(path, *, exif_transpose: bool = False) -> Image.Image:
             Status.IMAGE_INVALID, f"image path {p!r} is a directory; pass the path of an image file inside it"
         )
     try:
-        with Image.open(p) as img:
-            img.load()
-            if exif_transpose:
-                img = ImageOps.exif_transpose(img)
-            rgb = _convert_to_rgb(img)
-            rgb.load()
+        with warnings.catch_warnings():
+            # our own pixel limit applies; Pillow's warning would print a second line on stderr
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(p) as img:
+                check_image_size(img.width, img.height, max_pixels, max_bytes, repr(p))
+                img.load()
+                if exif_transpose:
+                    img = ImageOps.exif_transpose(img)
+                rgb = _convert_to_rgb(img)
+                rgb.load()
+    except RuntimeStatusError:
+        raise
     except Image.DecompressionBombError as e:
         raise RuntimeStatusError(
             Status.IMAGE_INVALID, f"image {p!r} is too large to decode ({_one_line(e)}); downscale it first"
@@ -222,6 +303,8 @@ def load_image(path, *, exif_transpose: bool = False) -> Image.Image:
         else:
             why = f"unreadable or corrupt ({type(e).__name__}: {_one_line(e)})"
         raise RuntimeStatusError(Status.IMAGE_INVALID, f"image {p!r} is {why}; re-export or re-copy the file") from None
+    except MemoryError:
+        raise RuntimeStatusError(Status.RESOURCE_LIMIT, f"out of memory decoding image {p!r}; downscale it") from None
     except Exception as e:  # PIL plugins raise assorted errors (SyntaxError, ValueError, struct.error ...)
         raise RuntimeStatusError(
             Status.IMAGE_INVALID,
@@ -277,9 +360,13 @@ def _center_crop(arr: np.ndarray, crop: int) -> np.ndarray:
     return canvas[max(0, top):min(new_height, bottom), max(0, left):min(new_width, right)]
 
 
-def preprocess(image: Image.Image, params: PreprocessParams) -> tuple[np.ndarray, tuple[int, int]]:
+def preprocess(image: Image.Image, params: PreprocessParams, *, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+               max_bytes: int | None = None) -> tuple[np.ndarray, tuple[int, int]]:
     """returns pixel_values float32 [P, 3, crop, crop] (zero-padded on the patch axis like the processor's
-    do_pad) and image_hw = (height, width) of the original image"""
+    do_pad) and image_hw = (height, width) of the original image.
+
+    Raises RuntimeStatusError: INVALID_ARGUMENT for a non-image, IMAGE_INVALID for an empty image, one over
+    `max_pixels` or one in a mode that cannot be converted to RGB; RESOURCE_LIMIT past `max_bytes`."""
     if not isinstance(image, Image.Image):
         raise RuntimeStatusError(
             Status.INVALID_ARGUMENT,
@@ -289,9 +376,14 @@ def preprocess(image: Image.Image, params: PreprocessParams) -> tuple[np.ndarray
         raise RuntimeStatusError(
             Status.IMAGE_INVALID, f"image is empty ({image.width}x{image.height}); pass a non-empty image"
         )
+    check_image_size(image.width, image.height, max_pixels, max_bytes, "(PIL image)")
     resample, crop, se = int(params.resample), params.crop_size, params.shortest_edge
 
-    rgb = np.asarray(_convert_to_rgb(image))  # uint8 [H, W, 3]
+    try:
+        converted = _convert_to_rgb(image)
+    except (ValueError, OSError) as e:  # a mode Pillow cannot convert, or a lazily loaded image that fails to decode
+        raise RuntimeStatusError(Status.IMAGE_INVALID, f"cannot convert the {image.mode} image to RGB: {_one_line(e)}") from None
+    rgb = np.asarray(converted)  # uint8 [H, W, 3]
     hw = (int(rgb.shape[0]), int(rgb.shape[1]))
 
     # anyres partitions: fit the best pinpoint, pad with black, cut row-major

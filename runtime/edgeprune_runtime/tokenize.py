@@ -8,12 +8,32 @@ T1 text slots before the visual slots, the ids after it the T2 slots after them.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgeprune_runtime import checks
 from edgeprune_runtime.errors import RuntimeStatusError, Status
 
 PROMPT_PLACEHOLDER = "{prompt}"
+MAX_TOKENIZER_BYTES = 128 << 20  # the largest tokenizer.json files in use are ~35 MB
+MAX_PROMPT_CHARS = 1 << 20  # far beyond any text-slot count; bounds the tokenizer's work
+MAX_DECODE_IDS = 1 << 20
+
+
+def token_id(value, vocab: int) -> int:
+    """`value` as a token id: an integer (Python or numpy, not bool) in [0, vocab).
+
+    Raises RuntimeStatusError(INVALID_ARGUMENT) otherwise."""
+    if isinstance(value, bool):
+        value = None
+    try:
+        i = operator.index(value)
+    except TypeError:
+        raise RuntimeStatusError(Status.INVALID_ARGUMENT, f"a token id must be an integer, got {checks.show(value)}") from None
+    if not 0 <= i < vocab:
+        raise RuntimeStatusError(Status.INVALID_ARGUMENT, f"token id {i} is outside the vocabulary [0, {vocab})")
+    return i
 
 
 def text_slots(before: list[int], after: list[int], slots_before: int, slots_after: int):
@@ -45,26 +65,34 @@ class PromptTokenizer:
     eos_token_ids: tuple[int, ...]
     slots_before: int  # T1
     slots_after: int  # T2
+    vocab_size: int = 0  # ids in [0, vocab_size) may be decoded: the model's logits or the tokenizer's vocabulary
 
     @classmethod
     def from_file(cls, path: str | Path, image_token: str, image_token_id: int, eos_token_ids,
-                  slots_before: int, slots_after: int) -> "PromptTokenizer":
-        """Loads `tokenizer.json`. Raises RuntimeStatusError(BUNDLE_INVALID) when the file cannot be
-        parsed or its id for `image_token` differs from the manifest's `image_token_id`."""
+                  slots_before: int, slots_after: int, vocab_size: int = 0) -> "PromptTokenizer":
+        """Loads `tokenizer.json` (a regular file of at most MAX_TOKENIZER_BYTES). Raises
+        RuntimeStatusError(BUNDLE_INVALID) when the file cannot be parsed or its id for `image_token`
+        differs from the manifest's `image_token_id`."""
         from tokenizers import Tokenizer
 
+        size = checks.regular_file(Path(path), "tokenizer").st_size
+        if size > MAX_TOKENIZER_BYTES:
+            raise RuntimeStatusError(Status.BUNDLE_INVALID, f"tokenizer {path} has {size} bytes, over the "
+                                     f"{MAX_TOKENIZER_BYTES} this runtime loads; re-export")
         try:
             tok = Tokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises a bare Exception for unparsable files
-            raise RuntimeStatusError(Status.BUNDLE_INVALID, f"cannot load tokenizer {path}: {str(e).splitlines()[0]}; re-export") from None
+            first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+            raise RuntimeStatusError(Status.BUNDLE_INVALID, f"cannot load tokenizer {path}: {first}; re-export") from None
         got = tok.token_to_id(image_token)
         if got != image_token_id:
             raise RuntimeStatusError(
                 Status.BUNDLE_INVALID,
                 f"tokenizer {path} maps {image_token!r} to {got}, the manifest says {image_token_id}; re-export the bundle",
             )
+        vocab = max(int(vocab_size), tok.get_vocab_size(with_added_tokens=True))
         return cls(tok, image_token, int(image_token_id), tuple(int(i) for i in eos_token_ids),
-                   int(slots_before), int(slots_after))
+                   int(slots_before), int(slots_after), vocab)
 
     def prompt_text(self, prompt: str, template: str, raw: bool) -> str:
         """The full text to encode: the template around `prompt`, or `prompt` itself when `raw`.
@@ -73,6 +101,14 @@ class PromptTokenizer:
         """
         if not isinstance(prompt, str):
             raise RuntimeStatusError(Status.INVALID_ARGUMENT, f"prompt must be a str, got {type(prompt).__name__}")
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise RuntimeStatusError(Status.PROMPT_TOO_LONG, f"the prompt has {len(prompt)} characters, more than "
+                                     f"{MAX_PROMPT_CHARS}; shorten it")
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as e:  # lone surrogates: Python's stand-ins for bytes that were not UTF-8
+            raise RuntimeStatusError(Status.INVALID_ARGUMENT, f"the prompt is not valid UTF-8 text (character "
+                                     f"{e.start} is {prompt[e.start]!a}); pass the prompt as UTF-8") from None
         count = prompt.count(self.image_token)
         if raw:
             if count != 1:
@@ -114,8 +150,21 @@ class PromptTokenizer:
                 )
         return before, after
 
+    def check_ids(self, ids) -> list[int]:
+        """`ids` (a list, tuple or 1-D integer array) as a list of valid token ids; INVALID_ARGUMENT otherwise."""
+        if isinstance(ids, (str, bytes, dict)) or not hasattr(ids, "__len__") or not hasattr(ids, "__iter__"):
+            raise RuntimeStatusError(Status.INVALID_ARGUMENT, f"token ids must be a list of integers, got {type(ids).__name__}")
+        if len(ids) > MAX_DECODE_IDS:
+            raise RuntimeStatusError(Status.INVALID_ARGUMENT, f"{len(ids)} token ids are more than {MAX_DECODE_IDS} to decode at once")
+        try:
+            items = list(ids)
+        except TypeError:  # a 0-d array has __len__ and __iter__ yet iterates to a TypeError
+            raise RuntimeStatusError(Status.INVALID_ARGUMENT, "token ids must be a list of integers") from None
+        return [token_id(t, self.vocab_size) for t in items]
+
     def decode(self, ids) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+        """Text of `ids`, special tokens skipped. Raises INVALID_ARGUMENT for an id outside the vocabulary."""
+        return self.tokenizer.decode(self.check_ids(ids), skip_special_tokens=True)
 
     def stream(self) -> "TextStream":
         return TextStream(self)
@@ -134,9 +183,11 @@ class TextStream:
         self._ids: list[int] = []
         self._emitted = ""
 
-    def put(self, token_id: int) -> str:
-        """The text that `token_id` adds ("" when nothing printable is complete yet)."""
-        self._ids.append(int(token_id))
+    def put(self, token: int) -> str:
+        """The text that `token` adds ("" when nothing printable is complete yet).
+
+        Raises INVALID_ARGUMENT for an id outside the vocabulary; the stream is then left as it was."""
+        self._ids.append(token_id(token, self._tok.vocab_size))
         text = self._tok.decode(self._ids)
         if text.endswith("\ufffd"):
             return ""

@@ -13,14 +13,22 @@ SHAPES = dict(partitions=5, crop_size=28, patch_grid=2, patches_per_partition=4,
               cache_capacity=46, hidden_size=16, vocab_size=300, num_layers=2, kv_heads=[2, 1], head_dim=8)
 
 
+FILES = {"lm/decode.onnx": b"graph bytes", "lm/prefill.onnx": b"prefill", "vision/vision.onnx": b"vision",
+         "lm/lm.weights": b"weights", "lm/lm.weights.json": b"{}", "tokenizer.json": b"{}"}
+
+
 def write_bundle(root, **overrides):
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "lm").mkdir(exist_ok=True)
-    (root / "lm" / "decode.onnx").write_bytes(b"graph bytes")
+    """A bundle whose manifest is complete; its files are placeholders (load_manifest does not parse them)."""
+    for rel, content in FILES.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(content)
     data = {
-        "schema_version": SCHEMA_VERSION, "source": {"model": "fake"}, "recipe": {"budget": 0.5}, "shapes": SHAPES, "preprocess": {}, "tokenizer": {},
-        "graphs": {}, "prompt_template": "USER: <image>\n{prompt} ASSISTANT:",
-        "files": {"lm/decode.onnx": hashlib.sha256(b"graph bytes").hexdigest()},
+        "schema_version": SCHEMA_VERSION, "source": {"model": "fake"}, "recipe": {"budget": 0.5}, "shapes": SHAPES, "preprocess": {},
+        "tokenizer": {"file": "tokenizer.json", "image_token": "<image>", "image_token_id": 4, "eos_token_ids": [2]},
+        "graphs": {"vision": {"file": "vision/vision.onnx"}, "prefill": {"file": "lm/prefill.onnx"},
+                   "decode": {"file": "lm/decode.onnx"}, "lm_weights": "lm/lm.weights"},
+        "prompt_template": "USER: <image>\n{prompt} ASSISTANT:",
+        "files": {rel: hashlib.sha256(content).hexdigest() for rel, content in FILES.items()},
     }
     data.update(overrides)
     (root / "manifest.json").write_text(json.dumps(data))
@@ -77,7 +85,7 @@ def test_missing_key(tmp_path):
 
 
 def test_malformed_shapes(tmp_path):
-    assert "malformed shapes" in invalid(write_bundle(tmp_path / "b", shapes={"partitions": 5}))
+    assert "lacks ['crop_size'" in invalid(write_bundle(tmp_path / "b", shapes={"partitions": 5}))
 
 
 def test_listed_file_missing(tmp_path):
