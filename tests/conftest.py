@@ -109,3 +109,10 @@ def tiny_bundles(tmp_path_factory, tiny, tiny_recipe):
 
     root = tmp_path_factory.mktemp("bundles")
     return {b: export_bundle("llava-next-tiny", root / f"tiny-{b}", tiny_recipe(b), loaded=tiny) for b in (0.2, 1.0)}
+
+
+# `make mutants`: the same examples on every run (reproducible scores) and no shrinking (a killed mutant
+# needs one failing example, not the smallest).
+from hypothesis import Phase, settings  # noqa: E402
+
+settings.register_profile("mutation", derandomize=True, database=None, phases=[Phase.explicit, Phase.generate])
