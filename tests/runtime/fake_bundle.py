@@ -1,15 +1,19 @@
 """A tiny bundle that obeys the manifest.py contract, built with `onnx` (no torch), plus its numpy twin.
 
 The "language model" is not attention, but every output depends on exactly the cache state the
-runtime must maintain, so a wrong slot, a missed valid flag or a wrong position changes the tokens:
+runtime must maintain, *including the order of the cache slots and each token's position*, so a
+wrong slot, a swapped pair of slots, a missed valid flag or a wrong position changes the tokens:
 
-    x_i   = embedding of slot i (text: embed[id]; visual: the vision graph's output)
-    h     = sin(x_last + position_last * pos_vec + sum over valid slots i of (x_i @ Wv_0))   [D]
+    x_j    = embedding of the token at position j (text: embed[id]; visual: the vision graph's output)
+    k_lj   = x_j @ Wk_l, v_lj = x_j @ Wv_l      (what the cache holds: layer l, [Hkv_l, Dh] per slot)
+    w(j)   = 1 + 0.5 sin(0.9 j)                  a weight that differs from position to position
+    h      = sin(x_n + n pos_vec + sum_j w(j) sum_l (k_lj @ A_l + v_lj @ B_l))     over positions j <= n
     logits = h @ head
-    key_l / value_l of a slot = x @ Wk_l / x @ Wv_l, reshaped [Hkv_l, Dh]
 
-Prefill applies this to the valid prefill slots; decode to the cache plus the new token (its own
-value included, as attention to itself). `reference_tokens` is the numpy twin for greedy decoding.
+for the newest token at position n. Prefill applies this to the valid prefill slots (position = count
+of valid slots before it); decode reads every layer's K and V from the cache, weighting slot j by w(j)
+(slot index = position, since the runtime keeps the cache compacted), plus the new token itself.
+`reference_tokens` is the numpy twin for greedy decoding (float64).
 
 The vision graph: visual_embeds = vis_table + mean(pixel_values); visual_valid = the first K
 patch_valid flags (then newline_valid when the bundle has newline slots).
@@ -63,10 +67,13 @@ class FakeLM:
     embed: np.ndarray  # [vocab, D]
     wk: list  # per layer [D, Hkv_l*Dh]
     wv: list
+    ak: list  # per layer [Hkv_l*Dh, D]: how a cached key feeds the next token
+    bv: list  # per layer [Hkv_l*Dh, D]: how a cached value feeds the next token
     pos_vec: np.ndarray  # [1, D]
     head: np.ndarray  # [D, vocab]
     kv_heads: tuple
     head_dim: int
+    vis_table: np.ndarray  # [V, D] the vision graph's per-slot embedding
 
     def kv(self, x: np.ndarray, layer: int):
         """x [T, D] -> key, value [Hkv, T, Dh]."""
@@ -76,9 +83,17 @@ class FakeLM:
         return k, v
 
     def logits(self, xs: np.ndarray) -> np.ndarray:
-        """xs [n, D]: the valid sequence so far, the newest last."""
-        h = np.sin(xs[-1] + (len(xs) - 1) * self.pos_vec[0] + (xs @ self.wv[0]).sum(axis=0))
+        """xs [n, D]: the valid sequence so far in position order, the newest last."""
+        xs = xs.astype(np.float64)
+        n = len(xs)
+        mixed = sum(xs @ self.wk[l].astype(np.float64) @ self.ak[l] + xs @ self.wv[l].astype(np.float64) @ self.bv[l]
+                    for l in range(len(self.kv_heads)))  # [n, D]
+        h = np.sin(xs[-1] + (n - 1) * self.pos_vec[0] + position_weight(np.arange(n)) @ mixed)
         return h @ self.head
+
+
+def position_weight(positions: np.ndarray) -> np.ndarray:
+    return 1.0 + 0.5 * np.sin(0.9 * positions)
 
 
 def reference_tokens(lm: FakeLM, sequence: np.ndarray, count: int, eos=()) -> list[int]:
@@ -179,13 +194,17 @@ def make_fake_bundle(root: Path, *, newlines: bool = True, t1: int = 8, t2: int 
         embed=rng.standard_normal((vocab, D)).astype(np.float32),
         wk=[(rng.standard_normal((D, h * head_dim)) * 0.3).astype(np.float32) for h in kv_heads],
         wv=[(rng.standard_normal((D, h * head_dim)) * 0.3).astype(np.float32) for h in kv_heads],
+        ak=[(rng.standard_normal((h * head_dim, D)) * 0.08).astype(np.float32) for h in kv_heads],
+        bv=[(rng.standard_normal((h * head_dim, D)) * 0.08).astype(np.float32) for h in kv_heads],
         pos_vec=(rng.standard_normal((1, D)) * 0.5).astype(np.float32),
         head=rng.standard_normal((D, vocab)).astype(np.float32),
-        kv_heads=tuple(kv_heads), head_dim=head_dim,
+        kv_heads=tuple(kv_heads), head_dim=head_dim, vis_table=vis_table,
     )
+    lm.head[:, tok.token_to_id("<pad>")] = 0.0  # logit 0 while some other is > 0: greedy never picks <pad>
     arrays = {"embed": lm.embed, "pos_vec": lm.pos_vec, "head": lm.head}
     for layer in range(L):
         arrays[f"wk_{layer}"], arrays[f"wv_{layer}"] = lm.wk[layer], lm.wv[layer]
+        arrays[f"ak_{layer}"], arrays[f"bv_{layer}"] = lm.ak[layer], lm.bv[layer]
     entries = _write_weights(root / "lm" / "lm.weights", arrays)
     (root / "lm" / "lm.weights.json").write_text(json.dumps({"file": "lm.weights", "tensors": entries}))
     inits = [_external(e["name"], arrays[e["name"]], "lm.weights", e["offset"]) for e in entries]
@@ -202,7 +221,36 @@ def make_fake_bundle(root: Path, *, newlines: bool = True, t1: int = 8, t2: int 
             helper.make_node("Transpose", [f"{prefix}v3d{layer}"], [out_v], perm=[1, 0, 2]),
         ]
 
-    # prefill
+    def weight_nodes(pos, out, prefix):
+        """w(pos) = 1 + 0.5 sin(0.9 pos), elementwise."""
+        return [
+            _const(f"{prefix}w_freq", np.array([0.9], np.float32)), _const(f"{prefix}w_half", np.array([0.5], np.float32)),
+            _const(f"{prefix}w_one", np.array([1.0], np.float32)),
+            helper.make_node("Mul", [pos, f"{prefix}w_freq"], [f"{prefix}w_arg"]),
+            helper.make_node("Sin", [f"{prefix}w_arg"], [f"{prefix}w_sin"]),
+            helper.make_node("Mul", [f"{prefix}w_sin", f"{prefix}w_half"], [f"{prefix}w_half_sin"]),
+            helper.make_node("Add", [f"{prefix}w_half_sin", f"{prefix}w_one"], [out]),
+        ]
+
+    def mixed_nodes(k2d, v2d, layer, out, prefix):
+        """k2d/v2d [T, Hkv_l*Dh] -> out [T, D] = k2d @ A_l + v2d @ B_l."""
+        return [
+            helper.make_node("MatMul", [k2d, f"ak_{layer}"], [f"{prefix}ka{layer}"]),
+            helper.make_node("MatMul", [v2d, f"bv_{layer}"], [f"{prefix}vb{layer}"]),
+            helper.make_node("Add", [f"{prefix}ka{layer}", f"{prefix}vb{layer}"], [out]),
+        ]
+
+    def sum_nodes(names, out, prefix):
+        if len(names) == 1:
+            return [helper.make_node("Identity", names, [out])]
+        nodes, acc = [], names[0]
+        for i, name in enumerate(names[1:]):
+            nxt = out if i == len(names) - 2 else f"{prefix}acc{i}"
+            nodes.append(helper.make_node("Add", [acc, name], [nxt]))
+            acc = nxt
+        return nodes
+
+    # prefill: positions are the count of valid slots before each slot
     T = t1 + t2
     nodes = [
         _const("zero", np.array([0], np.int64)), _const("t1", np.array([t1], np.int64)), _const("tt", np.array([T], np.int64)),
@@ -213,15 +261,28 @@ def make_fake_bundle(root: Path, *, newlines: bool = True, t1: int = 8, t2: int 
         helper.make_node("Slice", ["text_valid", "zero", "t1"], ["tv_before"]),
         helper.make_node("Slice", ["text_valid", "t1", "tt"], ["tv_after"]),
         helper.make_node("Concat", ["tv_before", "visual_valid", "tv_after"], ["valid"], axis=0),  # [S]
-        helper.make_node("MatMul", ["x", "wv_0"], ["v0"]),  # [S, D]
-        helper.make_node("Unsqueeze", ["valid", "zero"], ["valid_row"]),  # [1, S]
-        helper.make_node("MatMul", ["valid_row", "v0"], ["vsum"]),  # [1, D]
+        _const("axis0", np.array(0, np.int64)),
+        helper.make_node("CumSum", ["valid", "axis0"], ["valid_count"]),
+        _const("one", np.array([1.0], np.float32)),
+        helper.make_node("Sub", ["valid_count", "one"], ["slot_pos"]),  # [S] position of each valid slot
+    ]
+    nodes += weight_nodes("slot_pos", "slot_w", "p")
+    nodes.append(helper.make_node("Mul", ["slot_w", "valid"], ["slot_wv"]))  # [S] invalid slots weigh 0
+    mixed = []
+    for layer in range(L):
+        nodes += [helper.make_node("MatMul", ["x", f"wk_{layer}"], [f"pmk{layer}"]),
+                  helper.make_node("MatMul", ["x", f"wv_{layer}"], [f"pmv{layer}"])]
+        nodes += mixed_nodes(f"pmk{layer}", f"pmv{layer}", layer, f"pmixed{layer}", "p")
+        mixed.append(f"pmixed{layer}")
+    nodes += sum_nodes(mixed, "pmixed", "p")  # [S, D]
+    nodes += [
+        helper.make_node("Unsqueeze", ["slot_wv", "zero"], ["slot_wv_row"]),  # [1, S]
+        helper.make_node("MatMul", ["slot_wv_row", "pmixed"], ["vsum"]),  # [1, D]
         _const("slot1", np.arange(1, S + 1, dtype=np.float32)),
         helper.make_node("Mul", ["valid", "slot1"], ["slot_key"]),
         helper.make_node("ArgMax", ["slot_key"], ["last"], keepdims=1),  # [1]
         helper.make_node("Gather", ["x", "last"], ["x_last"]),  # [1, D]
         helper.make_node("ReduceSum", ["valid"], ["count"], keepdims=1),  # [1]
-        _const("one", np.array([1.0], np.float32)),
         helper.make_node("Sub", ["count", "one"], ["pos"]),
         helper.make_node("Mul", ["pos", "pos_vec"], ["posv"]),  # [1, D]
         helper.make_node("Add", ["x_last", "posv"], ["h0"]),
@@ -240,21 +301,39 @@ def make_fake_bundle(root: Path, *, newlines: bool = True, t1: int = 8, t2: int 
                                     _vi("visual_valid", F, [V])], outs, inits)
     onnx.save(pre, str(root / "lm" / "prefill.onnx"))
 
-    # decode
+    # decode: slot j of the cache holds the token at position j (compacted)
     nodes = [
         _const("zero", np.array([0], np.int64)),
         helper.make_node("Gather", ["embed", "token_id"], ["e"]),  # [1, D]
-        helper.make_node("Transpose", ["past_value_0"], ["pv_t"], perm=[1, 0, 2]),  # [C, H0, Dh]
-        _const("cd_shape", np.array([C, D], np.int64)),
-        helper.make_node("Reshape", ["pv_t", "cd_shape"], ["pv_flat"]),  # [C, D]
-        helper.make_node("Unsqueeze", ["cache_valid", "zero"], ["cv_row"]),
-        helper.make_node("MatMul", ["cv_row", "pv_flat"], ["csum"]),  # [1, D]
-        helper.make_node("MatMul", ["e", "wv_0"], ["vself"]),
-        helper.make_node("Cast", ["position"], ["posf"], to=F),
+        _const("slot_index", np.arange(C, dtype=np.float32)),
+    ]
+    nodes += weight_nodes("slot_index", "cache_w", "d")
+    nodes += [helper.make_node("Mul", ["cache_w", "cache_valid"], ["cache_wv"]),  # [C]
+              helper.make_node("Unsqueeze", ["cache_wv", "zero"], ["cache_wv_row"]),  # [1, C]
+              helper.make_node("Cast", ["position"], ["posf"], to=F)]
+    nodes += weight_nodes("posf", "self_w", "s")  # [1] the new token's weight at its own position
+    mixed = []
+    for layer in range(L):
+        width = kv_heads[layer] * head_dim
+        nodes += [
+            _const(f"c_shape{layer}", np.array([C, width], np.int64)),
+            helper.make_node("Transpose", [f"past_key_{layer}"], [f"pk_t{layer}"], perm=[1, 0, 2]),  # [C, H, Dh]
+            helper.make_node("Reshape", [f"pk_t{layer}", f"c_shape{layer}"], [f"pk_flat{layer}"]),  # [C, H*Dh]
+            helper.make_node("Transpose", [f"past_value_{layer}"], [f"pv_t{layer}"], perm=[1, 0, 2]),
+            helper.make_node("Reshape", [f"pv_t{layer}", f"c_shape{layer}"], [f"pv_flat{layer}"]),
+            helper.make_node("MatMul", ["e", f"wk_{layer}"], [f"ek{layer}"]),  # the new token's own K/V
+            helper.make_node("MatMul", ["e", f"wv_{layer}"], [f"ev{layer}"]),
+        ]
+        nodes += mixed_nodes(f"pk_flat{layer}", f"pv_flat{layer}", layer, f"cmixed{layer}", "c")  # [C, D]
+        nodes += mixed_nodes(f"ek{layer}", f"ev{layer}", layer, f"smixed{layer}", "s")  # [1, D]
+        nodes.append(helper.make_node("MatMul", ["cache_wv_row", f"cmixed{layer}"], [f"csum{layer}"]))  # [1, D]
+        mixed += [f"csum{layer}", f"smixed_w{layer}"]
+        nodes.append(helper.make_node("Mul", [f"smixed{layer}", "self_w"], [f"smixed_w{layer}"]))
+    nodes += sum_nodes(mixed, "ctx", "d")
+    nodes += [
         helper.make_node("Mul", ["posf", "pos_vec"], ["posv"]),
         helper.make_node("Add", ["e", "posv"], ["h0"]),
-        helper.make_node("Add", ["h0", "csum"], ["h1"]),
-        helper.make_node("Add", ["h1", "vself"], ["h_lin"]),
+        helper.make_node("Add", ["h0", "ctx"], ["h_lin"]),
         helper.make_node("Sin", ["h_lin"], ["h"]),
         helper.make_node("MatMul", ["h", "head"], ["logits2d"]),
         _const("vocab_shape", np.array([vocab], np.int64)),
