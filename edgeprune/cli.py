@@ -84,9 +84,10 @@ def _recipe(model_name: str, recipe_file: str | None, **flags):
 @click.option("--target", help="Shape the graphs for this TensorRT target (opset, ops its parser lacks); see `edgeprune targets`.")
 @click.option("--opset", type=int, help="ONNX opset (default: the recipe's, lowered to the target's maximum).")
 @click.option("--precision", type=click.Choice(["fp32", "fp16"]), help="fp16: matmuls and their weights in fp16.")
+@click.option("--force", is_flag=True, help="Move a non-bundle --out directory aside (to DIR.old-<time>) instead of refusing.")
 @user_errors
 def export(model_name, budget, model_dir, out_dir, recipe_file, strategy, newlines, alpha, layers, target, opset,
-           precision):
+           precision, force):
     """Trace NAME into a static-shape ONNX bundle (vision, prefill, decode, step graphs + manifest)."""
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -110,7 +111,7 @@ def export(model_name, budget, model_dir, out_dir, recipe_file, strategy, newlin
                 console.log(name)
 
         export_bundle(model_name, out, recipe, model_dir=model_dir, model_options={"layers": layers},
-                      on_stage=on_stage)
+                      on_stage=on_stage, force=force)
         progress.update(task, completed=len(STAGES), description="done")
     _print_bundle_summary(out)
 

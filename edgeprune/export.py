@@ -8,13 +8,10 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
 
-from edgeprune import __version__, registry
+from edgeprune import __version__, bundle_dir, registry
 from edgeprune.errors import ExportError
 from edgeprune.recipe import Recipe
 
@@ -29,20 +26,18 @@ PROMPT_SENTINEL = "\u2063PROMPT\u2063"  # invisible separator, never in a chat t
 
 def export_bundle(model_name: str, out_dir: str | Path, recipe: Recipe, model_dir: str | None = None,
                   model_options: dict | None = None, on_stage: Callable[[str], None] = lambda s: None,
-                  loaded=None) -> Path:
+                  loaded=None, force: bool = False) -> Path:
     """Exports `model_name` (a registry name) as a bundle in `out_dir`, replacing an older bundle there.
 
     Returns the bundle path. Raises EdgePruneError subclasses for user-fixable problems
-    (unknown model, bad directory, bad recipe values, a non-bundle directory in the way).
-    `loaded` lets callers (bench) pass a model they already loaded.
+    (unknown model, bad directory, bad recipe values, a non-bundle directory in the way, a full disk).
+    `loaded` lets callers (bench) pass a model they already loaded. `force` moves a non-bundle directory
+    at `out_dir` aside instead of refusing it (bundle_dir.py: nothing is ever deleted but an old bundle).
     """
     import torch
 
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"{out} is a file; choose another --out directory")
-    if out.exists() and not (out / "manifest.json").is_file() and any(out.iterdir()):
-        raise ExportError(f"{out} exists and is not an edgeprune bundle; choose another --out or remove it")
+    bundle_dir.check_destination(out, force)
     entry = registry.get(model_name)
 
     on_stage("load model")
@@ -66,10 +61,8 @@ def export_bundle(model_name: str, out_dir: str | Path, recipe: Recipe, model_di
     from edgeprune.trt.forms import graph_passes
     from edgeprune_runtime.layout import layout_for
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    stage_dir.chmod(0o755)  # mkdtemp makes it private; a bundle is shared like any output dir
-    scratch = Path(tempfile.mkdtemp(prefix="edgeprune-trace-"))
+    staging = bundle_dir.Staging(out, force)  # .NAME.partial-* beside `out`, trace scratch; SIGTERM acts as Ctrl-C
+    stage_dir, scratch = staging.stage_dir, staging.scratch
     try:
         s = shapes
         opset = recipe.onnx.opset
@@ -162,24 +155,14 @@ def export_bundle(model_name: str, out_dir: str | Path, recipe: Recipe, model_di
         manifest["files"] = {str(p.relative_to(stage_dir)): sha256_file(p)
                              for p in sorted(stage_dir.rglob("*")) if p.is_file()}
         (stage_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        _replace_dir(stage_dir, out)
-    except BaseException:
-        shutil.rmtree(stage_dir, ignore_errors=True)
+        staging.commit()
+    except BaseException as e:
+        staging.abort()
+        bundle_dir.raise_write_error(e, out)  # a full disk or unwritable --out: one ExportError line
         raise
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        staging.close()
     return out
-
-
-def _replace_dir(new: Path, dst: Path) -> None:
-    """Renames `new` to `dst`; an older bundle at `dst` is moved aside first and removed after."""
-    old = None
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.replace(dst, old)
-    os.replace(new, dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _eos_ids(model, tokenizer) -> list[int]:

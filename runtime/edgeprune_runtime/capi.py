@@ -78,7 +78,9 @@ def _api(fn):
             return _fail(e.status, e.message)
         except MemoryError:
             return _fail(Status.RESOURCE_LIMIT, f"{fn.__name__}: out of memory; lower EDGEPRUNE_MEMORY_BUDGET_MB or free memory")
-        except Exception as e:  # a bug: say so, with the exception, instead of crashing the embedding application
+        except (KeyboardInterrupt, SystemExit, GeneratorExit):
+            raise
+        except BaseException as e:  # a bug (or a Rust panic, a BaseException): say so instead of crashing the caller
             first = (str(e).splitlines() or [""])[0][:200]
             return _fail(Status.INTERNAL_ERROR, f"{fn.__name__}: internal error in edgeprune_runtime (a bug, please report it): "
                                                 f"{type(e).__name__}: {first}")

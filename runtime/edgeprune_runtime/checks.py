@@ -65,11 +65,11 @@ def load_json(path: Path, max_bytes: int, what: str) -> Any:
         raise bundle_invalid(f"{what} {path} has {size} bytes, more than the {max_bytes} this runtime reads; re-export")
     try:
         with open(path, "rb") as f:
-            raw = f.read(max_bytes + 1)
+            raw = f.read(size + 1)  # not max_bytes + 1: read() allocates the buffer it is asked for
     except OSError as e:
         raise bundle_invalid(f"cannot read {what} {path}: {e.strerror}") from None
-    if len(raw) > max_bytes:
-        raise bundle_invalid(f"{what} {path} grew past {max_bytes} bytes while being read")
+    if len(raw) > size:
+        raise bundle_invalid(f"{what} {path} grew while being read; a bundle must not change while it loads")
     try:
         data = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
     except RecursionError:

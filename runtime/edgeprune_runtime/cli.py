@@ -1,18 +1,21 @@
 """`python -m edgeprune_runtime BUNDLE --image IMG --prompt TEXT`: one answer, streamed to stdout.
 
-Every RuntimeStatusError becomes `error: <message>` on stderr and exit code 2, no traceback.
+Every RuntimeStatusError becomes `error: <message>` on stderr and exit code 2, no traceback; a closed or
+full stdout (`... | head -c 10`, a full disk) is one of them (OUTPUT_FAILED).
 `run()` is the reusable part (the toolchain's `edgeprune run` calls it); `main()` adds argparse.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
 import sys
 from typing import TextIO
 
 from edgeprune_runtime.api import Bundle, Result
-from edgeprune_runtime.errors import RuntimeStatusError
+from edgeprune_runtime.errors import RuntimeStatusError, Status
 
 EXIT_USER_ERROR = 2
 
@@ -26,23 +29,44 @@ def run(bundle_path, image, prompt: str, *, max_new_tokens: int = 32, raw_prompt
     stderr = stderr or sys.stderr
 
     def stream(text: str) -> None:
-        stdout.write(text)
-        stdout.flush()
+        _write(stdout, text)
 
     with Bundle(bundle_path, verify_hashes=verify_hashes) as bundle:
         result = bundle.generate(image, prompt, max_new_tokens=max_new_tokens, raw_prompt=raw_prompt,
                                  temperature=temperature, top_p=top_p, seed=seed,
                                  on_text=None if as_json else stream)
     if as_json:
-        stdout.write(json.dumps(result.to_dict()) + "\n")
+        _write(stdout, json.dumps(result.to_dict()) + "\n")
     else:
-        stdout.write("\n")
-        stdout.flush()  # the answer before the summary line when both go to one terminal
+        _write(stdout, "\n")  # flushed: the answer before the summary line when both go to one terminal
         rate = f"{result.decode_tokens_per_s:.1f} tokens/s" if result.decode_tokens_per_s is not None else "- tokens/s"
-        stderr.write(f"[{len(result.token_ids)} tokens, stop: {result.stop_reason}, {result.visual_tokens} visual tokens, "
-                     f"ttft {result.ttft_s:.3f} s, {rate}]\n")
-    stdout.flush()
+        _write(stderr, f"[{len(result.token_ids)} tokens, stop: {result.stop_reason}, {result.visual_tokens} visual tokens, "
+                       f"ttft {result.ttft_s:.3f} s, {rate}]\n")
     return result
+
+
+def _write(stream: TextIO, text: str) -> None:
+    """Writes and flushes; a closed pipe or full disk becomes RuntimeStatusError(OUTPUT_FAILED).
+
+    After a failure on the process's own stdout/stderr, that descriptor is pointed at /dev/null, so the
+    interpreter's final flush cannot print a second error (the Python documentation's advice for SIGPIPE)."""
+    try:
+        stream.write(text)
+        stream.flush()
+    except (OSError, ValueError) as e:  # ValueError: the stream was closed
+        why = ("the reader closed the pipe" if isinstance(e, BrokenPipeError)
+               else os.strerror(e.errno) if isinstance(e, OSError) and e.errno else str(e))
+        name = getattr(stream, "name", "the output")
+        if stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+            try:
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, stream.fileno())
+                os.close(devnull)
+            except (OSError, ValueError):
+                pass
+        status_errno = getattr(e, "errno", None)
+        hint = "; free disk space" if status_errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) else ""
+        raise RuntimeStatusError(Status.OUTPUT_FAILED, f"cannot write to {name}: {why}{hint}") from None
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -79,10 +103,18 @@ def main(argv: list[str] | None = None) -> int:
             temperature=args.temperature, top_p=args.top_p, seed=args.seed, as_json=args.json,
             verify_hashes=not args.skip_hash_check)
     except RuntimeStatusError as e:
-        sys.stdout.flush()
-        print(f"error: {e.message}", file=sys.stderr)
+        _report(f"error: {e.message}")
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        _report("error: interrupted")
         return 130
     return 0
+
+
+def _report(line: str) -> None:
+    """The one error line on stderr (after what stdout still holds); silent when stderr itself is gone."""
+    for stream, text in ((sys.stdout, ""), (sys.stderr, line + "\n")):
+        try:
+            _write(stream, text)
+        except RuntimeStatusError:
+            pass

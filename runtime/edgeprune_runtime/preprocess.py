@@ -198,9 +198,9 @@ def _one_line(text: str) -> str:
 
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
 # Full-scale values tried in order for "I" and "F" images, whose bit depth Pillow does not record: the
-# smallest that holds the data's maximum maps to 255 (float images in [0, 1], 8-bit or 16-bit data
-# widened to 32 bits, then the whole unsigned 32-bit range).
-_FULL_SCALES = {"F": (1.0, 255.0, 65535.0, 2.0 ** 32 - 1), "I": (255.0, 65535.0, 2.0 ** 32 - 1)}
+# smallest that holds the data's maximum maps to 255 ("F" in [0, 1], 8- or 16-bit data widened to 32 bits,
+# then the whole signed 32-bit range Pillow's "I" holds; a float image beyond 65535 uses its own maximum).
+_FULL_SCALES = {"F": (1.0, 255.0, 65535.0), "I": (255.0, 65535.0, 2.0 ** 31 - 1)}
 
 
 def _to_8bit(image: Image.Image) -> Image.Image:

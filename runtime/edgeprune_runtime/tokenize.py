@@ -19,6 +19,13 @@ PROMPT_PLACEHOLDER = "{prompt}"
 MAX_TOKENIZER_BYTES = 128 << 20  # the largest tokenizer.json files in use are ~35 MB
 MAX_PROMPT_CHARS = 1 << 20  # far beyond any text-slot count; bounds the tokenizer's work
 MAX_DECODE_IDS = 1 << 20
+_NOT_OURS = (KeyboardInterrupt, SystemExit, GeneratorExit)  # never turned into a status
+
+
+def _tokenizer_failed(what: str, e: BaseException) -> RuntimeStatusError:
+    """A tokenizer that loaded but fails (or panics) on valid text is a broken bundle."""
+    first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+    return RuntimeStatusError(Status.BUNDLE_INVALID, f"the bundle's tokenizer failed to {what} ({type(e).__name__}: {first}); re-export")
 
 
 def token_id(value, vocab: int) -> int:
@@ -81,7 +88,9 @@ class PromptTokenizer:
                                      f"{MAX_TOKENIZER_BYTES} this runtime loads; re-export")
         try:
             tok = Tokenizer.from_file(str(path))
-        except Exception as e:  # tokenizers raises a bare Exception for unparsable files
+        except _NOT_OURS:
+            raise
+        except BaseException as e:  # a bare Exception for unparsable files, a PanicException (BaseException) for odd ones
             first = (str(e).splitlines() or [type(e).__name__])[0][:200]
             raise RuntimeStatusError(Status.BUNDLE_INVALID, f"cannot load tokenizer {path}: {first}; re-export") from None
         got = tok.token_to_id(image_token)
@@ -132,7 +141,12 @@ class PromptTokenizer:
         Raises RuntimeStatusError(INVALID_ARGUMENT) unless `text` encodes to exactly one image token,
         and PROMPT_TOO_LONG when a side exceeds its static text slots.
         """
-        ids = self.tokenizer.encode(text, add_special_tokens=True).ids
+        try:
+            ids = self.tokenizer.encode(text, add_special_tokens=True).ids
+        except _NOT_OURS:
+            raise
+        except BaseException as e:
+            raise _tokenizer_failed("encode the prompt", e) from None
         where = [i for i, t in enumerate(ids) if t == self.image_token_id]
         if len(where) != 1:
             raise RuntimeStatusError(
@@ -164,7 +178,13 @@ class PromptTokenizer:
 
     def decode(self, ids) -> str:
         """Text of `ids`, special tokens skipped. Raises INVALID_ARGUMENT for an id outside the vocabulary."""
-        return self.tokenizer.decode(self.check_ids(ids), skip_special_tokens=True)
+        checked = self.check_ids(ids)
+        try:
+            return self.tokenizer.decode(checked, skip_special_tokens=True)
+        except _NOT_OURS:
+            raise
+        except BaseException as e:
+            raise _tokenizer_failed("decode token ids", e) from None
 
     def stream(self) -> "TextStream":
         return TextStream(self)
@@ -187,8 +207,9 @@ class TextStream:
         """The text that `token` adds ("" when nothing printable is complete yet).
 
         Raises INVALID_ARGUMENT for an id outside the vocabulary; the stream is then left as it was."""
-        self._ids.append(token_id(token, self._tok.vocab_size))
-        text = self._tok.decode(self._ids)
+        ids = self._ids + [token_id(token, self._tok.vocab_size)]
+        text = self._tok.decode(ids)
+        self._ids = ids  # only now: a failed call leaves the stream as it was
         if text.endswith("\ufffd"):
             return ""
         if text.startswith(self._emitted):

@@ -68,3 +68,35 @@ def test_module_entry_point_imports_no_heavy_packages(fake_bundle, images):
     assert proc.returncode == 0, proc.stderr
     assert "HEAVY []" in proc.stderr
     assert json.loads(proc.stdout)["stop_reason"] in ("eos", "max_new_tokens")
+
+
+def _runtime(args, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "edgeprune_runtime", *args], capture_output=True, timeout=120,
+                          env={"PYTHONPATH": str(RUNTIME), "PATH": "/usr/bin:/bin"}, **kw)
+
+
+def _one_error_line(proc: subprocess.CompletedProcess, words: str) -> None:
+    err = proc.stderr.decode("utf-8", "replace")
+    assert proc.returncode == 2, err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    assert words in err, err
+
+
+def test_prompt_of_invalid_utf8_bytes_is_one_line(fake_bundle, images):
+    """argv bytes that are not UTF-8 (`--prompt $'caf\\xc3'`) reach Python as lone surrogates."""
+    root, _ = fake_bundle
+    proc = _runtime([str(root), "--image", str(images["wide"]), "--prompt", b"caf\xc3"])
+    _one_error_line(proc, "not valid UTF-8")
+
+
+def test_a_closed_stdout_is_one_line(fake_bundle, images):
+    """`... | head -c 1`: the reader goes away (a broken pipe), one error line and exit 2. `true` closes the pipe
+    before the bundle has loaded, so the first write always meets a closed pipe (no race with the reader)."""
+    root, _ = fake_bundle
+    cmd = (f"{sys.executable} -m edgeprune_runtime {root} --image {images['wide']} --prompt hi --max-new-tokens 20 "
+           "--temperature 1 2>err.txt | true; echo ${PIPESTATUS[0]} > rc.txt")
+    work = Path(root).parent
+    subprocess.run(["bash", "-c", cmd], cwd=work, timeout=120, env={"PYTHONPATH": str(RUNTIME), "PATH": "/usr/bin:/bin"})
+    err = (work / "err.txt").read_text()
+    assert (work / "rc.txt").read_text().strip() == "2", err
+    assert err.startswith("error: cannot write to <stdout>") and err.count("\n") == 1, err
