@@ -176,15 +176,28 @@ def run(bundle, image, prompt, max_new_tokens, raw_prompt, temperature, top_p, s
 @click.option("--model", "model_dir", type=click.Path(), help="Source checkpoint dir, if it moved since export.")
 @click.option("--atol", type=float, default=1e-4, show_default=True)
 @click.option("--rtol", type=float, default=1e-3, show_default=True)
+@click.option("--save-dir", type=click.Path(file_okay=False), help="Write each stage's inputs and reference outputs "
+              "as Polygraphy JSON (<stage>.inputs.json, <stage>.outputs.json).")
+@click.option("--backends", default="onnxrt", show_default=True, help="onnxrt, or onnxrt,trt to compare engines too.")
+@click.option("--target", "target_name", help="Whose engines `--backends trt` compares [default: the bundle's only one].")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @user_errors
-def compare(bundle, image, prompt, raw_prompt, model_dir, atol, rtol, as_json):
-    """Compare every stage of BUNDLE (ONNX Runtime) with eager PyTorch, using Polygraphy. Exit 1 on mismatch."""
+def compare(bundle, image, prompt, raw_prompt, model_dir, atol, rtol, save_dir, backends, target_name, as_json):
+    """Compare every stage of BUNDLE (ONNX Runtime, TensorRT engines) with eager PyTorch, using Polygraphy. Exit 1 on mismatch."""
     import json
 
-    from edgeprune.compare import compare_bundle
+    from edgeprune.compare import compare_bundle, engines_target
+    from edgeprune.sweep import parse_list
 
-    report = compare_bundle(bundle, image, prompt, raw_prompt, atol=atol, rtol=rtol, model_dir=model_dir)
+    chosen = parse_list(backends, str, "backends")
+    unknown = set(chosen) - {"onnxrt", "trt"}
+    if unknown:
+        from edgeprune.errors import ConfigError
+
+        raise ConfigError(f"--backends: unknown backend {sorted(unknown)[0]!r} (known: onnxrt, trt)")
+    trt_target = engines_target(bundle, target_name) if "trt" in chosen else None
+    report = compare_bundle(bundle, image, prompt, raw_prompt, atol=atol, rtol=rtol, model_dir=model_dir,
+                            save_dir=save_dir, trt_target=trt_target)
     if as_json:
         click.echo(json.dumps(report.to_dict()))
     else:
@@ -197,6 +210,8 @@ def compare(bundle, image, prompt, raw_prompt, model_dir, atol, rtol, as_json):
             table.add_row(r.stage, r.output, f"{r.max_absdiff:.3g}", f"{r.max_reldiff:.3g}",
                           "[green]pass[/]" if r.passed else "[red]FAIL[/]")
         _table_console().print(table)
+        for why in report.skipped:
+            click.echo(f"skipped: {why}")
         click.echo("compare: all stages match" if report else "compare: MISMATCH (see FAIL rows)")
     sys.exit(0 if report else 1)
 
@@ -369,16 +384,19 @@ def targets(as_json):
 @click.option("--target", "target_name", required=True, help="Target profile (see `edgeprune targets`).")
 @click.option("--memory-gib", type=click.FloatRange(min=0, min_open=True), help="Device memory instead of the profile's.")
 @click.option("--no-parser", is_flag=True, help="Skip the real TensorRT parser even when one is installed.")
+@click.option("--lm-layers", type=click.IntRange(min=1), help="Estimate memory as if the LM had N layers "
+              "(e.g. 32 for a full 7B judged from a --layers 2 export).")
 @click.option("--json", "as_json", is_flag=True, help='Print {"target", "ok", "findings": [...], "memory", "parser"}.')
 @user_errors
-def check(bundle, target_name, memory_gib, no_parser, as_json):
+def check(bundle, target_name, memory_gib, no_parser, lm_layers, as_json):
     """Say whether BUNDLE will build for a target: opset, ops, shapes, precision, memory, TensorRT's parser. Exit 1 if not."""
     import json
 
     from edgeprune.trt.check import check_bundle
     from edgeprune.trt.targets import get_target
 
-    report = check_bundle(bundle, get_target(target_name), memory_gib=memory_gib, use_parser=not no_parser)
+    report = check_bundle(bundle, get_target(target_name), memory_gib=memory_gib, use_parser=not no_parser,
+                          lm_layers=lm_layers)
     if as_json:
         click.echo(json.dumps(report.to_dict()))
     else:

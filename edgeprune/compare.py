@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -41,12 +41,14 @@ class CompareReport:
     rows: list[OutputDiff]
     atol: float
     rtol: float
+    skipped: list[str] = field(default_factory=list)  # backends not compared, with the reason
 
     def __bool__(self) -> bool:
         return all(r.passed for r in self.rows)
 
     def to_dict(self) -> dict:
-        return {"passed": bool(self), "atol": self.atol, "rtol": self.rtol, "outputs": [r.__dict__ for r in self.rows]}
+        return {"passed": bool(self), "atol": self.atol, "rtol": self.rtol, "outputs": [r.__dict__ for r in self.rows],
+                "skipped": self.skipped}
 
 
 def _torch_runner(module, input_names: list[str], output_names: list[str], name: str, feed: dict):
@@ -83,31 +85,54 @@ def _torch_runner(module, input_names: list[str], output_names: list[str], name:
     return TorchGraphRunner()
 
 
-def _compare_stage(stage: str, torch_runner, onnx_path: Path, feed: dict, atol: float, rtol: float):
-    """Runs both runners on `feed`; returns (rows, onnx outputs)."""
+@dataclass
+class StageOptions:
+    atol: float
+    rtol: float
+    save_dir: Path | None = None  # write <stage>.inputs.json / <stage>.outputs.json in Polygraphy's format
+    engine_runner: object = None  # stage -> a Polygraphy runner of the stage's TensorRT engine, or None
+
+
+def _compare_stage(stage: str, torch_runner, onnx_path: Path, feed: dict, opts: StageOptions):
+    """Runs the torch reference, ONNX Runtime (and the stage's engine, if any) on `feed`; compares each
+    backend with the reference. Returns (rows, onnx outputs)."""
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
-    from polygraphy.comparator import Comparator, CompareFunc
+    from polygraphy.comparator import Comparator, CompareFunc, RunResults
+    from polygraphy.json import save_json
     from polygraphy.logger import G_LOGGER
 
     G_LOGGER.module_severity = G_LOGGER.ERROR  # its per-inference INFO lines would bury the table
 
-    ort_runner = OnnxrtRunner(SessionFromOnnx(str(onnx_path), providers=["CPUExecutionProvider"]), name=f"onnxrt-{stage}")
-    results = Comparator.run([torch_runner, ort_runner], data_loader=[feed], warm_up=0, save_inputs_path=None)
-    accuracy = Comparator.compare_accuracy(results, compare_func=CompareFunc.simple(atol=atol, rtol=rtol),
-                                           fail_fast=False)
+    runners = [torch_runner, OnnxrtRunner(SessionFromOnnx(str(onnx_path), providers=["CPUExecutionProvider"]),
+                                          name=f"onnxrt-{stage}")]
+    engine = opts.engine_runner(stage) if opts.engine_runner else None
+    if engine is not None:
+        runners.append(engine)
+    results = Comparator.run(runners, data_loader=[feed], warm_up=0, save_inputs_path=None)
+    if opts.save_dir is not None:
+        # `polygraphy run <graph> --onnxrt --load-inputs X.inputs.json --load-outputs X.outputs.json` re-checks it
+        save_json([feed], str(opts.save_dir / f"{stage}.inputs.json"))
+        RunResults([results[0]]).save(str(opts.save_dir / f"{stage}.outputs.json"))
+    accuracy = Comparator.compare_accuracy(results, compare_func=CompareFunc.simple(atol=opts.atol, rtol=opts.rtol),
+                                           fail_fast=False, comparisons=[(0, i) for i in range(1, len(runners))])
     rows = []
-    for iteration in next(iter(accuracy[0].values())):  # one compare func, one runner pair
-        for output, res in iteration.items():
-            rows.append(OutputDiff(stage, output, float(res.max_absdiff), float(res.max_reldiff), bool(res)))
+    for (_, backend), iterations in accuracy[0].items():  # one compare func; (reference, backend) pairs
+        label = stage if backend.startswith("onnxrt") else f"{stage} (trt)"
+        for output, res in iterations[0].items():
+            rows.append(OutputDiff(label, output, float(res.max_absdiff), float(res.max_reldiff), bool(res)))
     onnx_out = dict(results[1][1][0])
     return rows, onnx_out
 
 
 def compare_bundle(bundle_dir: str | Path, image_path: str, prompt: str = SAMPLE_PROMPT, raw_prompt: bool = False,
-                   atol: float = 1e-4, rtol: float = 1e-3, model_dir: str | None = None) -> CompareReport:
-    """Compares the bundle's ONNX graphs with eager PyTorch stage by stage. Raises EdgePruneError /
-    RuntimeStatusError for a bad bundle, image or prompt, or a source model that is not the one exported."""
-    from edgeprune.graphs import VISION_OUTPUTS, DecodeGraph, PrefillGraph, VisionGraph
+                   atol: float = 1e-4, rtol: float = 1e-3, model_dir: str | None = None,
+                   save_dir: str | Path | None = None, trt_target: str | None = None) -> CompareReport:
+    """Compares the bundle's ONNX graphs (and, with `trt_target`, its engines for that target) with eager
+    PyTorch stage by stage. `save_dir` receives each stage's inputs and reference outputs as Polygraphy JSON.
+
+    Raises EdgePruneError / RuntimeStatusError for a bad bundle, image or prompt, a source model that is
+    not the one exported, or engines that are missing or cannot run here (the message says why)."""
+    from edgeprune.graphs import VISION_OUTPUTS, DecodeGraph, PrefillGraph, StepGraph, VisionGraph
     from edgeprune.recipe import recipe_from_dict
     from edgeprune_runtime.generator import LoadedBundle
     from edgeprune_runtime.kvcache import KVCache, prefill_slot_valid
@@ -125,6 +150,10 @@ def compare_bundle(bundle_dir: str | Path, image_path: str, prompt: str = SAMPLE
         raise ConfigError(f"the model at {path or source['model']} is not the one this bundle was exported from "
                           "(weights hash differs); pass --model with the source checkpoint")
     recipe = recipe_from_dict(m.data["recipe"], f"{m.root}/manifest.json recipe")
+    engines, skipped = _engine_runners(m, trt_target) if trt_target else (None, None)
+    opts = StageOptions(atol, rtol, Path(save_dir) if save_dir else None, engines)
+    if opts.save_dir is not None:
+        opts.save_dir.mkdir(parents=True, exist_ok=True)
 
     pixel_values, image_hw = preprocess(load_image(image_path), bundle.preprocess_params)
     pp = bundle.preprocess_params
@@ -134,7 +163,7 @@ def compare_bundle(bundle_dir: str | Path, image_path: str, prompt: str = SAMPLE
     feed = {n: feed[n] for n in vision.input_names}
     rows, v_out = _compare_stage("vision", _torch_runner(vision, list(vision.input_names), list(VISION_OUTPUTS),
                                                          "torch-vision", feed),
-                                 m.path(m.graphs["vision"]["file"]), feed, atol, rtol)
+                                 m.path(m.graphs["vision"]["file"]), feed, opts)
 
     tok = bundle.tokenizer
     before, after = tok.encode_prompt(tok.prompt_text(prompt, bundle.prompt_template, raw_prompt))
@@ -146,7 +175,7 @@ def compare_bundle(bundle_dir: str | Path, image_path: str, prompt: str = SAMPLE
             "visual_valid": v_out["visual_valid"]}
     prefill = PrefillGraph(loaded.model, s).eval()
     more, p_out = _compare_stage("prefill", _torch_runner(prefill, prefill_inputs, ["logits", *kv], "torch-prefill", feed),
-                                 m.path(m.graphs["prefill"]["file"]), feed, atol, rtol)
+                                 m.path(m.graphs["prefill"]["file"]), feed, opts)
     rows += more
 
     # The cache as the runtime fills it from the ONNX prefill outputs, then the first generated token.
@@ -162,6 +191,69 @@ def compare_bundle(bundle_dir: str | Path, image_path: str, prompt: str = SAMPLE
     decode = DecodeGraph(loaded.model, s).eval()
     more, _ = _compare_stage("decode", _torch_runner(decode, decode_inputs, ["logits", *[f"new_{k}" for k in kv]],
                                                      "torch-decode", feed),
-                             m.path(m.graphs["decode"]["file"]), feed, atol, rtol)
+                             m.path(m.graphs["decode"]["file"]), feed, opts)
     rows += more
-    return CompareReport(rows, atol, rtol)
+
+    if "step" in m.graphs:  # the TensorRT LM's graph, as a prefill: the same request in T = S slots
+        v = s.visual_slots
+        feed = {"token_ids": np.concatenate([text_ids[:t1], np.zeros(v, np.int64), text_ids[t1:]]),
+                "visual_embeds": np.concatenate([np.zeros((t1, s.hidden_size), np.float32), v_out["visual_embeds"],
+                                                 np.zeros((t2, s.hidden_size), np.float32)]),
+                "is_visual": np.concatenate([np.zeros(t1), np.ones(v), np.zeros(t2)]).astype(np.float32),
+                "slot_valid": prefill_slot_valid(text_valid, v_out["visual_valid"], t1),
+                "position": np.zeros(1, np.int64), "cache_valid": np.zeros(s.cache_capacity, np.float32)}
+        for i, h in enumerate(s.kv_heads):
+            for kind in ("key", "value"):
+                feed[f"past_{kind}_{i}"] = np.zeros((h, s.cache_capacity, s.head_dim), np.float32)
+        step_inputs = [*StepGraph.input_names, *[f"past_{k}" for k in kv]]
+        step = StepGraph(loaded.model, s).eval()
+        more, _ = _compare_stage("step", _torch_runner(step, step_inputs, ["logits", *[f"new_{k}" for k in kv]],
+                                                       "torch-step", feed),
+                                 m.path(m.graphs["step"]["file"]), feed, opts)
+        rows += more
+    return CompareReport(rows, atol, rtol, [skipped] if skipped else [])
+
+
+# stage -> (engine name, optimization profile): prefill/decode run on the LM engine's profiles via the step graph
+_ENGINE_OF_STAGE = {"vision": ("vision", 0), "step": ("lm", 0)}
+
+
+def _engine_runners(manifest, target_name: str):
+    """(stage -> Polygraphy runner of the bundle's engine for `target_name` or None, None), or (None, why
+    they cannot run on this machine: no TensorRT, no GPU, another compute capability).
+
+    ConfigError when the bundle has no engines for the target."""
+    from edgeprune.trt.library import import_library
+    from edgeprune.trt.runner import engine_runnable, engine_runner
+    from edgeprune.trt.targets import get_target
+
+    target = get_target(target_name)
+    entry = manifest.data.get("engines", {}).get(target_name)
+    if not entry:
+        raise ConfigError(f"{manifest.root} has no engines for {target_name}; run `edgeprune build {manifest.root} "
+                          f"--target {target_name}` first")
+    runnable, why = engine_runnable(target)
+    if not runnable:
+        return None, f"{target_name} engines not compared: {why}"
+    trt = import_library(target)
+
+    def runner(stage: str):
+        if stage not in _ENGINE_OF_STAGE:
+            return None
+        name, profile = _ENGINE_OF_STAGE[stage]
+        return engine_runner(trt, manifest.path(entry["engines"][name]["file"]).read_bytes(), f"trt-{stage}", profile)
+
+    return runner, None
+
+
+def engines_target(bundle_dir: str | Path, target_name: str | None) -> str:
+    """The target whose engines `compare --backends trt` uses: the given one, or the bundle's only one."""
+    from edgeprune_runtime.manifest import load_manifest
+
+    built = list(load_manifest(bundle_dir, verify_hashes=False).data.get("engines", {}))
+    if target_name:
+        return target_name
+    if len(built) != 1:
+        raise ConfigError(f"--backends trt needs --target (engines built: {', '.join(built) or 'none'}; "
+                          f"`edgeprune build {bundle_dir} --target T` builds them)")
+    return built[0]

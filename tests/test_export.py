@@ -271,7 +271,7 @@ def test_failure_midway_leaves_nothing_behind(tiny, tiny_recipe, tmp_path, monke
 
     calls = []
 
-    def failing_check(path):
+    def failing_check(path, **kwargs):
         calls.append(path)
         raise error
 

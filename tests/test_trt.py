@@ -193,6 +193,23 @@ def test_memory_estimate_counts_weights_once_and_the_cache(export_variant):
     assert m.activation_bytes >= s.prefill_slots * s.prefill_slots * 4  # one [S, S] attention mask at least
 
 
+def test_memory_estimate_scaled_to_more_layers(export_variant, tiny):
+    """--lm-layers repeats the per-layer weights and cache; expected from the torch model's own parameters."""
+    from edgeprune.trt.check import check_bundle
+
+    bundle, target = export_variant(), get_target("rtx")
+    base = check_bundle(bundle, target, use_parser=False).memory
+    same = check_bundle(bundle, target, use_parser=False, lm_layers=2).memory
+    assert same.to_dict() == base.to_dict()
+    lm = tiny.model.model.language_model
+    per_layer = sum(p.numel() * 4 for p in lm.layers.parameters()) + lm.norm.weight.numel() * 4
+    n = len(lm.layers)
+    scaled = check_bundle(bundle, target, use_parser=False, lm_layers=3 * n).memory
+    # norms under 1 KiB live inline in the graph files, not in lm.weights: within 1% of a layer
+    assert scaled.weights_bytes - base.weights_bytes == pytest.approx(2 * per_layer, rel=1e-2)
+    assert scaled.kv_cache_bytes == 3 * base.kv_cache_bytes
+
+
 @needs_rtx
 @pytest.mark.tensorrt
 def test_real_parser_reports_a_refused_node(tmp_path):
@@ -338,22 +355,51 @@ def test_every_strategy_budget_and_newline_policy_builds(tiny, tiny_recipe, tmp_
     assert all((bundle / e["file"]).stat().st_size > 0 for e in entry["engines"].values())
 
 
+@pytest.fixture(scope="module")
+def sample_png(tmp_path_factory):
+    from edgeprune.sample_image import write_sample_image
+
+    return write_sample_image(tmp_path_factory.mktemp("img") / "table.png", 320, 240)
+
+
+def test_compare_saves_polygraphy_json_that_polygraphy_run_reproduces(export_variant, sample_png, tmp_path):
+    out = cli("compare", export_variant(), "--image", sample_png, "--save-dir", tmp_path / "cmp", "--json")
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert {r["stage"] for r in report["outputs"]} == {"vision", "prefill", "decode", "step"}
+    polygraphy = Path(sys.executable).with_name("polygraphy")
+    for stage, graph in (("vision", "vision/vision.onnx"), ("step", "lm/step.onnx")):
+        run = subprocess.run([str(polygraphy), "run", str(export_variant() / graph), "--onnxrt",
+                              "--load-inputs", str(tmp_path / "cmp" / f"{stage}.inputs.json"),
+                              "--load-outputs", str(tmp_path / "cmp" / f"{stage}.outputs.json"),
+                              "--atol", "1e-4", "--rtol", "1e-3"], capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0 and "PASSED" in run.stdout + run.stderr, run.stdout[-2000:] + run.stderr[-2000:]
+
+
+def test_compare_trt_without_engines_says_how_to_build(export_variant, sample_png):
+    out = cli("compare", export_variant(), "--image", sample_png, "--backends", "onnxrt,trt", "--target", "rtx")
+    assert out.returncode == 2 and "edgeprune build" in out.stderr
+
+
 @needs_rtx
 @pytest.mark.tensorrt
-def test_engines_execute_where_a_gpu_can_run_them(export_variant, tmp_path):
-    """Runs the built vision engine against ONNX Runtime, where an engine can run at all."""
+def test_engines_execute_where_a_gpu_can_run_them(export_variant, sample_png, tmp_path):
+    """`compare --backends onnxrt,trt` runs the engines against PyTorch where an engine can run, and says
+    why it skipped them elsewhere (here: no GPU that TensorRT-RTX engines run on)."""
     import shutil
 
+    from edgeprune.trt.build import build_bundle
     from edgeprune.trt.runner import engine_runnable
 
     bundle = tmp_path / "b"
     shutil.copytree(export_variant(), bundle)
     target = get_target("rtx")
+    build_bundle(bundle, target)
+    out = cli("compare", bundle, "--image", sample_png, "--backends", "onnxrt,trt", "--json")
+    assert out.returncode == 0, out.stdout + out.stderr
+    report = json.loads(out.stdout)
     runnable, reason = engine_runnable(target)
     if not runnable:
+        assert report["skipped"] == [f"rtx engines not compared: {reason}"]
         pytest.skip(reason)
-    from edgeprune.trt.build import build_bundle
-
-    build_bundle(bundle, target)
-    out = cli("compare", bundle, "--image", Path(__file__).with_name("tiny_inputs.py"), "--backends", "trt", "--target", "rtx")
-    assert out.returncode == 0, out.stdout + out.stderr
+    assert {"vision (trt)", "step (trt)"} <= {r["stage"] for r in report["outputs"]}

@@ -73,8 +73,11 @@ def precision_refusal(target: Target, precision: str) -> str | None:
 
 
 def check_bundle(bundle_dir: str | Path, target: Target, memory_gib: float | None = None,
-                 use_parser: bool = True) -> CheckReport:
-    """All findings for the bundle on `target`. Raises RuntimeStatusError for a bundle that is not valid."""
+                 use_parser: bool = True, lm_layers: int | None = None) -> CheckReport:
+    """All findings for the bundle on `target`. Raises RuntimeStatusError for a bundle that is not valid.
+
+    `lm_layers` sizes the memory estimate as if the language model had that many layers (the bundle's
+    per-layer weights and cache repeated): a full 32-layer 7B judged from a shallow export."""
     import onnx
 
     from edgeprune_runtime.manifest import load_manifest
@@ -106,13 +109,20 @@ def check_bundle(bundle_dir: str | Path, target: Target, memory_gib: float | Non
                                   "(pip install 'edgeprune[trt-rtx]' adds a real parse)")
 
     device = int((memory_gib if memory_gib is not None else target.device_memory_gib) * 2**30)
-    report.memory = MemoryEstimate(_weights_bytes(manifest), _kv_cache_bytes(manifest.shapes), activation, device)
+    weights, cache = _weights_bytes(manifest), _kv_cache_bytes(manifest.shapes)
+    if lm_layers is not None:
+        weights, cache = _scaled_to_layers(manifest, lm_layers, weights, cache)
+    report.memory = MemoryEstimate(weights, cache, activation, device)
     m = report.memory
-    summary = (f"device memory estimate {_size(m.total_bytes)} (weights {_size(m.weights_bytes)} + "
+    scaled = f" as if the LM had {lm_layers} layers" if lm_layers is not None else ""
+    summary = (f"device memory estimate{scaled} {_size(m.total_bytes)} (weights {_size(m.weights_bytes)} + "
                f"KV cache {_size(m.kv_cache_bytes)} + activations {_size(m.activation_bytes)}) of "
                f"{_size(device)} on {target.name}")
     if m.total_bytes > device:
-        add("error", "bundle", "", summary + ": does not fit; lower the budget, cache slots or precision")
+        fix = ("the weights alone do not fit: export with --precision fp16 where the target allows it, or take a "
+               "device with more memory" if m.weights_bytes > device else
+               "lower shapes.new_token_slots or the budget (KV cache), or export with --precision fp16")
+        add("error", "bundle", "", f"{summary}: does not fit; {fix}")
     elif m.total_bytes > MEMORY_WARN * device:
         add("warning", "bundle", "", summary + ": little room for the builder's workspace and the application")
     else:
@@ -201,6 +211,21 @@ def _largest_working_set(model) -> int:
 def _weights_bytes(manifest) -> int:
     files = {manifest.graphs["vision"].get("weights"), manifest.graphs.get("lm_weights")}
     return sum(manifest.path(f).stat().st_size for f in files if f)
+
+
+def _scaled_to_layers(manifest, layers: int, weights: int, cache: int) -> tuple[int, int]:
+    """(weights, cache) bytes with the LM's per-layer share repeated to `layers` layers.
+
+    LM tensors with a vocabulary dimension (embedding, head) count once; every other LM tensor belongs
+    to a layer (the final norm, [D], is counted as per-layer too: under 0.01% of a layer)."""
+    import json
+
+    s = manifest.shapes
+    index = json.loads(manifest.path(manifest.graphs["lm_weights"] + ".json").read_text())["tensors"]
+    per_layers = sum(t["length"] for t in index if s.vocab_size not in t["shape"])
+    weights += (layers - s.num_layers) * per_layers // s.num_layers
+    cache = cache * layers // s.num_layers
+    return weights, cache
 
 
 def _kv_cache_bytes(s) -> int:
