@@ -1,7 +1,7 @@
 """Visual-token selection as static graph ops: a data-dependent *choice* of exactly K slots.
 
 A data-dependent count cannot exist in a static graph, so every strategy works the same way
-(DESIGN.md section 5): it scores the P*N patches, turns per-partition budgets into ranks inside
+(README, "Token-selection strategies"): it scores the P*N patches, turns per-partition budgets into ranks inside
 each partition, and returns a *priority* per patch. The vision graph then takes one fixed-k TopK
 over the priorities and sorts the winners back into sequence order. Priority bands:
 
@@ -13,7 +13,7 @@ over the priorities and sorts the winners back into sequence order. Priority ban
 so exactly min(K, real patches) slots are valid for every strategy but hired-reference, which
 reproduces the released code and may emit fewer.
 
-Each implementation is registered under its name in edgeprune.strategies, which says what it needs.
+Each implementation is listed in IMPLEMENTATIONS under its name in edgeprune.strategies, which says what it needs.
 """
 
 from __future__ import annotations
@@ -68,19 +68,6 @@ class Strategy:
     fn: Callable[[SelectionInputs, SelectionParams], Selection]
 
 
-STRATEGIES: dict[str, Strategy] = {}
-
-
-def strategy(name: str):
-    """Registers the implementation of the strategy `name` declared in edgeprune.strategies.SPECS."""
-
-    def wrap(fn):
-        STRATEGIES[name] = Strategy(SPECS[name], fn)
-        return fn
-
-    return wrap
-
-
 # --- shared static building blocks ------------------------------------------------------------
 
 
@@ -132,15 +119,13 @@ def _proportional_budgets(valid: torch.Tensor, k: int) -> torch.Tensor:
 # --- strategies -------------------------------------------------------------------------------
 
 
-@strategy("global-topk")
 def global_topk(x: SelectionInputs, p: SelectionParams) -> Selection:
     """The K highest feature-layer CLS-attention patches over all partitions."""
     return Selection(_priority(torch.zeros_like(x.valid), x.valid, x.scores, p.heads))
 
 
-@strategy("hired")
 def hired(x: SelectionInputs, p: SelectionParams) -> Selection:
-    """HiRED with its quirks fixed (DESIGN.md section 5).
+    """HiRED with its quirks fixed (README, "Token-selection strategies").
 
     The base image gets B_full = min(round(K * alpha), N) slots. The crops share the rest in
     proportion to how many of the base image's top int(N * (1 - alpha)) layer-0 tokens fall in the
@@ -163,7 +148,6 @@ def hired(x: SelectionInputs, p: SelectionParams) -> Selection:
     return Selection(_priority(chosen, x.valid, x.scores, p.heads))
 
 
-@strategy("hired-reference")
 def hired_reference(x: SelectionInputs, p: SelectionParams) -> Selection:
     """The released HiRED code's kept set, quirks included (hasanar1f/HiRED @ 42be984).
 
@@ -210,7 +194,6 @@ def _morton(grid: int) -> np.ndarray:
     return code
 
 
-@strategy("uniform")
 def uniform(x: SelectionInputs, p: SelectionParams) -> Selection:
     """Evenly spread, ignoring attention: each partition's share (proportional to its real patches)
     at an even stride along the Z-order (Morton) curve through its real patches. The curve keeps
@@ -227,7 +210,6 @@ def uniform(x: SelectionInputs, p: SelectionParams) -> Selection:
     return Selection(_priority(chosen, x.valid, x.scores, p.heads))
 
 
-@strategy("random")
 def random(x: SelectionInputs, p: SelectionParams) -> Selection:
     """K real patches drawn uniformly at random (seeded at export: one fixed draw per bundle)."""
     draw = np.random.default_rng(p.seed).random(tuple(x.valid.shape), dtype=np.float32)
@@ -235,7 +217,6 @@ def random(x: SelectionInputs, p: SelectionParams) -> Selection:
     return Selection((x.valid * (REAL + noise)).reshape(-1))
 
 
-@strategy("visionzip")
 def visionzip(x: SelectionInputs, p: SelectionParams) -> Selection:
     """VisionZip per partition: dominant tokens by CLS attention, plus contextual tokens.
 
@@ -271,6 +252,17 @@ def visionzip(x: SelectionInputs, p: SelectionParams) -> Selection:
                      features=features.reshape(-1, features.shape[-1]))
 
 
+# Each implementation under the name edgeprune.strategies.SPECS declares (a table, not decorators: mutmut
+# does not mutate decorated functions, and these are the functions whose every detail matters).
+IMPLEMENTATIONS = {
+    "hired": hired,
+    "hired-reference": hired_reference,
+    "visionzip": visionzip,
+    "global-topk": global_topk,
+    "uniform": uniform,
+    "random": random,
+}
+STRATEGIES: dict[str, Strategy] = {name: Strategy(SPECS[name], fn) for name, fn in IMPLEMENTATIONS.items()}
 assert set(STRATEGIES) == set(SPECS), "every strategy in edgeprune.strategies needs an implementation here"
 
 

@@ -114,3 +114,56 @@ def test_plan_refuses_a_processor_that_disagrees_with_the_config(tiny, tiny_reci
     other = _twin_processor(112, [[112, 224], [224, 112]]).image_processor  # pinpoints differ
     with pytest.raises(ModelLoadError, match="disagrees with the model config"):
         plan_shapes(tiny.config, other, tiny_recipe(0.2))
+
+
+def _config(**changes):
+    """A LlavaNextConfig-shaped namespace of the tiny twin's sizes (plan_shapes reads attributes only)."""
+    from types import SimpleNamespace
+
+    text = SimpleNamespace(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+                           vocab_size=300)
+    for key in ("head_dim",):
+        if key in changes:
+            setattr(text, key, changes.pop(key))
+    base = dict(vision_config=SimpleNamespace(image_size=112, patch_size=14), text_config=text,
+                image_grid_pinpoints=[[112, 224], [224, 112], [224, 224]], vision_feature_layer=-2,
+                vision_feature_select_strategy="default")
+    return SimpleNamespace(**(base | changes))
+
+
+def _processor(crop: int = 112, pinpoints=((112, 224), (224, 112), (224, 224))):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(crop_size={"height": crop, "width": crop}, image_grid_pinpoints=[list(p) for p in pinpoints])
+
+
+def test_head_dim_from_the_config_or_hidden_over_heads(tiny_recipe):
+    recipe = tiny_recipe(0.2)
+    explicit = plan_shapes(_config(head_dim=48), _processor(), recipe)  # Gemma-style: not hidden / heads
+    derived = plan_shapes(_config(), _processor(), recipe)  # no head_dim attribute: 128 // 4
+    assert explicit.head_dim == 48
+    assert derived.head_dim == 32 and type(derived.head_dim) is int
+    assert derived.kv_heads == (2, 2) and derived.vocab_size == 300
+
+
+def test_processor_without_crop_size_uses_the_config(tiny_recipe):
+    processor = _processor()
+    processor.crop_size = None  # older processors: crop = the vision tower's image size
+    assert plan_shapes(_config(), processor, tiny_recipe(0.2)).crop_size == 112
+
+
+@pytest.mark.parametrize("config, processor, message", [
+    (_config(vision_feature_layer=[-2, -5]), _processor(), "multi-layer vision features (a list vision_feature_layer) "
+                                                            "are not supported yet"),
+    (_config(vision_feature_select_strategy="full"), _processor(),
+     "only vision_feature_select_strategy='default' (CLS dropped) is supported"),
+    (_config(), _processor(crop=224), "the image processor (crop 224, pinpoints [[112, 224], [224, 112], [224, 224]]) "
+                                      "disagrees with the model config (image_size 112, pinpoints"),
+    (_config(), _processor(pinpoints=((112, 224),)), "disagrees with the model config"),
+])
+def test_unsupported_configs_are_refused(tiny_recipe, config, processor, message):
+    from edgeprune.errors import ModelLoadError
+
+    with pytest.raises(ModelLoadError) as e:
+        plan_shapes(config, processor, tiny_recipe(0.2))
+    assert message in str(e.value)

@@ -333,3 +333,19 @@ def test_rank_within_counts_better_eligible_entries(rows, seed):
             better = sum(1 for j in range(scores.shape[1]) if eligible[r, j]
                          and (scores[r, j] > scores[r, i] or (scores[r, j] == scores[r, i] and j < i)))
             assert got[r, i] == better
+
+
+@settings(max_examples=40, deadline=None)
+@given(hw=st.sampled_from(IMAGE_SIZES), k=st.integers(1, 320), seed=st.integers(0, 2**31 - 1))
+def test_random_draws_k_real_patches_from_the_seeded_generator(hw, k, seed):
+    """The K real patches with the largest draws of numpy's default_rng(seed) (one f32 draw per patch, [P, N]):
+    a fixed, seeded choice that never touches padding."""
+    layout = layout_of(hw)
+    scores = distinct_scores(np.random.default_rng(0), layout.patch_valid.shape)
+    sel = get_strategy("random").fn(inputs_for(layout, scores, scores), SelectionParams(
+        k=k, budget=k / 320, alpha=0.5, contextual=0.15, seed=seed, heads=HEADS, patch_grid=8))
+    draw = np.random.default_rng(seed).random((5, 64), dtype=np.float32).reshape(-1)
+    real = np.flatnonzero(layout.patch_valid.reshape(-1) > 0).tolist()
+    expected = set(top_indices(draw.tolist(), min(k, len(real)), among=real))
+    assert set(torch.topk(sel.priority, min(k, len(real))).indices.tolist()) == expected
+    assert torch.all(sel.priority.reshape(5, 64)[torch.from_numpy(layout.patch_valid) == 0] == 0)
