@@ -92,7 +92,9 @@ def measure_bundle(bundle: str, image_path: str, prompt: str, max_new_tokens: in
     cache = 2 * sum(h * s.cache_capacity * s.head_dim * 4 for h in s.kv_heads)
     return {"ttft_s": result.ttft_s, "decode_tokens_per_s": result.decode_tokens_per_s,
             "peak_rss_bytes": _peak_rss_bytes(), "generated_tokens": len(result.token_ids),
-            "visual_tokens": result.visual_tokens, "weights_bytes": weights, "cache_bytes": cache}
+            "visual_tokens": result.visual_tokens, "weights_bytes": weights, "cache_bytes": cache,
+            "prefill_slots": s.prefill_slots, "visual_slots": s.visual_slots, "cache_slots": s.cache_capacity,
+            "timings": dict(result.timings)}
 
 
 def _child(args: list[str]) -> dict:
@@ -129,6 +131,9 @@ def run_bench(model_name: str, budget_recipe, model_dir: str | None, layers: int
             raise ConfigError(f"--bundle {bundle_dir} was exported from {manifest.data['source']['model']!r}, "
                               f"not {model_name!r}")
         budget = manifest.data["recipe"]["budget"]
+        strategy = manifest.data["recipe"].get("strategy")
+    else:
+        strategy = budget_recipe.strategy
     with tempfile.TemporaryDirectory(prefix="edgeprune-bench-") as tmp:
         image = image_path or str(write_sample_image(Path(tmp) / "sample.png"))
         bundle = bundle_dir or str(Path(tmp) / "bundle")
@@ -146,8 +151,11 @@ def run_bench(model_name: str, budget_recipe, model_dir: str | None, layers: int
         "peak_rss_ratio": _ratio(ours["peak_rss_bytes"], hf["peak_rss_bytes"]),
         "peak_rss_vs_weights_plus_cache": _ratio(ours["peak_rss_bytes"], ours["weights_bytes"] + ours["cache_bytes"]),
     }
-    return {"model": model_name, "budget": budget, "max_new_tokens": max_new_tokens,
-            "threads": os.cpu_count(), "transformers": hf, "edgeprune": ours, "ratios": ratios}
+    from edgeprune.provenance import provenance
+
+    return {"model": model_name, "budget": budget, "strategy": strategy, "max_new_tokens": max_new_tokens,
+            "threads": os.cpu_count(), "transformers": hf, "edgeprune": ours, "ratios": ratios,
+            "provenance": provenance()}
 
 
 def _worker(argv: list[str]) -> None:
@@ -237,8 +245,10 @@ def selection_cost(model_name: str, base_recipe, strategies: list[str], model_di
     params = PreprocessParams.from_processor_dict(loaded.processor.image_processor.to_dict(), any_shapes.partitions)
     image = load_image(image_path) if image_path else make_sample_image()
     pixel_values, hw = preprocess(image, params)
+    from edgeprune.provenance import provenance
+
     report = {"model": model_name, "budget": base_recipe.budget, "image_hw": list(hw), "repeats": repeats,
-              "short_repeats": short_repeats, "strategies": {}}
+              "short_repeats": short_repeats, "strategies": {}, "provenance": provenance()}
 
     def timed(module, inputs: dict, names: list[str], outputs: list[str], path: Path, n: int) -> float:
         export_module(module, tuple(torch.from_numpy(inputs[k]) for k in names), names, outputs, path,

@@ -111,9 +111,11 @@ def run_sweep(model_name: str, base_recipe, strategies: list[str], budgets: list
                 row["agreement"] = sum(g[0] == r[0] for g, r in zip(got, reference)) / len(questions)
                 row["accuracy"] = sum(q.answer.strip().lower() in g[1].lower() for g, q in zip(got, questions)) / len(questions)
             rows.append(row)
+    from edgeprune.provenance import provenance, write_json
+
     report = {"model": model_name, "max_new_tokens": max_new_tokens, "questions": len(questions),
-              "timing_image": image or "built-in sample (640x480)", "rows": rows}
-    (out_dir / "sweep.json").write_text(json.dumps(report, indent=2))
+              "timing_image": image or "built-in sample (640x480)", "rows": rows, "provenance": provenance()}
+    write_json(out_dir / "sweep.json", report)
     plot_sweep(report, out_dir / "sweep.png")
     return report
 

@@ -24,6 +24,8 @@ def one_error_line(result: subprocess.CompletedProcess, pattern: str) -> None:
 
 
 def test_bench_reports_both_sides_and_ratios(tmp_path):
+    import onnxruntime
+
     result = cli("bench", "llava-next-tiny", "--budget", "0.2", "--max-new-tokens", "4", "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
@@ -31,13 +33,34 @@ def test_bench_reports_both_sides_and_ratios(tmp_path):
         for key in ("ttft_s", "decode_tokens_per_s", "peak_rss_bytes"):
             assert report[side][key] > 0, (side, key)
     assert report["transformers"]["generated_tokens"] == report["edgeprune"]["generated_tokens"] == 4
-    assert report["edgeprune"]["visual_tokens"] == 64  # K of the tiny twin at budget 0.2
-    r = report["ratios"]
-    assert r["ttft_speedup"] == pytest.approx(report["transformers"]["ttft_s"] / report["edgeprune"]["ttft_s"])
-    assert r["decode_speedup"] == pytest.approx(
-        report["edgeprune"]["decode_tokens_per_s"] / report["transformers"]["decode_tokens_per_s"])
+    assert report["edgeprune"]["visual_tokens"] == 64  # K of the tiny twin at budget 0.2: 0.2 x 5 x 64
+    assert report["strategy"] == "hired" and report["edgeprune"]["prefill_slots"] == 16 + 64 + 32
+    assert set(report["ratios"]) == {"ttft_speedup", "decode_speedup", "peak_rss_ratio", "peak_rss_vs_weights_plus_cache"}
     # each worker reports its own peak: the bundle side never loads torch, so it stays well below the other
     assert report["edgeprune"]["peak_rss_bytes"] < report["transformers"]["peak_rss_bytes"]
+    # where it ran, from sources other than the report's own code
+    p = report["provenance"]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
+    assert p["commit"] == head.stdout.strip()
+    assert p["machine"]["cores"] == __import__("os").cpu_count()
+    assert p["libraries"]["onnxruntime"] == onnxruntime.__version__
+    assert p["command"].startswith("edgeprune bench llava-next-tiny --budget 0.2")
+
+
+def test_bench_ratios(monkeypatch, small_bundle, tiny_recipe):
+    """The ratios from hand-picked worker reports (no timing noise): 36 s vs 12 s to the first token is 3x."""
+    from edgeprune import bench
+
+    sides = {
+        "transformers": {"ttft_s": 36.0, "decode_tokens_per_s": 6.0, "peak_rss_bytes": 8000},
+        "bundle": {"ttft_s": 12.0, "decode_tokens_per_s": 9.0, "peak_rss_bytes": 2000, "weights_bytes": 1500,
+                   "cache_bytes": 100},
+    }
+    monkeypatch.setattr(bench, "_child", lambda args: dict(sides[args[0]]))
+    report = bench.run_bench("llava-next-tiny", tiny_recipe(0.5), None, 2, None, "hi", 4, str(small_bundle))
+    assert report["ratios"] == {"ttft_speedup": 3.0, "decode_speedup": 1.5, "peak_rss_ratio": 0.25,
+                                "peak_rss_vs_weights_plus_cache": 1.25}
+    assert report["budget"] == 0.2 and report["strategy"] == "hired"  # the bundle's, not the recipe's 0.5
 
 
 def test_bench_selection_cost(tmp_path):
@@ -45,8 +68,20 @@ def test_bench_selection_cost(tmp_path):
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert set(report["strategies"]) == {"hired", "uniform"} and report["no_selection_s"] > 0
-    for r in report["strategies"].values():
-        assert r["overhead"] == pytest.approx(r["selection_s"] / report["no_selection_s"])
+    assert report["repeats"] == 3 and report["short_repeats"] == 15 and "provenance" in report
+
+
+def test_selection_cost_arithmetic(monkeypatch, tiny_recipe):
+    """overhead = (one-layer strategy - one-layer baseline) / full baseline, from scripted timings:
+    full baseline 2.0 s, one-layer baseline 0.5 s, hired 0.45 s (-50 ms: -2.5%), uniform 0.6 s (+100 ms: +5%)."""
+    from edgeprune import bench
+
+    times = iter([2.0, 0.5, 0.45, 0.6])
+    monkeypatch.setattr(bench, "_median_seconds", lambda session, feeds, repeats: next(times))
+    report = bench.selection_cost("llava-next-tiny", tiny_recipe(0.2), ["hired", "uniform"], None, 2, None)
+    hired, uniform = report["strategies"]["hired"], report["strategies"]["uniform"]
+    assert hired["selection_s"] == pytest.approx(-0.05) and hired["overhead"] == pytest.approx(-0.025)
+    assert uniform["selection_s"] == pytest.approx(0.1) and uniform["overhead"] == pytest.approx(0.05)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,212 @@
+"""`make readme-tables`: the README's generated sections, from the raw results in docs/results/.
+
+    .venv/bin/python scripts/readme_tables.py           rewrite every generated section of README.md
+    .venv/bin/python scripts/readme_tables.py --check   exit 1 if README.md differs from what the results give
+
+A generated section sits between `<!-- generated:NAME -->` and `<!-- /generated:NAME -->`; NAME picks the
+results file and the renderer below. Every section says the command that produced its file and where
+it ran (commit, CPU, cores, library versions). Units: seconds, tokens/s, GiB (2**30 bytes) for memory.
+Text outside the markers is left as it is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "docs" / "results"
+README = ROOT / "README.md"
+GIB = 2**30
+# The product's targets for the bench (what "met" is measured against), not measurements.
+TARGETS = {"ttft_speedup": 3.0, "decode_speedup": 1.3, "rss_over_weights_cache": 1.2}
+
+
+class ResultsError(Exception):
+    """A results file is missing or malformed (user-fixable: rerun the command it names)."""
+
+
+def gib(n_bytes: float) -> str:
+    return f"{n_bytes / GIB:.2f} GiB"
+
+
+def secs(s: float) -> str:
+    return f"{s:.2f} s" if s < 1 else f"{s:.1f} s"
+
+
+def ratio(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.2f}x"
+
+
+def load(name: str) -> dict:
+    path = RESULTS / name
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ResultsError(f"{path.relative_to(ROOT)} is missing; run the command the README names for it") from None
+    except json.JSONDecodeError as e:
+        raise ResultsError(f"{path.relative_to(ROOT)} is not JSON ({e})") from None
+
+
+def where(report: dict, file: str) -> str:
+    """One line: the raw file, the commit and the machine it ran on, library versions."""
+    p = report["provenance"]
+    m, lib = p["machine"], p["libraries"]
+    libs = ", ".join(f"{k} {lib[k]}" for k in ("torch", "transformers", "onnxruntime") if lib.get(k))
+    dirty = " with uncommitted changes" if p.get("dirty") else ""
+    return (f"Raw: [`docs/results/{file}`](docs/results/{file}) — commit `{(p['commit'] or 'unknown')[:10]}`{dirty}, "
+            f"{p['date'][:10]}, {m['cpu']} ({m['cores']} cores, {m['memory_gib']:.1f} GiB), {libs}.")
+
+
+def command(report: dict) -> str:
+    return f"```\n{report['recorded_command']}\n```"
+
+
+# --- renderers: results dict -> markdown -------------------------------------------------------
+
+
+def render_bench(r: dict) -> str:
+    hf, ours, q = r["transformers"], r["edgeprune"], r["ratios"]
+    met = lambda ok: "met" if ok else "not met"  # noqa: E731
+    own = ours["weights_bytes"] + ours["cache_bytes"]
+    t = ours["timings"]
+    text = ours["prefill_slots"] - ours["visual_slots"]
+    rows = [
+        "| | transformers `generate` (full image) | edgeprune bundle (budget {b:g}, `{s}`) | ratio | target |".format(
+            b=r["budget"], s=r["strategy"]),
+        "|---|---|---|---|---|",
+        f"| time to first token | {secs(hf['ttft_s'])} | {secs(ours['ttft_s'])} | **{ratio(q['ttft_speedup'])} faster** "
+        f"| {TARGETS['ttft_speedup']:g}x: {met(q['ttft_speedup'] >= TARGETS['ttft_speedup'])} |",
+        f"| decode | {hf['decode_tokens_per_s']:.1f} tokens/s | {ours['decode_tokens_per_s']:.1f} tokens/s "
+        f"| **{ratio(q['decode_speedup'])} faster** "
+        f"| {TARGETS['decode_speedup']:g}x: {met(q['decode_speedup'] >= TARGETS['decode_speedup'])} |",
+        f"| peak RSS | {gib(hf['peak_rss_bytes'])} | {gib(ours['peak_rss_bytes'])} | {ratio(q['peak_rss_ratio'])} | |",
+        f"| peak RSS / (weights + KV cache) | | {gib(ours['peak_rss_bytes'])} / {gib(own)} = "
+        f"**{q['peak_rss_vs_weights_plus_cache']:.2f}** | | <= {TARGETS['rss_over_weights_cache']:g}: "
+        f"{met(q['peak_rss_vs_weights_plus_cache'] <= TARGETS['rss_over_weights_cache'])} |",
+        f"| prompt | {hf['prefill_tokens']} tokens | {ours['prefill_slots']} slots ({ours['visual_slots']} visual, "
+        f"{ours['visual_tokens']} valid, + {text} text) | | |",
+    ]
+    stages = (f"The bundle's time to first token by stage (the runtime's `timings`): image {secs(t['image_s'])}, "
+              f"preprocessing {secs(t['preprocess_s'])}, vision {secs(t['vision_s'])}, prefill {secs(t['prefill_s'])}; "
+              f"{ours['generated_tokens']} tokens generated, KV cache {ours['cache_slots']} slots.")
+    return "\n".join([command(r), "", *rows, "", stages, "", where(r, "bench-7b-shape.json")])
+
+
+def render_selection_cost(r: dict) -> str:
+    names = list(r["strategies"])
+    rows = [
+        "| strategy | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(names),
+        "| selection, one-layer graphs | " + " | ".join(f"{1000 * r['strategies'][n]['selection_s']:+.1f} ms"
+                                                       for n in names) + " |",
+        "| vision graph vs no selection | " + " | ".join(f"{100 * r['strategies'][n]['overhead']:+.1f}%"
+                                                        for n in names) + " |",
+    ]
+    base = (f"Vision graph without selection (CLIP to the feature layer + projector on every patch): "
+            f"{secs(r['no_selection_s'])} (median of {r['repeats']}); one-layer graphs: "
+            f"{1000 * r['no_selection_1layer_s']:.0f} ms without selection (medians of {r['short_repeats']}).")
+    return "\n".join([command(r), "", *rows, "", base, "", where(r, "selection-cost-7b-shape.json")])
+
+
+def render_sweep(r: dict) -> str:
+    quality = r["questions"] > 0
+    head = "| strategy | budget | visual tokens | TTFT | decode | peak RSS |" + (" agreement | accuracy |" if quality else "")
+    rows = [head, "|---|---|---|---|---|---|" + ("---|---|" if quality else "")]
+    for x in r["rows"]:
+        line = (f"| {x['strategy']} | {x['budget']:g} | {x['visual_tokens']} | {secs(x['ttft_s'])} | "
+                f"{x['decode_tokens_per_s']:.1f} tokens/s | {gib(x['peak_rss_bytes'])} |")
+        if quality:
+            line += f" {x['agreement']:.2f} | {x['accuracy']:.2f} |"
+        rows.append(line)
+    note = (f"{r['max_new_tokens']} new tokens on the {r['timing_image']}, "
+            f"{r['questions']} questions" + ("." if quality else " (no `--data`: speed and memory only)."))
+    return "\n".join([command(r), "", *rows, "", note, "", where(r, "sweep-7b-shape.json")])
+
+
+def render_mutation(r: dict) -> str:
+    reasons = _survivor_reasons()
+    rows = ["| module | mutants | killed | timeout | survived | no tests | score |", "|---|---|---|---|---|---|---|"]
+    survivors = []
+    for module, m in r["modules"].items():
+        if not m["mutants"]:
+            continue
+        v = m["verdicts"]
+        rows.append(f"| `{m['file']}` | {m['mutants']} | {v.get('killed', 0)} | {v.get('timeout', 0)} | "
+                    f"{v.get('survived', 0)} | {v.get('no tests', 0)} | **{100 * m['score']:.1f}%** |")
+        survivors += m["survivors"]
+    out = [f"```\n{r['command']}\n```", "", *rows, ""]
+    if survivors:
+        missing = [s["name"] for s in survivors if s["name"] not in reasons]
+        if missing:
+            raise ResultsError(f"{len(missing)} surviving mutant(s) have no reason in docs/mutation-survivors.toml "
+                               f"(kill them or say why each is equivalent): {', '.join(missing[:5])}"
+                               + (" ..." if len(missing) > 5 else ""))
+        out.append("Survivors, each equivalent or accepted for the reason given:")
+        out.append("")
+        for s in survivors:
+            change = " / ".join(ln.strip() for ln in s["diff"].splitlines() if ln.startswith("+"))[:140]
+            out.append(f"- `{s['name']}` ({s['verdict']}): `{change}` — {reasons[s['name']]}")
+        out.append("")
+    out.append(where(r, "mutation.json"))
+    return "\n".join(out)
+
+
+def _survivor_reasons() -> dict[str, str]:
+    path = ROOT / "docs" / "mutation-survivors.toml"
+    if not path.exists():
+        return {}
+    return {k: str(v) for k, v in tomllib.loads(path.read_text()).get("survivors", {}).items()}
+
+
+SECTIONS = {
+    "bench": ("bench-7b-shape.json", render_bench),
+    "selection-cost": ("selection-cost-7b-shape.json", render_selection_cost),
+    "sweep": ("sweep-7b-shape.json", render_sweep),
+    "mutation": ("mutation.json", render_mutation),
+}
+MARKER = re.compile(r"(<!-- generated:(?P<name>[a-z-]+) -->\n)(?P<body>.*?)(<!-- /generated:(?P=name) -->)", re.S)
+
+
+def regenerate(readme: str) -> str:
+    """README text with every generated section rendered from docs/results/."""
+
+    def fill(m: re.Match) -> str:
+        name = m.group("name")
+        if name not in SECTIONS:
+            raise ResultsError(f"README has a generated section {name!r}; known: {', '.join(SECTIONS)}")
+        file, render = SECTIONS[name]
+        return f"{m.group(1)}{render(load(file))}\n{m.group(4)}"
+
+    return MARKER.sub(fill, readme)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true", help="only compare; exit 1 when README.md is out of date")
+    args = ap.parse_args(argv)
+    current = README.read_text()
+    try:
+        fresh = regenerate(current)
+    except (ResultsError, KeyError, TypeError) as e:
+        print(f"error: {e if isinstance(e, ResultsError) else f'a results file lacks {e}'}", file=sys.stderr)
+        return 2
+    if args.check:
+        if fresh != current:
+            print("error: README.md differs from docs/results/; run `make readme-tables`", file=sys.stderr)
+            return 1
+        return 0
+    if fresh != current:
+        tmp = README.with_name(f".{README.name}.tmp")
+        tmp.write_text(fresh)
+        tmp.replace(README)
+        print("README.md: generated sections rewritten")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

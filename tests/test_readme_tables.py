@@ -1,0 +1,81 @@
+"""README figures come from docs/results/ through scripts/readme_tables.py, and reproduce exactly."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import readme_tables as rt  # noqa: E402
+
+
+def test_regenerating_the_readme_from_docs_results_reproduces_it():
+    readme = (ROOT / "README.md").read_text()
+    assert "<!-- generated:bench -->" in readme and "<!-- generated:sweep -->" in readme
+    assert rt.regenerate(readme) == readme, "README.md is out of date with docs/results/: run `make readme-tables`"
+
+
+def test_every_results_file_has_provenance_and_its_command():
+    for name in ("bench-7b-shape.json", "selection-cost-7b-shape.json", "sweep-7b-shape.json"):
+        report = rt.load(name)
+        p = report["provenance"]
+        assert len(p["commit"]) == 40 and p["machine"]["cpu"] and p["machine"]["cores"] >= 1
+        assert p["libraries"]["onnxruntime"] and report["recorded_command"].split()[1] in ("bench", "sweep")
+
+
+PROVENANCE = {"commit": "0123456789abcdef" * 2 + "01234567", "dirty": False, "date": "2026-01-02T03:04:05Z",
+              "machine": {"cpu": "Test CPU", "cores": 2, "memory_gib": 24.0},
+              "libraries": {"torch": "2.13.0", "transformers": "5.0", "onnxruntime": "1.32.0"}}
+
+
+def test_bench_table_units_and_targets():
+    report = {
+        "budget": 0.2, "strategy": "hired", "recorded_command": "edgeprune bench x --json", "provenance": PROVENANCE,
+        "transformers": {"ttft_s": 36.0, "decode_tokens_per_s": 6.0, "peak_rss_bytes": 6 * 2**30, "prefill_tokens": 2357},
+        "edgeprune": {"ttft_s": 12.0, "decode_tokens_per_s": 9.0, "peak_rss_bytes": 3 * 2**30, "weights_bytes": 2**31,
+                      "cache_bytes": 2**29, "prefill_slots": 704, "visual_slots": 576, "visual_tokens": 576,
+                      "generated_tokens": 32, "cache_slots": 960,
+                      "timings": {"image_s": 0.01, "preprocess_s": 0.04, "vision_s": 9.5, "prefill_s": 2.4}},
+        "ratios": {"ttft_speedup": 3.0, "decode_speedup": 1.5, "peak_rss_ratio": 0.5,
+                   "peak_rss_vs_weights_plus_cache": 1.2},
+    }
+    text = rt.render_bench(report)
+    assert "| time to first token | 36.0 s | 12.0 s | **3.00x faster** | 3x: met |" in text
+    assert "| decode | 6.0 tokens/s | 9.0 tokens/s | **1.50x faster** | 1.3x: met |" in text
+    assert "| peak RSS | 6.00 GiB | 3.00 GiB | 0.50x | |" in text
+    assert "3.00 GiB / 2.50 GiB = **1.20** | | <= 1.2: met |" in text
+    assert "704 slots (576 visual, 576 valid, + 128 text)" in text
+    assert "vision 9.5 s, prefill 2.4 s" in text and "preprocessing 0.04 s" in text
+    assert "commit `0123456789`, 2026-01-02, Test CPU (2 cores, 24.0 GiB), torch 2.13.0" in text
+    assert " GB" not in text  # one unit for memory
+
+
+def test_a_stale_section_is_rewritten_and_other_text_kept(monkeypatch):
+    monkeypatch.setitem(rt.SECTIONS, "sweep", ("x.json", lambda r: "fresh table"))
+    monkeypatch.setattr(rt, "load", lambda name: {})
+    readme = "intro 1.0 s\n<!-- generated:sweep -->\nold table\n<!-- /generated:sweep -->\noutro\n"
+    assert rt.regenerate(readme) == "intro 1.0 s\n<!-- generated:sweep -->\nfresh table\n<!-- /generated:sweep -->\noutro\n"
+
+
+def test_missing_results_file_is_a_one_line_error(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(rt, "RESULTS", tmp_path)
+    monkeypatch.setattr(rt, "ROOT", tmp_path.parent)
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- generated:bench -->\n<!-- /generated:bench -->\n")
+    monkeypatch.setattr(rt, "README", readme)
+    assert rt.main(["--check"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "bench-7b-shape.json is missing" in err[0]
+
+
+def test_a_survivor_without_a_reason_is_refused(monkeypatch):
+    monkeypatch.setattr(rt, "_survivor_reasons", lambda: {})
+    report = {"command": "make mutants", "provenance": PROVENANCE, "modules": {"edgeprune.plan": {
+        "file": "edgeprune/plan.py", "mutants": 2, "verdicts": {"killed": 1, "survived": 1}, "score": 0.5,
+        "survivors": [{"name": "edgeprune.plan.x_f__mutmut_1", "verdict": "survived", "diff": "+ x"}]}}}
+    with pytest.raises(rt.ResultsError, match="have no reason in docs/mutation-survivors.toml"):
+        rt.render_mutation(report)
