@@ -1,5 +1,6 @@
 # Two entry points for a fresh machine (see README "Quick start"):
-#   make demo   set up .venv, export the tiny twin at budget 0.2, run it on an image, compare stages
+#   make demo   set up .venv, export the tiny twin at budget 0.2, run it on an image, compare stages,
+#               check it for a Jetson Orin, build TensorRT-RTX engines
 #   make test   set up .venv, run the test suite
 # torch is installed first and pinned to 2.13.0: that version is a local CPU wheel here, while a
 # bare `pip install torch` would pull several GB of CUDA packages.
@@ -24,6 +25,8 @@ demo: setup
 	$(BIN)/edgeprune sample-image demo/table.png
 	$(BIN)/edgeprune run export/tiny --image demo/table.png --prompt "What is on the table?" --max-new-tokens 24
 	$(BIN)/edgeprune compare export/tiny --image demo/table.png
+	$(BIN)/edgeprune check export/tiny --target jetson-orin-jp61
+	$(BIN)/edgeprune build export/tiny --target rtx
 
 test: setup
 	$(BIN)/python -m pytest -q tests
