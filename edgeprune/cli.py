@@ -76,7 +76,7 @@ def _recipe(model_name: str, recipe_file: str | None, **flags):
 @click.option("--budget", type=float, help="Fraction of visual tokens to keep, in (0, 1] (recipe default 0.2).")
 @click.option("--model", "model_dir", type=click.Path(), help="Local Hugging Face checkpoint directory.")
 @click.option("--out", "out_dir", type=click.Path(), help="Bundle directory [default: export/NAME].")
-@click.option("--recipe", "recipe_file", type=click.Path(), help="Recipe TOML [default: recipes/<model>.toml].")
+@click.option("--recipe", "recipe_file", type=click.Path(), help="Recipe TOML [default: the model's recipe in edgeprune/recipes/].")
 @click.option("--strategy", help="Visual-token selection strategy (recipe key `strategy`).")
 @click.option("--newlines", type=click.Choice(["auto", "keep", "drop"]), help="image_newline slots policy.")
 @click.option("--alpha", type=float, help="hired: the base image's share of the budget, in [0, 1].")
@@ -365,7 +365,7 @@ def sample_image(out, size):
 @click.option("--json", "as_json", is_flag=True, help="Print the profiles as JSON.")
 @user_errors
 def targets(as_json):
-    """List the TensorRT target profiles (recipes/targets/*.toml)."""
+    """List the TensorRT target profiles (edgeprune/recipes/targets/*.toml)."""
     import json
 
     from edgeprune.trt.targets import targets as all_targets

@@ -14,7 +14,9 @@ from pathlib import Path
 from edgeprune.errors import ConfigError
 from edgeprune.strategies import SPECS
 
-RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
+# The one place that decides where recipes live: inside the package, so an installed (non-editable)
+# edgeprune finds them without a checkout. Target profiles are RECIPE_DIR / "targets".
+RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
 
 NEWLINE_POLICIES = ("auto", "keep", "drop")
 PRECISIONS = ("fp32", "fp16")  # fp16: matmuls and their weights in fp16, the rest fp32 (graph_passes.fp16_matmuls)
@@ -31,7 +33,7 @@ class ShapesRecipe:
 class OnnxRecipe:
     opset: int = 17  # TensorRT 8.5/8.6 (P40, Jetson Xavier/Orin JetPack 6.0) stop at 17
     precision: str = "fp32"
-    target: str = ""  # a target profile (recipes/targets/) whose parser the graph forms must suit; "" = any
+    target: str = ""  # a target profile (RECIPE_DIR/targets/) whose parser the graph forms must suit; "" = any
 
 
 @dataclass(frozen=True)
@@ -148,7 +150,7 @@ def load_recipe(path: str | Path | None) -> Recipe:
         return Recipe().validated()
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"recipe file {path} does not exist; pass --recipe with a TOML file (see recipes/)")
+        raise ConfigError(f"recipe file {path} does not exist; pass --recipe with a TOML file (examples: {RECIPE_DIR})")
     try:
         data = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:

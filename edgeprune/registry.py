@@ -17,7 +17,7 @@ class ModelEntry:
     name: str
     description: str
     loader: Callable[..., object]  # (model_dir: str | None, **options) -> LoadedModel
-    recipe: str  # recipe file name under recipes/
+    recipe: str  # recipe file name under edgeprune/recipes/ (RECIPE_DIR)
     checkpoint: bool  # True: weights come from a directory (--model); False: built in code (a twin)
 
 

@@ -50,7 +50,6 @@ def stage() -> None:
     shutil.copytree(ROOT / "edgeprune", STAGE / "edgeprune", ignore=junk)
     shutil.copytree(ROOT / "runtime" / "edgeprune_runtime", STAGE / "edgeprune_runtime", ignore=junk)
     shutil.copytree(ROOT / "tests", STAGE / "tests", ignore=junk)
-    shutil.copytree(ROOT / "recipes", STAGE / "recipes", ignore=junk)
     shutil.copy2(ROOT / "pyproject.toml", STAGE / "pyproject.toml")
 
 

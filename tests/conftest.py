@@ -17,7 +17,7 @@ from tiny_inputs import random_image  # noqa: E402  (tests/ is on sys.path)
 
 # --- shared fixtures: the tiny LLaVA-NeXT twin, its recipe, inputs, and exported bundles -----------
 
-TINY_RECIPE = _ROOT / "recipes" / "llava-next-tiny.toml"
+TINY_RECIPE = _ROOT / "edgeprune" / "recipes" / "llava-next-tiny.toml"
 PROMPT = "USER: <image>\nWhat is in the picture? ASSISTANT:"
 
 

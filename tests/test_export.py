@@ -358,7 +358,7 @@ def test_missing_recipe_file(tmp_path):
 
 
 def test_recipe_file_values_and_flag_precedence():
-    recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "llava-next-tiny.toml")
+    recipe = load_recipe(Path(__file__).resolve().parents[1] / "edgeprune" / "recipes" / "llava-next-tiny.toml")
     assert (recipe.budget, recipe.shapes.text_slots_before_image, recipe.shapes.new_token_slots) == (0.2, 16, 64)
     assert recipe.override(budget=0.5, strategy=None).budget == 0.5
     assert recipe.override(budget=None).budget == 0.2

@@ -1,4 +1,4 @@
-"""Target devices as data: `recipes/targets/<name>.toml` loaded into frozen `Target`s.
+"""Target devices as data: `edgeprune/recipes/targets/<name>.toml` loaded into frozen `Target`s.
 
 Each file names the TensorRT library and versions the device runs, its compute capabilities and
 memory, the highest ONNX opset its parser takes, the precisions it can build, and the parser gaps
