@@ -36,3 +36,14 @@ bench: setup
 
 clean:
 	rm -rf export/*/ demo build
+
+.PHONY: mutants readme-tables
+
+# mutmut over plan, selection, layout, kvcache and preprocess with their fast tests (scripts/mutation.py):
+# per-module scores and every survivor in docs/results/mutation.json
+mutants: setup
+	$(BIN)/python scripts/mutation.py
+
+# the README's generated sections (figures, tables) from docs/results/*.json
+readme-tables: setup
+	$(BIN)/python scripts/readme_tables.py

@@ -4,7 +4,8 @@
   (checked against tests/hired_reference_impl.py, an independent plain-torch oracle);
 - every other strategy fills exactly min(K, real patches) slots, never with padding, sorted into
   sequence order, for every budget on square, wide and tall images;
-- the ONNX vision graph equals the eager module for every strategy (Polygraphy, in test_compare).
+- the ONNX vision graph equals the eager module for every strategy (Polygraphy: `edgeprune compare`, in
+  tests/test_cli_run.py::test_compare_passes_for_every_strategy).
 """
 
 from __future__ import annotations

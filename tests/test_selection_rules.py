@@ -240,19 +240,39 @@ def morton_order(grid: int) -> list[int]:
     return sorted(range(grid * grid), key=code)
 
 
-@settings(max_examples=60, deadline=None)
-@given(hw=st.sampled_from(IMAGE_SIZES), k=st.integers(1, 320))
-def test_uniform_is_an_even_stride_along_the_z_curve(hw, k):
+GRIDS = {8: 112, 5: 70, 9: 126}  # patches per side -> crop (14 px patches); 5 and 9: grid - 1 is a power of two
+
+
+@settings(max_examples=90, deadline=None)
+@given(hw=st.sampled_from(IMAGE_SIZES), k=st.integers(1, 405), grid=st.sampled_from(sorted(GRIDS)))
+def test_uniform_is_an_even_stride_along_the_z_curve(hw, k, grid):
     """Each partition gets its largest-remainder share of min(K, real) by real patches; along the Z-order curve
     through its real patches the picks sit b of n apart evenly: gaps differ by at most one."""
-    layout = layout_of(hw)
+    crop = GRIDS[grid]
+    layout = compute_layout(hw, [[crop, 2 * crop], [2 * crop, crop], [2 * crop, 2 * crop]], crop, grid, 5, 0)
+    _check_uniform(layout, k, grid)
+
+
+def test_uniform_gives_a_lone_real_patch_its_share():
+    """A partition with exactly one real patch and a share of one keeps it (b / n = 1 / 1)."""
+    from types import SimpleNamespace
+
+    valid = np.zeros((5, 64), np.float32)
+    valid[0] = 1.0
+    valid[1, 37] = 1.0
+    layout = SimpleNamespace(patch_valid=valid, feeds=lambda: {})
+    assert [len(c) for c in _check_uniform(layout, 65, 8)] == [64, 1, 0, 0, 0]
+
+
+def _check_uniform(layout, k: int, grid: int) -> list[set[int]]:
+    n_part, n = layout.patch_valid.shape
     scores = distinct_scores(np.random.default_rng(0), layout.patch_valid.shape)
-    sel = get_strategy("uniform").fn(inputs_for(layout, scores, scores), params(k))
+    sel = get_strategy("uniform").fn(inputs_for(layout, scores, scores), params(k, grid=grid))
     counts = [int(v.sum()) for v in layout.patch_valid]
     budgets = hamilton(counts, min(k, sum(counts)))
-    chosen = chosen_sets(sel.priority, 5, 64)
-    order = morton_order(8)
-    for p in range(5):
+    chosen = chosen_sets(sel.priority, n_part, n)
+    order = morton_order(grid)
+    for p in range(n_part):
         assert len(chosen[p]) == budgets[p]
         curve = [i for i in order if layout.patch_valid[p, i] > 0]  # real patches along the curve
         picked = [j for j, i in enumerate(curve) if i in chosen[p]]
@@ -263,6 +283,7 @@ def test_uniform_is_an_even_stride_along_the_z_curve(hw, k):
         assert gaps.max() - gaps.min() <= 1, (p, picked)
         assert picked[-1] == n - 1  # floor((j + 1) b / n) steps up at the curve's end
     _check_bands(sel.priority, layout.patch_valid, scores)
+    return chosen
 
 
 def test_morton_order_of_a_4x4_grid():
