@@ -55,7 +55,8 @@ class Generator:
     """One request, step by step (Bundle.generator). Iterating yields token ids until generation stops."""
 
     def __init__(self, bundle: "Bundle", image, prompt: str, *, max_new_tokens: int = 32, raw_prompt: bool = False,
-                 temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, ignore_eos: bool = False):
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, ignore_eos: bool = False,
+                 channels: str | None = None):
         params = _call(capi.GeneratorParams_Create)
         try:
             _check(capi.GeneratorParams_SetMaxNewTokens(params, max_new_tokens))
@@ -63,7 +64,9 @@ class Generator:
             _check(capi.GeneratorParams_SetTopP(params, top_p))
             _check(capi.GeneratorParams_SetSeed(params, seed))
             _check(capi.GeneratorParams_SetIgnoreEos(params, ignore_eos))
-            self._handle = _call(capi.Generator_Create, bundle._live(), params, image, prompt, raw_prompt)
+            out = capi.Out()
+            _check(capi.Generator_Create(bundle._live(), params, image, prompt, raw_prompt, out, channels=channels))
+            self._handle = out.value
         finally:
             capi.GeneratorParams_Destroy(params)
         self._finalize = weakref.finalize(self, capi.Generator_Destroy, self._handle)
@@ -160,8 +163,9 @@ class Bundle:
 
     def generate(self, image, prompt: str, max_new_tokens: int = 32, raw_prompt: bool = False,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, ignore_eos: bool = False,
-                 on_text: Callable[[str], None] | None = None) -> Result:
-        """Answers `prompt` about `image` (a file path or a PIL image).
+                 on_text: Callable[[str], None] | None = None, channels: str | None = None) -> Result:
+        """Answers `prompt` about `image`: a file path, encoded image bytes, a PIL image, or a camera frame
+        (numpy uint8 [H, W, 3]) with `channels="rgb"` or `channels="bgr"` (OpenCV's order; required for a frame).
 
         `prompt` goes into the bundle's chat template unless `raw_prompt` (then it must contain
         "<image>" once). temperature 0 is greedy; otherwise seeded top-p sampling. `on_text` receives
@@ -169,7 +173,8 @@ class Bundle:
         Raises RuntimeStatusError (IMAGE_INVALID, PROMPT_TOO_LONG, INVALID_ARGUMENT, INFERENCE_FAILED).
         """
         with Generator(self, image, prompt, max_new_tokens=max_new_tokens, raw_prompt=raw_prompt,
-                       temperature=temperature, top_p=top_p, seed=seed, ignore_eos=ignore_eos) as gen:
+                       temperature=temperature, top_p=top_p, seed=seed, ignore_eos=ignore_eos,
+                       channels=channels) as gen:
             stream = _call(capi.TokenizerStream_Create, self._live()) if on_text else None
             try:
                 for token in gen:

@@ -237,19 +237,26 @@ def GeneratorParams_Destroy(params: int) -> Status:
 
 
 @_api
-def Generator_Create(bundle: int, params: int, image, prompt: str, raw_prompt: bool, out: Out) -> Status:
-    """Starts one request: loads `image` (a file path, or a PIL image used as is), builds the prompt
+def Generator_Create(bundle: int, params: int, image, prompt: str, raw_prompt: bool, out: Out,
+                     channels: str | None = None) -> Status:
+    """Starts one request: loads `image`, builds the prompt
     (the bundle's chat template around `prompt`, or `prompt` itself when `raw_prompt`, which must then
     contain "<image>" once), runs the vision and prefill graphs and fills the KV cache.
 
+    `image` is one of: a file path; encoded image bytes (PNG, JPEG, ...: bytes, bytearray or memoryview);
+    a PIL image (used as is); a camera frame, numpy uint8 [H, W, 3], with `channels` "rgb" or "bgr" (required
+    for a frame, refused for the others). Every kind gives the same pixel values for the same picture. The
+    call copies what it needs: the caller's buffer may be reused as soon as it returns.
+
     out.value: a Generator handle, owned by the caller until Generator_Destroy; it holds its own KV cache.
-    Fails with IMAGE_INVALID, PROMPT_TOO_LONG, INVALID_ARGUMENT (bad prompt, or max_new_tokens that
-    cannot fit the cache), INFERENCE_FAILED.
+    Fails with IMAGE_INVALID (also a frame of another dtype, shape or channel count, naming what was
+    expected), PROMPT_TOO_LONG, INVALID_ARGUMENT (bad prompt or channels, or max_new_tokens that cannot fit
+    the cache), INFERENCE_FAILED.
     """
     b = _get(bundle, LoadedBundle, "Bundle")
     p = _get(params, GeneratorParams, "GeneratorParams")
     _check_out(out)
-    _put(out, _new(Generator(b, p, image, prompt, raw_prompt)))
+    _put(out, _new(Generator(b, p, image, prompt, raw_prompt, channels)))
 
 
 @_api

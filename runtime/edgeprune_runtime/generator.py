@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgeprune_runtime import budget
+from edgeprune_runtime import budget, checks, ortlib
 from edgeprune_runtime.engine import Engine
 from edgeprune_runtime.errors import RuntimeStatusError, Status
 from edgeprune_runtime.kvcache import prefill_slot_valid
@@ -42,6 +42,8 @@ class LoadedBundle:
         (the bundle's static sizes need more than the budget: checked before any request buffer exists)."""
         from edgeprune_runtime.preprocess import PreprocessParams
 
+        if with_engine:
+            ortlib.onnxruntime()  # DEPENDENCY_MISSING naming the install command, before any work
         self.limits = budget.limits(memory_budget_mb, max_image_pixels)
         self.manifest: Manifest = load_manifest(path, verify_hashes=verify_hashes)
         m, s = self.manifest, self.manifest.shapes
@@ -112,7 +114,10 @@ class Timings:
 class Generator:
     """Runs vision and prefill at construction; each `generate_next_token` then yields one token id."""
 
-    def __init__(self, bundle: LoadedBundle, params: GeneratorParams, image, prompt: str, raw_prompt: bool = False):
+    def __init__(self, bundle: LoadedBundle, params: GeneratorParams, image, prompt: str, raw_prompt: bool = False,
+                 channels: str | None = None):
+        """`image`: a path, encoded bytes, a PIL image, or a numpy uint8 [H, W, 3] frame with `channels`
+        ("rgb" or "bgr"; required for frames, refused otherwise). See `_load`."""
         t0 = time.perf_counter()
         if not isinstance(raw_prompt, (bool, np.bool_)):
             raise RuntimeStatusError(Status.INVALID_ARGUMENT, f"raw_prompt must be a bool, got {type(raw_prompt).__name__}")
@@ -130,7 +135,7 @@ class Generator:
         # what is left of the budget for the image once the bundle's own buffers are counted
         image_budget = bundle.limits.memory_bytes - bundle.request_bytes
         t = time.perf_counter()
-        img = _load(image, bundle.limits.image_pixels, image_budget)
+        img = _load(image, channels, bundle.limits.image_pixels, image_budget)
         self.timings.image_s = time.perf_counter() - t
 
         from edgeprune_runtime.preprocess import preprocess
@@ -213,15 +218,28 @@ class Generator:
         return token
 
 
-def _load(image, max_pixels: int, max_bytes: int):
-    """A path (str / PathLike) is loaded with the bundle's loader; a PIL image is used as it is (preprocess
-    checks its size)."""
+def _load(image, channels: str | None, max_pixels: int, max_bytes: int):
+    """The request's image as a PIL image, each kind through the one path that gives the same pixels:
+    a path (str / PathLike) and encoded bytes are decoded by the bundle's loader, a numpy frame is copied
+    in RGB order (`channels` says which order it has), a PIL image is used as it is (preprocess checks
+    its size and converts its mode). Raises RuntimeStatusError (INVALID_ARGUMENT, IMAGE_INVALID, RESOURCE_LIMIT)."""
     from PIL import Image
 
-    from edgeprune_runtime.preprocess import load_image
+    from edgeprune_runtime.preprocess import image_from_array, load_image, load_image_bytes
 
+    if isinstance(image, np.ndarray):
+        if channels is None:
+            raise RuntimeStatusError(Status.INVALID_ARGUMENT, "a numpy frame needs channels='rgb' or channels='bgr' "
+                                     "(OpenCV's frames are BGR)")
+        return image_from_array(image, channels, max_pixels=max_pixels, max_bytes=max_bytes)
+    if channels is not None:
+        raise RuntimeStatusError(Status.INVALID_ARGUMENT, f"channels={checks.show(channels)} applies to numpy frames "
+                                 f"only; leave it out for a {type(image).__name__}")
     if isinstance(image, Image.Image):
         return image
     if isinstance(image, (str, os.PathLike)):
         return load_image(image, max_pixels=max_pixels, max_bytes=max_bytes)
-    raise RuntimeStatusError(Status.INVALID_ARGUMENT, f"image must be a file path or a PIL image, got {type(image).__name__}")
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return load_image_bytes(image, max_pixels=max_pixels, max_bytes=max_bytes)
+    raise RuntimeStatusError(Status.INVALID_ARGUMENT, "image must be a file path, encoded image bytes, a PIL image or "
+                             f"a numpy uint8 [H, W, 3] frame, got {type(image).__name__}")

@@ -27,6 +27,7 @@ Only numpy, pillow and the standard library are used here (runtime rule: no torc
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import warnings
@@ -275,12 +276,18 @@ def load_image(path, *, exif_transpose: bool = False, max_pixels: int = DEFAULT_
         raise RuntimeStatusError(
             Status.IMAGE_INVALID, f"image path {p!r} is a directory; pass the path of an image file inside it"
         )
+    return _decode(p, repr(p), exif_transpose, max_pixels, max_bytes)
+
+
+def _decode(source, name: str, exif_transpose: bool, max_pixels: int, max_bytes: int | None) -> Image.Image:
+    """Decodes `source` (a path, or a binary file object for encoded bytes) as load_image describes; `name`
+    says which image in messages."""
     try:
         with warnings.catch_warnings():
             # our own pixel limit applies; Pillow's warning would print a second line on stderr
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(p) as img:
-                check_image_size(img.width, img.height, max_pixels, max_bytes, repr(p))
+            with Image.open(source) as img:
+                check_image_size(img.width, img.height, max_pixels, max_bytes, name)
                 img.load()
                 if exif_transpose:
                     img = ImageOps.exif_transpose(img)
@@ -290,31 +297,83 @@ def load_image(path, *, exif_transpose: bool = False, max_pixels: int = DEFAULT_
         raise
     except Image.DecompressionBombError as e:
         raise RuntimeStatusError(
-            Status.IMAGE_INVALID, f"image {p!r} is too large to decode ({_one_line(e)}); downscale it first"
+            Status.IMAGE_INVALID, f"image {name} is too large to decode ({_one_line(e)}); downscale it first"
         ) from None
     except Image.UnidentifiedImageError:
         raise RuntimeStatusError(
             Status.IMAGE_INVALID,
-            f"{p!r} is not a readable image file (format not recognised); pass a PNG/JPEG/WebP/BMP image",
+            f"{name} is not a readable image file (format not recognised); pass a PNG/JPEG/WebP/BMP image",
         ) from None
     except OSError as e:
         if "truncated" in str(e).lower():
             why = f"truncated ({_one_line(e)})"
         else:
             why = f"unreadable or corrupt ({type(e).__name__}: {_one_line(e)})"
-        raise RuntimeStatusError(Status.IMAGE_INVALID, f"image {p!r} is {why}; re-export or re-copy the file") from None
+        raise RuntimeStatusError(Status.IMAGE_INVALID, f"image {name} is {why}; re-export or re-copy the file") from None
     except MemoryError:
-        raise RuntimeStatusError(Status.RESOURCE_LIMIT, f"out of memory decoding image {p!r}; downscale it") from None
+        raise RuntimeStatusError(Status.RESOURCE_LIMIT, f"out of memory decoding image {name}; downscale it") from None
     except Exception as e:  # PIL plugins raise assorted errors (SyntaxError, ValueError, struct.error ...)
         raise RuntimeStatusError(
             Status.IMAGE_INVALID,
-            f"image {p!r} is corrupt ({type(e).__name__}: {_one_line(e)}); re-export or re-copy the file",
+            f"image {name} is corrupt ({type(e).__name__}: {_one_line(e)}); re-export or re-copy the file",
         ) from None
     if rgb.width == 0 or rgb.height == 0:
         raise RuntimeStatusError(
-            Status.IMAGE_INVALID, f"image {p!r} is empty ({rgb.width}x{rgb.height}); pass a non-empty image"
+            Status.IMAGE_INVALID, f"image {name} is empty ({rgb.width}x{rgb.height}); pass a non-empty image"
         )
     return rgb
+
+
+def load_image_bytes(data, *, exif_transpose: bool = False, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+                     max_bytes: int | None = None) -> Image.Image:
+    """An encoded image (PNG, JPEG, ... as `bytes`, `bytearray` or `memoryview`) decoded exactly as
+    `load_image` decodes the same bytes from a file: same checks, same RGB conversion, same errors.
+
+    Raises RuntimeStatusError: INVALID_ARGUMENT for another type, IMAGE_INVALID / RESOURCE_LIMIT as load_image."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise RuntimeStatusError(Status.INVALID_ARGUMENT, f"encoded image data must be bytes, got {type(data).__name__}")
+    try:
+        view = memoryview(data).cast("B")  # any buffer format, read as bytes
+    except TypeError:  # a strided memoryview
+        raise RuntimeStatusError(Status.INVALID_ARGUMENT, "encoded image data must be one contiguous buffer; "
+                                 "pass bytes(data)") from None
+    return _decode(io.BytesIO(view), f"(encoded bytes, {view.nbytes} bytes)", exif_transpose, max_pixels, max_bytes)
+
+
+CHANNEL_ORDERS = ("rgb", "bgr")  # "bgr": OpenCV's frames (cv2.imread, VideoCapture.read)
+
+
+def image_from_array(frame, channels: str, *, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+                     max_bytes: int | None = None) -> Image.Image:
+    """A camera frame, numpy uint8 [H, W, 3] whose last axis is in `channels` order ("rgb" or "bgr"), as
+    the RGB PIL image holding the same pixels: `preprocess` then does to it exactly what it does to the
+    PNG of that frame (bit for bit). The frame is copied; the caller may reuse its buffer.
+
+    Raises RuntimeStatusError: INVALID_ARGUMENT for `channels` other than "rgb"/"bgr"; IMAGE_INVALID naming
+    what was expected for another dtype, number of axes or channels, an empty frame or one over `max_pixels`;
+    RESOURCE_LIMIT past `max_bytes`."""
+    if channels not in CHANNEL_ORDERS:
+        raise RuntimeStatusError(Status.INVALID_ARGUMENT,
+                                 f"channels must be 'rgb' or 'bgr' (OpenCV frames are 'bgr'), got {checks.show(channels)}")
+    if not isinstance(frame, np.ndarray):
+        raise RuntimeStatusError(Status.INVALID_ARGUMENT, f"a frame must be a numpy array, got {type(frame).__name__}")
+    expected = f"a uint8 array [height, width, 3] in {channels} order"
+    if frame.dtype != np.uint8:
+        raise RuntimeStatusError(Status.IMAGE_INVALID, f"expected {expected}, got dtype {frame.dtype}; "
+                                 "scale other data to 0..255 and convert with .astype(np.uint8)")
+    if frame.ndim != 3:
+        raise RuntimeStatusError(Status.IMAGE_INVALID, f"expected {expected}, got shape {tuple(frame.shape)} "
+                                 f"({frame.ndim} axes); a gray frame needs np.stack([f, f, f], axis=-1)")
+    height, width, bands = (int(n) for n in frame.shape)
+    if bands != 3:
+        hint = "; drop alpha with frame[..., :3]" if bands == 4 else ""
+        raise RuntimeStatusError(Status.IMAGE_INVALID, f"expected {expected}, got {bands} channels "
+                                 f"(shape {tuple(frame.shape)}){hint}")
+    if height == 0 or width == 0:
+        raise RuntimeStatusError(Status.IMAGE_INVALID, f"the frame is empty ({width}x{height}); pass a non-empty image")
+    check_image_size(width, height, max_pixels, max_bytes, f"(frame {width}x{height})")
+    rgb = frame if channels == "rgb" else frame[..., ::-1]
+    return Image.fromarray(np.ascontiguousarray(rgb))  # uint8 [H, W, 3] -> mode "RGB", a copy
 
 
 # --- the transforms (uint8 HWC arrays until the rescale) -------------------------------------
