@@ -115,4 +115,4 @@ def tiny_bundles(tmp_path_factory, tiny, tiny_recipe):
 # needs one failing example, not the smallest).
 from hypothesis import Phase, settings  # noqa: E402
 
-settings.register_profile("mutation", derandomize=True, database=None, phases=[Phase.explicit, Phase.generate])
+settings.register_profile("mutation", derandomize=True, database=None, phases=[Phase.explicit, Phase.generate])  # tests/examples.py caps the count

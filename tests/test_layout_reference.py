@@ -13,6 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from example_counts import examples
+
 from edgeprune_runtime.layout import INVALID_KEY, compute_layout, max_newline_rows, max_partitions
 from hf_packing import packed_order, unpadded_grid
 
@@ -73,7 +75,7 @@ def test_llava16_layouts_match_transformers(hw):
     check(hw, *LLAVA16)
 
 
-@settings(max_examples=120, deadline=None)
+@settings(max_examples=examples(120), deadline=None)
 @given(h=st.integers(8, 1500), w=st.integers(8, 1500), llava16=st.booleans())
 def test_any_image_size_matches_transformers(h, w, llava16):
     check((h, w), *(LLAVA16 if llava16 else TINY))

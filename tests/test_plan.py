@@ -14,6 +14,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from example_counts import examples
+
 from edgeprune.errors import ConfigError
 from edgeprune.plan import plan_shapes, visual_topk
 
@@ -44,7 +46,7 @@ def test_visual_topk_llava16(budget, k):
     assert visual_topk(float(budget), 5, 576) == k
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(milli=st.integers(min_value=1, max_value=1000), partitions=st.sampled_from([3, 5, 7]),
        patches=st.sampled_from([64, 576]))
 def test_visual_topk_is_the_nearest_integer(milli, partitions, patches):

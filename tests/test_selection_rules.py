@@ -17,6 +17,8 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from example_counts import examples
+
 from edgeprune.selection import CHOSEN, SelectionInputs, SelectionParams, get_strategy, largest_remainder, rank_within
 from edgeprune_runtime.layout import compute_layout
 
@@ -163,7 +165,7 @@ IMAGE_SIZES = [(224, 224), (100, 220), (220, 100), (60, 200), (300, 90), (180, 1
 ALPHAS = [Fraction(0), Fraction(1, 4), Fraction(3, 10), Fraction(1, 2), Fraction(3, 5), Fraction(3, 4), Fraction(1)]
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=examples(150), deadline=None)
 @given(hw=st.sampled_from(IMAGE_SIZES), k=st.integers(1, 320), alpha=st.sampled_from(ALPHAS),
        seed=st.integers(0, 2**32 - 1), skew=st.integers(0, 3))
 def test_hired_matches_the_oracle(hw, k, alpha, seed, skew):
@@ -182,7 +184,7 @@ def test_hired_matches_the_oracle(hw, k, alpha, seed, skew):
     _check_bands(sel.priority, layout.patch_valid, scores)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=examples(25), deadline=None)
 @given(hw=st.sampled_from([(672, 672), (400, 1000), (1000, 330), (500, 700)]), k=st.integers(1, 2880),
        seed=st.integers(0, 2**32 - 1))
 def test_hired_matches_the_oracle_llava16(hw, k, seed):
@@ -216,7 +218,7 @@ def _check_bands(priority: torch.Tensor, valid: np.ndarray, scores: np.ndarray) 
 # --- the other rules --------------------------------------------------------------------------------
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(hw=st.sampled_from(IMAGE_SIZES), k=st.integers(1, 320), seed=st.integers(0, 2**32 - 1))
 def test_global_topk_picks_the_k_best_real_patches(hw, k, seed):
     rng = np.random.default_rng(seed)
@@ -243,7 +245,7 @@ def morton_order(grid: int) -> list[int]:
 GRIDS = {8: 112, 5: 70, 9: 126}  # patches per side -> crop (14 px patches); 5 and 9: grid - 1 is a power of two
 
 
-@settings(max_examples=90, deadline=None)
+@settings(max_examples=examples(90), deadline=None)
 @given(hw=st.sampled_from(IMAGE_SIZES), k=st.integers(1, 405), grid=st.sampled_from(sorted(GRIDS)))
 def test_uniform_is_an_even_stride_along_the_z_curve(hw, k, grid):
     """Each partition gets its largest-remainder share of min(K, real) by real patches; along the Z-order curve
@@ -290,7 +292,7 @@ def test_morton_order_of_a_4x4_grid():
     assert morton_order(4) == [0, 1, 4, 5, 2, 3, 6, 7, 8, 9, 12, 13, 10, 11, 14, 15]
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=examples(40), deadline=None)
 @given(hw=st.sampled_from(IMAGE_SIZES), k=st.integers(5, 320), contextual=st.sampled_from([0.125, 0.25, 0.375, 0.5]),
        seed=st.integers(0, 2**32 - 1))
 def test_visionzip_dominant_targets_and_merge(hw, k, contextual, seed):
@@ -334,14 +336,14 @@ def test_visionzip_dominant_targets_and_merge(hw, k, contextual, seed):
 # --- the building blocks --------------------------------------------------------------------------
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(weights=st.lists(st.integers(0, 60), min_size=1, max_size=8), total=st.integers(0, 400))
 def test_largest_remainder_is_hamiltons_method(weights, total):
     got = largest_remainder(torch.tensor(weights, dtype=torch.float32), float(total))
     assert got.tolist() == [float(s) for s in hamilton(weights, total)]
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(rows=st.lists(st.lists(st.integers(0, 5), min_size=6, max_size=6), min_size=1, max_size=3),
        seed=st.integers(0, 2**32 - 1))
 def test_rank_within_counts_better_eligible_entries(rows, seed):
@@ -356,7 +358,7 @@ def test_rank_within_counts_better_eligible_entries(rows, seed):
             assert got[r, i] == better
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=examples(40), deadline=None)
 @given(hw=st.sampled_from(IMAGE_SIZES), k=st.integers(1, 320), seed=st.integers(0, 2**31 - 1))
 def test_random_draws_k_real_patches_from_the_seeded_generator(hw, k, seed):
     """The K real patches with the largest draws of numpy's default_rng(seed) (one f32 draw per patch, [P, N]):
