@@ -47,6 +47,7 @@ def test_append_writes_the_next_slot_in_place():
     new_k = [rng.standard_normal((h, 1, dh)).astype(np.float32) for h in kv_heads]
     new_v = [rng.standard_normal((h, 1, dh)).astype(np.float32) for h in kv_heads]
     assert cache.append(new_k, new_v) == 3
+    assert cache.length == 4 and not cache.full
     assert [id(b) for b in cache.keys + cache.values] == buffers  # same buffers: sessions stay bound
     for layer in range(2):
         np.testing.assert_array_equal(cache.keys[layer][:, 3], new_k[layer][:, 0])
@@ -63,6 +64,7 @@ def test_full_cache_refuses_more():
     with pytest.raises(RuntimeStatusError) as e:
         cache.append(one, one)
     assert e.value.status == Status.CACHE_FULL
+    assert e.value.message == "the KV cache is full (2 slots)"
 
 
 def test_prefill_larger_than_cache():
@@ -71,3 +73,30 @@ def test_prefill_larger_than_cache():
     with pytest.raises(RuntimeStatusError) as e:
         cache.fill_from_prefill(kv, kv, np.ones(3, np.float32))
     assert e.value.status == Status.CACHE_FULL
+    assert e.value.message == "the prompt fills 3 cache slots, the bundle has 2"
+
+
+def test_a_new_cache_is_empty_float32_per_layer():
+    cache = KVCache((3, 1), 5, 4)
+    assert cache.capacity == 5 and cache.length == 0 and not cache.full
+    assert [k.shape for k in cache.keys] == [(3, 5, 4), (1, 5, 4)] == [v.shape for v in cache.values]
+    assert all(b.dtype == np.float32 and not b.any() for b in cache.keys + cache.values)
+    assert cache.valid.dtype == np.float32 and not cache.valid.any() and cache.valid.shape == (5,)
+    assert KVCache((1,), 2, 2, dtype=np.float16).keys[0].dtype == np.float16
+
+
+def test_a_prompt_that_exactly_fills_the_cache_fits_and_leaves_it_full():
+    cache = KVCache((1,), 3, 2)
+    kv = [np.arange(8, dtype=np.float32).reshape(1, 4, 2)]
+    assert cache.fill_from_prefill(kv, kv, np.array([1, 1, 0, 1], np.float32)) == 3
+    assert cache.full
+    np.testing.assert_array_equal(cache.keys[0][0], [[0, 1], [2, 3], [6, 7]])
+
+
+def test_keys_and_values_go_to_their_own_buffers():
+    cache = KVCache((1,), 4, 2)
+    keys, values = [np.ones((1, 2, 2), np.float32)], [np.full((1, 2, 2), 2.0, np.float32)]
+    cache.fill_from_prefill(keys, values, np.ones(2, np.float32))
+    cache.append([np.full((1, 1, 2), 3.0, np.float32)], [np.full((1, 1, 2), 4.0, np.float32)])
+    np.testing.assert_array_equal(cache.keys[0][0, :3], [[1, 1], [1, 1], [3, 3]])
+    np.testing.assert_array_equal(cache.values[0][0, :3], [[2, 2], [2, 2], [4, 4]])
