@@ -96,7 +96,8 @@ class VisionGraph(nn.Module):
         flat_features = sel.features if sel.features is not None else features.reshape(-1, features.shape[-1])
         flat_key = sel.key if sel.key is not None else named["patch_key"].reshape(-1)
 
-        idx = torch.topk(sel.priority, s.visual_topk, largest=True, sorted=False).indices  # [K]
+        # sorted: TensorRT 10's parser requires TopK sorted=1 (onnx-tensorrt operators.md @ 10.1-GA)
+        idx = torch.topk(sel.priority, s.visual_topk, largest=True, sorted=True).indices  # [K]
         sel_valid = (sel.priority[idx] > 0.5).to(torch.float32)
         key = torch.where(sel_valid > 0, flat_key[idx], torch.full_like(sel_valid, INVALID_KEY))
         embeds = self.projector(flat_features[idx])  # [K, D]; the projector runs only on kept tokens

@@ -196,7 +196,7 @@ def test_compare_passes_for_every_strategy(tmp_path, images, strategy):
     assert result.returncode == 0 and report["passed"], report
     vision = {r["output"]: r for r in report["outputs"] if r["stage"] == "vision"}
     assert vision["visual_source"]["max_absdiff"] == 0 and vision["visual_valid"]["max_absdiff"] == 0
-    assert {r["stage"] for r in report["outputs"]} == {"vision", "prefill", "decode"}
+    assert {r["stage"] for r in report["outputs"]} == {"vision", "prefill", "decode", "step"}
 
 
 def test_compare_fails_on_a_model_that_is_not_the_source(tmp_path, images, saved_twin):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeprune.trt.targets import Target, op_refusal
+from edgeprune.trt.targets import Target, op_refusal, op_table
 
 GRAPHS = ("vision", "prefill", "decode", "step")  # every ONNX graph of a bundle
 ENGINE_GRAPHS = ("vision", "step")  # the ones `build` turns into engines
@@ -164,6 +164,11 @@ def _check_graph(model, name: str, target: Target, manifest, add) -> None:
         if reason:
             refused.setdefault(reason, []).append(node.name)
         if node.op_type == "TopK":
+            table = op_table()[target.parser_table]["ops"].get("TopK", {})
+            sorted_attr = next((a.i for a in node.attribute if a.name == "sorted"), 1)
+            if "`sorted` must be 1" in table.get("restrictions", "") and sorted_attr == 0:
+                add("error", name, node.name, f"TopK with sorted=0: TensorRT {target.parser_table}'s parser needs "
+                                              "sorted=1; re-export with this edgeprune version")
             k = constants.get(node.input[1]) if len(node.input) > 1 else None
             if k is None:
                 add("error", name, node.name, "TopK's k is not a constant: TensorRT needs a build-time k")
