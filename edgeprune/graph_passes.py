@@ -101,9 +101,11 @@ def decompose_layernorm(model) -> PassResult:
 
 
 def fp16_matmuls(model) -> PassResult:
-    """Runs every MatMul / Gemm with a large fp32 weight in fp16, weights stored in fp16.
+    """Runs every MatMul / Gemm with a large fp32 weight in fp16, weights stored in fp16; embedding tables
+    (a Gather from a large weight) are stored in fp16 too.
 
         A (fp32) ─ Cast(fp16) ─ MatMul/Gemm(W fp16 [, bias fp16]) ─ Cast(fp32) ─ Y (fp32)
+        ids ─ Gather(E fp16) ─ Cast(fp32) ─ Y (fp32)
 
     Everything else stays fp32: norms (RMSNorm's Pow/ReduceMean overflow in fp16), softmax, masks
     (-1e9 is not an fp16 number), positions and token selection (order keys above 2048 are not exact
@@ -117,34 +119,46 @@ def fp16_matmuls(model) -> PassResult:
     inits = {t.name: t for t in graph.initializer}
     uses = _consumers(graph)
 
-    def only_matmuls_read(name: str) -> bool:
+    def only_read_by(name: str, ops: tuple[str, ...]) -> bool:
         t = inits.get(name)
         return (t is not None and t.data_type == TensorProto.FLOAT
-                and all(u.op_type in ("MatMul", "Gemm") for u in uses.get(name, [])))
+                and all(u.op_type in ops for u in uses.get(name, [])))
+
+    def large(name: str) -> bool:
+        return int(np.prod(inits[name].dims)) * 4 >= FP16_MIN_BYTES
 
     def convertible(node) -> bool:
+        if node.op_type == "Gather":  # an embedding table: data is the weight, indices the activation
+            return only_read_by(node.input[0], ("Gather",)) and large(node.input[0])
         weight = node.input[1]
-        if not only_matmuls_read(weight) or int(np.prod(inits[weight].dims)) * 4 < FP16_MIN_BYTES:
+        if not only_read_by(weight, ("MatMul", "Gemm")) or not large(weight):
             return False
         bias = node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 else ""
-        return not bias or only_matmuls_read(bias)
+        return not bias or only_read_by(bias, ("MatMul", "Gemm"))
+
+    def to_fp16(name: str) -> None:
+        if name not in converted:
+            t = inits[name]
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16), name))
+            converted.add(name)
 
     converted: set[str] = set()
     new_nodes, changed = [], 0
     for node in graph.node:
-        if node.op_type not in ("MatMul", "Gemm") or not convertible(node):
+        if node.op_type not in ("MatMul", "Gemm", "Gather") or not convertible(node):
             new_nodes.append(node)
             continue
         p = node.name or node.output[0]
-        weights = [node.input[1]] + ([node.input[2]] if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] else [])
-        for w in weights:
-            if w not in converted:
-                t = inits[w]
-                t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16), w))
-                converted.add(w)
-        a16, y16, y = f"{p}/input_fp16", f"{p}/output_fp16", node.output[0]
-        new_nodes.append(helper.make_node("Cast", [node.input[0]], [a16], name=f"{p}/cast_in", to=TensorProto.FLOAT16))
-        node.input[0] = a16
+        y16, y = f"{p}/output_fp16", node.output[0]
+        if node.op_type == "Gather":
+            to_fp16(node.input[0])
+        else:
+            weights = [node.input[1]] + ([node.input[2]] if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] else [])
+            for w in weights:
+                to_fp16(w)
+            a16 = f"{p}/input_fp16"
+            new_nodes.append(helper.make_node("Cast", [node.input[0]], [a16], name=f"{p}/cast_in", to=TensorProto.FLOAT16))
+            node.input[0] = a16
         node.output[0] = y16
         new_nodes.append(node)
         new_nodes.append(helper.make_node("Cast", [y16], [y], name=f"{p}/cast_out", to=TensorProto.FLOAT))
