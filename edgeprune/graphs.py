@@ -1,6 +1,6 @@
 """The three exportable graphs as torch modules built from a loaded LLaVA-NeXT's own submodules.
 
-Every input varies only in content, never in shape (DESIGN.md section 4); the interfaces are the
+Every input varies only in content, never in shape (README "How it works": static shapes with validity masks); the interfaces are the
 ones documented in `edgeprune_runtime.manifest`. The modules call transformers' own layers
 (CLIP encoder layers, RMSNorm, MLP, projector) and re-write only what must change for static
 export: token selection, mask/position construction, and attention over a fixed-size cache.
@@ -254,7 +254,7 @@ class StepGraph(_LanguageModel):
 
     The language model for TensorRT: one graph whose first dimension T is dynamic, so one engine with
     two optimization profiles (T = S for prefill, T in [1, 2] for decode) holds the weights once
-    (DESIGN.md section 8: two engines would each embed the whole LM). Prefill is a step over an empty
+    (README "Targets": two engines would each embed the whole LM). Prefill is a step over an empty
     cache; decode is a step of one slot. Positions continue from `position` (the valid slots already
     in the cache) counting only valid new slots, as the prefill graph does.
 

@@ -1,7 +1,7 @@
 """torch module -> static ONNX file, and the pass that stores weights once for several graphs.
 
 Uses the TorchScript exporter: it honours opset 17 (the dynamo exporter silently stays at 18,
-see DESIGN.md section 9), and with constant folding it leaves no shape arithmetic behind.
+measured on torch 2.13), and with constant folding it leaves no shape arithmetic behind.
 """
 
 from __future__ import annotations

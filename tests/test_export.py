@@ -176,7 +176,7 @@ def test_vision_onnx_equals_torch(bundle, modules, tiny_case, hw):
 
 
 class TorchRunner(BaseRunner):
-    """A Polygraphy runner for an eager torch graph module (PytRunner is unusable on CPU, DESIGN.md section 9)."""
+    """A Polygraphy runner for an eager torch graph module (PytRunner is unusable on CPU)."""
 
     def __init__(self, module, feed: dict[str, np.ndarray], output_names: list[str]):
         super().__init__(name="torch")

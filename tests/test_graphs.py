@@ -1,6 +1,6 @@
 """The static graph modules (eager torch) against transformers' own LLaVA-NeXT on the tiny twin.
 
-Budget 1.0 with newlines kept must reproduce transformers exactly (DESIGN.md section 4); at lower
+Budget 1.0 with newlines kept must reproduce transformers exactly (README "How it works": static shapes with validity masks); at lower
 budgets the vision graph must fill exactly K slots with real patches, in sequence order.
 """
 

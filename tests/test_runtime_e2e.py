@@ -1,6 +1,6 @@
 """The runtime (edgeprune_runtime, ONNX Runtime) on exported tiny bundles vs transformers' own `generate`.
 
-DESIGN.md section 4: at budget 1.0 with newlines kept the bundle must reproduce `generate` token for
+README "How it works": at budget 1.0 with newlines kept the bundle must reproduce `generate` token for
 token, for any image; here also the logits of every step.
 """
 

@@ -1,6 +1,6 @@
 """The fixed-size KV cache: per-layer numpy buffers written in place, plus a validity mask.
 
-Layout (DESIGN.md section 6): layer l has K and V buffers [Hkv_l, C, Dh] (a list, since head
+Layout (README "How it works"): layer l has K and V buffers [Hkv_l, C, Dh] (a list, since head
 pruning may give layers different Hkv) and all layers share `valid` [C] (1 = slot holds a token).
 Valid tokens are kept compacted in slots 0..length-1, so a slot index is also the token's
 position (positions count valid slots), and the next token goes to slot `length`.
