@@ -19,15 +19,21 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from edgeprune_runtime import checks
 from edgeprune_runtime.env import env_int
 from edgeprune_runtime.errors import RuntimeStatusError, Status
 
 MIB = 1 << 20
 DEFAULT_BUDGET_MB = 8192
 DEFAULT_MAX_IMAGE_PIXELS = 100_000_000
-# Peak bytes per pixel while an image is decoded and converted to RGB: PIL keeps 4 bytes per RGB/RGBA pixel,
-# compositing transparency onto white holds three RGBA images, the RGB result and its numpy copy follow.
-IMAGE_BYTES_PER_PIXEL = 20
+# Peak bytes of decoding and preprocessing a width x height image (load_image + preprocess), measured as peak
+# RSS growth on PNGs: ~4 per pixel for RGB, 11 for 16-bit grey, 17 for a palette with transparency, 20 for
+# RGBA (compositing onto white holds three RGBA images); Pillow adds a row pointer per row per image copy
+# and each resize ~16 bytes of coefficients per source row or column, which dominates for 1-pixel-wide or
+# -high images (36-60 bytes per pixel). tests/runtime/test_trust.py checks these bounds on such shapes.
+IMAGE_BYTES_PER_PIXEL = 24
+IMAGE_BYTES_PER_ROW = 88
+IMAGE_BYTES_PER_COLUMN = 40
 
 
 def _physical_memory() -> int | None:
@@ -47,7 +53,7 @@ def _option(value, env_name: str, default: int, what: str) -> int:
     if value is None:
         return env_int(env_name, default, minimum=1)
     if type(value) is not int or value < 1:
-        raise RuntimeStatusError(Status.INVALID_ARGUMENT, f"{what} must be an integer >= 1 or None, got {value!r}")
+        raise RuntimeStatusError(Status.INVALID_ARGUMENT, f"{what} must be an integer >= 1 or None, got {checks.show(value)}")
     return value
 
 
@@ -105,5 +111,5 @@ def check_request(parts: dict[str, int], lim: Limits) -> int:
 
 
 def image_bytes(width: int, height: int) -> int:
-    """Peak bytes of decoding a width x height image and converting it to RGB."""
-    return width * height * IMAGE_BYTES_PER_PIXEL
+    """Peak bytes of decoding a width x height image, converting it to RGB and preprocessing it."""
+    return width * height * IMAGE_BYTES_PER_PIXEL + height * IMAGE_BYTES_PER_ROW + width * IMAGE_BYTES_PER_COLUMN

@@ -30,6 +30,7 @@ import inspect
 import itertools
 import threading
 
+from edgeprune_runtime import checks
 from edgeprune_runtime.errors import RuntimeStatusError, Status
 from edgeprune_runtime.generator import Generator, GeneratorParams, LoadedBundle
 from edgeprune_runtime.tokenize import TextStream
@@ -100,7 +101,7 @@ def _get(handle, kind: type, what: str):
     with _lock:
         obj = _objects.get(handle) if isinstance(handle, int) and not isinstance(handle, bool) else None
     if not isinstance(obj, kind):
-        raise RuntimeStatusError(Status.INVALID_ARGUMENT, f"{handle!r} is not a live {what} handle (destroyed, or another kind)")
+        raise RuntimeStatusError(Status.INVALID_ARGUMENT, f"{checks.show(handle)} is not a live {what} handle (destroyed, or another kind)")
     return obj
 
 

@@ -22,7 +22,7 @@ MAX_PATH_CHARS = 1024
 
 def show(value: Any, limit: int = 60) -> str:
     """repr(value), cut to `limit` characters: a hostile value must not make a message huge."""
-    text = repr(value)
+    text = " ".join(repr(value).split())  # one line, whatever the object's repr looks like
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

@@ -81,10 +81,10 @@ class GeneratorParams:
         if not (isinstance(self.max_new_tokens, (int, np.integer)) and not isinstance(self.max_new_tokens, (bool, np.bool_))
                 and self.max_new_tokens >= 0):
             raise RuntimeStatusError(Status.INVALID_ARGUMENT,
-                                     f"max_new_tokens must be an integer >= 0 (0 = until EOS or cache full), got {self.max_new_tokens!r}")
+                                     f"max_new_tokens must be an integer >= 0 (0 = until EOS or cache full), got {checks.show(self.max_new_tokens)}")
         check_sampling(self.temperature, self.top_p, self.seed)
         if not isinstance(self.ignore_eos, (bool, np.bool_)):
-            raise RuntimeStatusError(Status.INVALID_ARGUMENT, f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+            raise RuntimeStatusError(Status.INVALID_ARGUMENT, f"ignore_eos must be a bool, got {checks.show(self.ignore_eos)}")
 
 
 @dataclass

@@ -223,7 +223,10 @@ def _to_8bit(image: Image.Image) -> Image.Image:
 def _convert_to_rgb(image: Image.Image) -> Image.Image:
     """transformers' `convert_to_rgb` for PIL input: transparency is composited onto white.
 
-    Before it, images Pillow would convert into garbage or not at all are made 8-bit (see the module docstring)."""
+    Before it, images Pillow would convert into garbage or not at all are made 8-bit (see the module docstring).
+    An RGB image without transparency is returned as it is (Pillow's convert would only copy it)."""
+    if image.mode == "RGB" and image.info.get("transparency") is None:
+        return image
     if image.mode in _SIXTEEN_BIT or image.mode in ("I", "F"):
         image = _to_8bit(image)
     elif image.mode == "La":  # premultiplied alpha: Pillow converts La only to LA
@@ -284,8 +287,9 @@ def _decode(source, name: str, exif_transpose: bool, max_pixels: int, max_bytes:
     says which image in messages."""
     try:
         with warnings.catch_warnings():
-            # our own pixel limit applies; Pillow's warning would print a second line on stderr
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            # Pillow warns (on stderr) about odd files it still decodes, and about large images, where our own
+            # limit applies: a user error must stay one line, so what matters becomes a status, the rest is quiet
+            warnings.simplefilter("ignore")
             with Image.open(source) as img:
                 check_image_size(img.width, img.height, max_pixels, max_bytes, name)
                 img.load()
@@ -379,10 +383,12 @@ def image_from_array(frame, channels: str, *, max_pixels: int = DEFAULT_MAX_IMAG
 # --- the transforms (uint8 HWC arrays until the rescale) -------------------------------------
 
 
-def _resize(arr: np.ndarray, height: int, width: int, resample: int) -> np.ndarray:
-    """transformers' `image_transforms.resize` on uint8 data: a PIL resize, no value changes around it."""
-    out = np.asarray(Image.fromarray(arr).resize((width, height), resample=resample, reducing_gap=None))
-    return out
+def _resize(image: np.ndarray | Image.Image, height: int, width: int, resample: int) -> np.ndarray:
+    """transformers' `image_transforms.resize` on uint8 RGB data (HWC array or PIL image): a PIL resize, no
+    value changes around it; returns uint8 [height, width, 3]."""
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    return np.asarray(image.resize((width, height), resample=resample, reducing_gap=None))
 
 
 def _patch_output_size(hw: tuple[int, int], target: tuple[int, int]) -> tuple[int, int]:
@@ -439,11 +445,10 @@ def preprocess(image: Image.Image, params: PreprocessParams, *, max_pixels: int 
     resample, crop, se = int(params.resample), params.crop_size, params.shortest_edge
 
     try:
-        converted = _convert_to_rgb(image)
+        rgb = _convert_to_rgb(image)  # PIL RGB; resized as a PIL image (no numpy copy of a full-size image)
     except (ValueError, OSError) as e:  # a mode Pillow cannot convert, or a lazily loaded image that fails to decode
         raise RuntimeStatusError(Status.IMAGE_INVALID, f"cannot convert the {image.mode} image to RGB: {_one_line(e)}") from None
-    rgb = np.asarray(converted)  # uint8 [H, W, 3]
-    hw = (int(rgb.shape[0]), int(rgb.shape[1]))
+    hw = (rgb.height, rgb.width)
 
     # anyres partitions: fit the best pinpoint, pad with black, cut row-major
     best = select_best_resolution(hw, params.image_grid_pinpoints)

@@ -7,6 +7,7 @@ import numbers
 
 import numpy as np
 
+from edgeprune_runtime import checks
 from edgeprune_runtime.errors import RuntimeStatusError, Status
 
 
@@ -19,11 +20,11 @@ def check_sampling(temperature: float, top_p: float, seed: int) -> None:
     outside (0, 1] (NaN included) or a seed that is not an integer >= 0. Every value that passes samples
     without NaN: see `softmax`."""
     if not (_real(temperature) and math.isfinite(temperature) and temperature >= 0):
-        raise RuntimeStatusError(Status.INVALID_ARGUMENT, f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+        raise RuntimeStatusError(Status.INVALID_ARGUMENT, f"temperature must be a finite number >= 0 (0 = greedy), got {checks.show(temperature)}")
     if not (_real(top_p) and 0.0 < top_p <= 1.0):
-        raise RuntimeStatusError(Status.INVALID_ARGUMENT, f"top_p must be in (0, 1], got {top_p!r}")
+        raise RuntimeStatusError(Status.INVALID_ARGUMENT, f"top_p must be in (0, 1], got {checks.show(top_p)}")
     if not (isinstance(seed, (int, np.integer)) and not isinstance(seed, (bool, np.bool_)) and seed >= 0):
-        raise RuntimeStatusError(Status.INVALID_ARGUMENT, f"seed must be an integer >= 0, got {seed!r}")
+        raise RuntimeStatusError(Status.INVALID_ARGUMENT, f"seed must be an integer >= 0, got {checks.show(seed)}")
 
 
 def softmax(logits: np.ndarray, temperature: float) -> np.ndarray:

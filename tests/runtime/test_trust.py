@@ -15,6 +15,7 @@ import tracemalloc
 import struct
 import warnings
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -520,3 +521,70 @@ def test_sampling_parameters_are_validated(field, value):
     with pytest.raises(RuntimeStatusError) as e:
         GeneratorParams(**{field: value}).check()
     assert e.value.status == Status.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize("location", ["../../outside/vision/vision.weights", "ABS"])
+def test_graph_external_data_outside_the_bundle_is_refused(fake_bundle, outside, location):
+    """Graph weights live in external-data files that ONNX Runtime opens itself; it must refuse locations that
+    leave the model's directory (a property of the installed onnxruntime that this runtime relies on)."""
+    onnx = pytest.importorskip("onnx")
+    root, _ = fake_bundle
+    path = root / "vision" / "vision.onnx"
+    model = onnx.load(str(path), load_external_data=False)
+    tensor = next(t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL)
+    entry = next(e for e in tensor.external_data if e.key == "location")
+    entry.value = str(outside / "vision" / "vision.weights") if location == "ABS" else location
+    onnx.save(model, str(path))
+    rehash(root, "vision/vision.onnx")
+    message = refused(root)
+    assert "cannot load vision graph" in message and "External data" in message
+
+
+_MEASURE = r"""
+import json, sys
+from edgeprune_runtime.preprocess import PreprocessParams, load_image, preprocess
+
+def kb(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+
+params = PreprocessParams.from_dict(json.loads(open(sys.argv[2]).read())["preprocess"])
+open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM)
+base = kb("VmRSS")
+preprocess(load_image(sys.argv[1]), params)
+print((kb("VmHWM") - base) * 1024)
+"""
+
+
+@pytest.mark.parametrize("width, height, mode", [(2000, 1500, "RGBA"), (1500, 1000, "I;16"), (1500, 1000, "P"),
+                                                 (1500, 1000, "F"), (1, 400_000, "RGBA"), (400_000, 1, "RGB")])
+def test_the_image_memory_estimate_bounds_what_decoding_uses(tmp_path, fake_bundle, width, height, mode):
+    """Expected value from outside the formula: the peak resident memory of a fresh process that loads and
+    preprocesses the image stays under budget.image_bytes (which the budget check charges before decoding)."""
+    import subprocess
+    import sys
+
+    from edgeprune_runtime.budget import image_bytes
+
+    if not os.path.exists("/proc/self/clear_refs"):
+        pytest.skip("needs Linux /proc/self/clear_refs to reset the peak resident set")
+    rng = np.random.default_rng(0)
+    if mode == "I;16":
+        image = Image.fromarray(rng.integers(0, 65536, (height, width), dtype=np.uint16))
+    elif mode == "F":
+        image = Image.fromarray(rng.random((height, width), dtype=np.float32))
+    elif mode == "P":
+        image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).quantize(16)
+        image.info["transparency"] = 0
+    else:
+        image = Image.fromarray(rng.integers(0, 256, (height, width, len(mode)), dtype=np.uint8), mode)
+    path = tmp_path / ("image.tif" if mode == "F" else "image.png")
+    image.save(path, **({"compress_level": 1} if path.suffix == ".png" else {}))
+    root, _ = fake_bundle
+    runtime = Path(__file__).resolve().parents[2] / "runtime"
+    proc = subprocess.run([sys.executable, "-c", _MEASURE, str(path), str(root / "manifest.json")], capture_output=True,
+                          text=True, timeout=120, env={"PYTHONPATH": str(runtime), "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr
+    grew = int(proc.stdout)
+    assert grew <= image_bytes(width, height) + (8 << 20), (grew, image_bytes(width, height))
