@@ -17,7 +17,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml runtime/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check $(TORCH)
-	$(BIN)/pip install -q --disable-pip-version-check -e ./runtime -e '.[dev,trt-rtx]'
+	$(BIN)/pip install -q --disable-pip-version-check -e './runtime[cpu]' -e '.[dev,trt-rtx,serve,cpu]'
 	touch $@
 
 demo: setup

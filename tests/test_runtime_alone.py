@@ -22,7 +22,7 @@ def test_fresh_venv_runtime_matches_edgeprune_run(tmp_path, tiny_bundles):
     venv.create(env_dir, with_pip=True)
     python = env_dir / "bin" / "python"
     install = subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check",
-                              str(source)], capture_output=True, text=True, timeout=900)
+                              f"{source}[cpu]"], capture_output=True, text=True, timeout=900)
     assert install.returncode == 0, install.stderr[-2000:]
     probe = subprocess.run([str(python), "-c", "import importlib.util as u; "
                             "print([m for m in ('torch', 'transformers', 'onnx') if u.find_spec(m)])"],

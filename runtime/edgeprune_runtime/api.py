@@ -129,6 +129,24 @@ class Generator:
         self.close()
 
 
+class TokenizerStream:
+    """Incremental detokenizer (Bundle.text_stream): `put(token_id)` returns the text that token adds ("" while a
+    character is incomplete); `flush()` at the end returns what is held back, so the pieces add up to the text."""
+
+    def __init__(self, bundle: "Bundle"):
+        self._handle = _call(capi.TokenizerStream_Create, bundle._live())
+        self._finalize = weakref.finalize(self, capi.TokenizerStream_Destroy, self._handle)
+
+    def put(self, token_id: int) -> str:
+        return _call(capi.TokenizerStream_Decode, self._handle, token_id)
+
+    def flush(self) -> str:
+        return _call(capi.TokenizerStream_Flush, self._handle)
+
+    def close(self) -> None:
+        self._finalize()
+
+
 class Bundle:
     """A loaded bundle (manifest checked, sessions open). Use as a context manager or call close()."""
 
@@ -156,6 +174,10 @@ class Bundle:
 
     def decode(self, token_ids) -> str:
         return _call(capi.Bundle_DecodeTokens, self._live(), token_ids)
+
+    def text_stream(self) -> TokenizerStream:
+        """A new incremental detokenizer for one answer (one per generator)."""
+        return TokenizerStream(self)
 
     def generator(self, image, prompt: str, **options) -> Generator:
         """A step-by-step generator; options as in `generate` (without on_text)."""

@@ -69,6 +69,20 @@ def _write(stream: TextIO, text: str) -> None:
         raise RuntimeStatusError(Status.OUTPUT_FAILED, f"cannot write to {name}: {why}{hint}") from None
 
 
+class VersionAction(argparse.Action):
+    """--version: this runtime's version and the ONNX Runtime it found (computed only when asked)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="print the version and the ONNX Runtime in use, and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from edgeprune_runtime import __version__
+        from edgeprune_runtime.ortlib import version_line
+
+        parser.exit(0, version_line("edgeprune-runtime", __version__) + "\n")
+
+
 class _OneLineParser(argparse.ArgumentParser):
     """A usage error is one `error:` line (argparse would print the usage block first)."""
 
@@ -89,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     p.add_argument("--skip-hash-check", action="store_true", help="do not verify the bundle files' sha256 (faster start)")
+    p.add_argument("--version", action=VersionAction)
     return p
 
 
