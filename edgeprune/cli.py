@@ -7,7 +7,9 @@ anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import functools
+import json
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -35,14 +37,30 @@ def user_errors(fn):
             _fail(str(e), e.exit_code)
         except RuntimeStatusError as e:
             _fail(e.message, 2)
+        except ModuleNotFoundError as e:
+            if (e.name or "").split(".")[0] != "onnxruntime":  # the one dependency an extra chooses; others are bugs
+                raise
+            _fail("ONNX Runtime is not installed; pip install 'edgeprune[cpu]' on a PC, 'edgeprune[cuda]' with an "
+                  "NVIDIA GPU, or keep the onnxruntime-gpu already installed (README: Install)", 2)
         except KeyboardInterrupt:
             _fail("interrupted", 130)
 
     return wrapper
 
 
+def _print_version(ctx: click.Context, param, value) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    from edgeprune_runtime import __version__ as runtime_version
+    from edgeprune_runtime.ortlib import version_line
+
+    click.echo(f"edgeprune {__version__}, {version_line('edgeprune-runtime', runtime_version)}")
+    ctx.exit()
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="edgeprune")
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
+              help="Show the versions of edgeprune, its runtime and the ONNX Runtime in use, and exit.")
 def cli():
     """Export vision-language models with a fixed visual-token budget to static ONNX bundles and run them."""
 
@@ -85,9 +103,10 @@ def _recipe(model_name: str, recipe_file: str | None, **flags):
 @click.option("--opset", type=int, help="ONNX opset (default: the recipe's, lowered to the target's maximum).")
 @click.option("--precision", type=click.Choice(["fp32", "fp16"]), help="fp16: matmuls and their weights in fp16.")
 @click.option("--force", is_flag=True, help="Move a non-bundle --out directory aside (to DIR.old-<time>) instead of refusing.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (bundle path, K, slots, sizes, timings).")
 @user_errors
 def export(model_name, budget, model_dir, out_dir, recipe_file, strategy, newlines, alpha, layers, target, opset,
-           precision, force):
+           precision, force, as_json):
     """Trace NAME into a static-shape ONNX bundle (vision, prefill, decode, step graphs + manifest)."""
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -102,10 +121,12 @@ def export(model_name, budget, model_dir, out_dir, recipe_file, strategy, newlin
     console = Console(stderr=True)
     columns = (TextColumn("[bold]export[/]"), BarColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
     # Only on a terminal: in pipes and logs a user error stays the single `error:` line.
+    started, stage_starts = time.perf_counter(), []  # [(stage, perf_counter at its start)]
     with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as progress:
         task = progress.add_task("", total=len(STAGES))
 
         def on_stage(name: str) -> None:
+            stage_starts.append((name, time.perf_counter()))
             progress.update(task, completed=STAGES.index(name), description=name)
             if console.is_terminal:
                 console.log(name)
@@ -113,7 +134,35 @@ def export(model_name, budget, model_dir, out_dir, recipe_file, strategy, newlin
         export_bundle(model_name, out, recipe, model_dir=model_dir, model_options={"layers": layers},
                       on_stage=on_stage, force=force)
         progress.update(task, completed=len(STAGES), description="done")
-    _print_bundle_summary(out)
+    if as_json:
+        click.echo(json.dumps(_export_report(out, stage_starts, started, time.perf_counter())))
+    else:
+        _print_bundle_summary(out)
+
+
+def _export_report(bundle: Path, stage_starts: list[tuple[str, float]], started: float, finished: float) -> dict:
+    """export --json: where the bundle is, its static sizes, its files' sizes and each stage's seconds."""
+    from edgeprune.bundle_info import bundle_info
+
+    info = bundle_info(bundle)
+    s = info["shapes"]
+    ends = [t for _, t in stage_starts[1:]] + [finished]
+    return {
+        "bundle": info["bundle"],
+        "model": info["model"]["model"],
+        "budget": info["recipe"]["budget"],
+        "strategy": info["recipe"]["strategy"],
+        "k": s["visual_topk"],
+        "patch_tokens": s["partitions"] * s["patches_per_partition"],
+        "slots": {"visual": s["visual_slots"], "newline": s["newline_slots"],
+                  "text_before_image": s["text_slots_before_image"], "text_after_image": s["text_slots_after_image"],
+                  "prefill": s["prefill_slots"], "cache": s["cache_capacity"]},
+        "onnx": info["onnx"],
+        "sizes": {"total_bytes": info["sizes"]["total_bytes"],
+                  "graphs": {name: g["bytes"] for name, g in info["graphs"].items()}, "files": info["sizes"]["files"]},
+        "timings": {"stages": {name: end - t for (name, t), end in zip(stage_starts, ends)},
+                    "total_s": finished - started},
+    }
 
 
 def _print_bundle_summary(bundle: Path) -> None:
@@ -131,8 +180,9 @@ def _print_bundle_summary(bundle: Path) -> None:
 @click.argument("model_name", metavar="NAME")
 @click.argument("out_dir", metavar="DIR", type=click.Path())
 @click.option("--layers", type=int, default=2, show_default=True, help="LM layers of llava-next-7b-shape.")
+@click.option("--json", "as_json", is_flag=True, help='Print {"model", "path", "files"} instead of a sentence.')
 @user_errors
-def tiny(model_name, out_dir, layers):
+def tiny(model_name, out_dir, layers, as_json):
     """Save the built-in model NAME as a Hugging Face checkpoint directory DIR."""
     from edgeprune import registry
     from edgeprune.errors import ConfigError
@@ -143,6 +193,10 @@ def tiny(model_name, out_dir, layers):
         raise ConfigError(f"`{model_name}` is a local checkpoint already; `tiny` saves built-in models "
                           "such as llava-next-tiny")
     path = save_twin(entry.loader(None, layers=layers), out_dir)
+    if as_json:
+        files = sorted(p.relative_to(path).as_posix() for p in Path(path).rglob("*") if p.is_file())
+        click.echo(json.dumps({"model": model_name, "path": str(path), "files": files}))
+        return
     click.echo(f"saved {model_name} to {path} (load with LlavaNextForConditionalGeneration.from_pretrained)")
 
 
@@ -316,8 +370,10 @@ def inspect(bundle, image, out_png, as_json):
 @click.option("--layers", type=int, default=2, show_default=True, help="LM layers of llava-next-7b-shape.")
 @click.option("--image", type=click.Path(), help="Image for the timings [default: the built-in sample].")
 @click.option("--max-new-tokens", type=click.IntRange(min=2), default=16, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the report (as in sweep.json) instead of a table.")
 @user_errors
-def sweep(model_name, budgets, strategies, data, out_dir, model_dir, recipe_file, layers, image, max_new_tokens):
+def sweep(model_name, budgets, strategies, data, out_dir, model_dir, recipe_file, layers, image, max_new_tokens,
+          as_json):
     """Export every strategy x budget and report TTFT, decode speed, memory and answer agreement."""
     from rich.table import Table
 
@@ -329,6 +385,9 @@ def sweep(model_name, budgets, strategies, data, out_dir, model_dir, recipe_file
     out = Path(out_dir or Path("export") / f"sweep-{model_name}")
     report = run_sweep(model_name, base, strategy_list, budget_list, out, model_dir, layers, data, image,
                        max_new_tokens=max_new_tokens, on_stage=_stage_logger())
+    if as_json:
+        click.echo(json.dumps(report | {"files": {"json": str(out / "sweep.json"), "png": str(out / "sweep.png")}}))
+        return
     table = Table(title=f"{model_name} sweep ({report['questions']} questions)")
     cols = ["strategy", "budget", "visual tokens", "TTFT s", "decode tok/s", "peak RSS GiB"]
     if report["questions"]:
@@ -348,8 +407,9 @@ def sweep(model_name, budgets, strategies, data, out_dir, model_dir, recipe_file
 @cli.command(name="sample-image")
 @click.argument("out", type=click.Path())
 @click.option("--size", default="640x480", show_default=True, help="WIDTHxHEIGHT")
+@click.option("--json", "as_json", is_flag=True, help='Print {"path", "width", "height", "prompt"}.')
 @user_errors
-def sample_image(out, size):
+def sample_image(out, size, as_json):
     """Write a deterministic synthetic photo (a table scene) to OUT, for demos and benchmarks."""
     from edgeprune.errors import ConfigError
     from edgeprune.sample_image import write_sample_image
@@ -358,7 +418,11 @@ def sample_image(out, size):
         width, height = (int(v) for v in size.lower().split("x"))
     except ValueError:
         raise ConfigError(f"--size must look like 640x480, got {size!r}") from None
-    click.echo(f"wrote {write_sample_image(out, width, height)}")
+    path = write_sample_image(out, width, height)
+    if as_json:
+        click.echo(json.dumps({"path": str(path), "width": width, "height": height, "prompt": SAMPLE_PROMPT}))
+    else:
+        click.echo(f"wrote {path}")
 
 
 @cli.command()
@@ -446,18 +510,71 @@ def _nullcontext():
 
 
 @cli.command(name="models")
-def models_cmd():
+@click.option("--json", "as_json", is_flag=True, help='Print {name: {"description", "recipe", "checkpoint"}}.')
+def models_cmd(as_json):
     """List the registered models."""
     from edgeprune import registry
 
+    if as_json:
+        click.echo(json.dumps({name: {"description": registry.get(name).description, "recipe": registry.get(name).recipe,
+                                      "checkpoint": registry.get(name).checkpoint} for name in registry.names()}))
+        return
     for name in registry.names():
         click.echo(f"{name:22s} {registry.get(name).description}")
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path())
+@click.option("--verify", is_flag=True, help="Hash every file against the manifest and list each mismatch (exit 1 if any).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a summary.")
+@user_errors
+def info(bundle, verify, as_json):
+    """Summarise BUNDLE from its manifest: model, recipe, shapes, graphs, engines, sizes."""
+    from edgeprune.bundle_info import bundle_info, summary_lines
+
+    report = bundle_info(bundle, verify=verify)
+    if as_json:
+        click.echo(json.dumps(report))
+    else:
+        for line in summary_lines(report):
+            click.echo(line)
+    sys.exit(1 if report["verified"] is False else 0)
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path())
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (127.0.0.1: this machine only).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="Port (0: any free port).")
+@click.option("--model-name", help="The model id clients send [default: the bundle directory's name].")
+@click.option("--parallel", type=click.IntRange(min=1), default=1, show_default=True, help="Requests generating at once.")
+@click.option("--max-queue", type=click.IntRange(min=0), default=32, show_default=True,
+              help="Requests waiting for a slot before the server answers 503.")
+@click.option("--max-request-mb", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Largest request body (JSON with a base64 image), MiB.")
+@click.option("--image-dir", default=".", show_default=True,
+              help="Local image paths are read only inside this directory ('none': data: URLs only).")
+@click.option("--max-image-pixels", type=click.IntRange(min=1), help="Refuse larger images [default: 100M].")
+@click.option("--skip-hash-check", is_flag=True, help="Do not verify the bundle files' sha256 (faster start).")
+@click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="warning",
+              show_default=True, help="uvicorn's log level; info and debug also log every request.")
+@user_errors
+def serve(bundle, host, port, model_name, parallel, max_queue, max_request_mb, image_dir, max_image_pixels,
+          skip_hash_check, log_level):
+    """Serve BUNDLE over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/models, /health)."""
+    from edgeprune_runtime.server import serve as run_server
+
+    run_server(bundle, host, port, model_name=model_name, parallel=parallel, max_queue=max_queue,
+               max_request_mb=max_request_mb, image_dir=image_dir, max_image_pixels=max_image_pixels,
+               verify_hashes=not skip_hash_check, log_level=log_level)
 
 
 def main():
     """Entry point: usage errors too become one `error:` line (click would print a usage block)."""
     try:
         code = cli.main(prog_name="edgeprune", standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as e:  # a bare `edgeprune`: the help, as a request for it
+        click.echo(e.ctx.get_help())
+        sys.exit(0)
     except click.ClickException as e:  # bad option value, missing argument, unknown command
         _fail(f"{e.format_message()} (see `edgeprune --help`)", e.exit_code)
     except click.Abort:
