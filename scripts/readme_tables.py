@@ -163,7 +163,59 @@ def _survivor_reasons() -> dict[str, str]:
     return {k: str(v) for k, v in tomllib.loads(path.read_text()).get("survivors", {}).items()}
 
 
+TRT_FILES = ("trt-llava-next-7b-shape.json", "trt-llava-next-7b-shape-fp16.json", "trt-llava-next-tiny.json")
+
+
+def _export_command(b: dict) -> str:
+    layers = f" --layers {b['options']['layers']}" if "layers" in b.get("options", {}) else ""
+    precision = " --precision fp16" if b["precision"] == "fp16" else ""
+    return f"edgeprune export {b['source']}{layers} --budget {b['budget']:g}{precision} --out BUNDLE"
+
+
+def render_trt_build(first: dict) -> str:
+    """Engine sizes and build times per bundle (TensorRT-RTX CPU-only build), from every trt-*.json."""
+    reports = [first] + [load(f) for f in TRT_FILES[1:]]
+    rows = ["| bundle | vision engine (weights) | LM engine (weights) | engines / weights | build time |",
+            "|---|---|---|---|---|"]
+    for r in reports:
+        b, e, w = r["bundle"], r["build"]["engines"], r["bundle"]["weights_bytes"]
+        name = f"`{b['source']}`" + (f" --layers {b['options']['layers']}" if "layers" in b.get("options", {}) else "")
+        g = lambda n: f"{n / GIB:.3g} GiB"  # noqa: E731  (three digits: the tiny twin's are MB)
+        rows.append(f"| {name}, budget {b['budget']:g}, {b['precision']} | {g(e['vision']['bytes'])} "
+                    f"({g(w['vision'])}) | {g(e['lm']['bytes'])} ({g(w['lm'])}) | "
+                    f"**{r['build']['engines_vs_weights']:.3f}x** | {secs(e['vision']['build_seconds'])} + "
+                    f"{secs(e['lm']['build_seconds'])} |")
+    cmds = [f"{_export_command(r['bundle'])}\n{r['recorded_command']}" for r in reports]
+    build = reports[0]["build"]
+    note = (f"{build['library']} {build['version']}, CPU-only ahead-of-time build for compute capabilities "
+            f"{'/'.join(build['compute_capabilities'])}.")
+    return "\n".join(["```\n" + "\n".join(cmds) + "\n```", "", *rows, "", note, "",
+                      *[where(r, f) for r, f in zip(reports, TRT_FILES)]])
+
+
+def render_trt_memory(first: dict) -> str:
+    """`check`'s device-memory estimate per target, fp32 and fp16, at the depth the results were scaled to."""
+    reports = [first, load(TRT_FILES[1])]
+    layers = first["memory_estimates"]["lm_layers"]
+    rows = ["| target | device memory | " + " | ".join(f"estimate, {r['bundle']['precision']}" for r in reports) + " |",
+            "|---|---|" + "---|" * len(reports)]
+    for name, est in first["memory_estimates"]["targets"].items():
+        cells = []
+        for r in reports:
+            e = r["memory_estimates"]["targets"][name]
+            cells.append(f"{gib(e['total_bytes'])} ({'fits' if e['fits'] else 'does not fit'})")
+        rows.append(f"| `{name}` | {gib(est['device_bytes'])} | " + " | ".join(cells) + " |")
+    e32 = first["memory_estimates"]["targets"][next(iter(first["memory_estimates"]["targets"]))]
+    parts = (f"weights {gib(e32['weights_bytes'])} + KV cache {gib(e32['kv_cache_bytes'])} + largest activation "
+             f"{gib(e32['activation_bytes'])} in fp32")
+    return "\n".join([f"As if the LM had {layers} layers ({parts}); `check` also refuses a precision the target "
+                      "cannot run (FP16 on `p40`), whatever the memory.", "", *rows, "",
+                      *[where(r, f) for r, f in zip(reports, TRT_FILES)]])
+
+
 SECTIONS = {
+    "trt-build": (TRT_FILES[0], render_trt_build),
+    "trt-memory": (TRT_FILES[0], render_trt_memory),
     "bench": ("bench-7b-shape.json", render_bench),
     "selection-cost": ("selection-cost-7b-shape.json", render_selection_cost),
     "sweep": ("sweep-7b-shape.json", render_sweep),

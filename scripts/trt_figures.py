@@ -43,6 +43,7 @@ def main() -> None:
         estimates[name] = {**report.memory.to_dict(), "fits": report.memory.total_bytes <= report.memory.device_bytes}
     result = {
         "provenance": provenance(),
+        "recorded_command": " ".join(["python scripts/trt_figures.py", *sys.argv[1:]]),
         "bundle": {"source": manifest.data["source"]["model"], "options": manifest.data["source"].get("options", {}),
                    "budget": manifest.data["recipe"]["budget"], "precision": manifest.data["onnx"]["precision"],
                    "weights_bytes": weights},
