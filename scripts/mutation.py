@@ -10,7 +10,8 @@ tests' conftest puts that copy first on sys.path). Every run starts from scratch
 hypothesis runs derandomized (the `mutation` profile in tests/conftest.py), so two runs of one commit list
 the same survivors.
 
-Writes docs/results/mutation.json: per module the count of each verdict and the score
+Mutants that time out are run once more (a load spike on a shared machine is not a kill). Writes
+docs/results/mutation.json: per module the count of each verdict and the score
 (killed + timeout) / mutants, and every survivor with its diff. Exit status 0 when mutmut ran, whatever
 the score (the README says why each listed survivor is equivalent).
 """
@@ -119,6 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     if run.returncode != 0:
         print(f"error: `mutmut run` exited with {run.returncode}; see its output above", file=sys.stderr)
         return 2
+    # A timeout under a load spike (this machine is shared) is not a kill: run those mutants once more.
+    timeouts = [k for k, v in verdicts().items() if v == "timeout"]
+    if timeouts:
+        print(f"\nrerunning {len(timeouts)} mutant(s) that timed out")
+        mutmut("run", "--max-children", str(args.max_children), *timeouts)
     modules = summarise(verdicts())
     report = {"command": "make mutants", "only": args.only, "provenance": provenance(), "modules": modules}
     write_json(args.out, report)
