@@ -80,7 +80,11 @@ class VersionAction(argparse.Action):
         from edgeprune_runtime import __version__
         from edgeprune_runtime.ortlib import version_line
 
-        parser.exit(0, version_line("edgeprune-runtime", __version__) + "\n")
+        try:
+            _write(sys.stdout, version_line("edgeprune-runtime", __version__) + "\n")  # stdout, as argparse's own
+        except RuntimeStatusError:  # a closed pipe: nothing left to say
+            pass
+        parser.exit(0)
 
 
 class _OneLineParser(argparse.ArgumentParser):

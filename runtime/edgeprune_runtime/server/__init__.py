@@ -65,7 +65,10 @@ def serve(bundle_path, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *, mo
                              f"images from {str(root.resolve()) if root else 'data: URLs only'})")
         config = uvicorn.Config(create_app(bundle, options), log_level=log_level, access_log=log_level in ("info", "debug"),
                                 lifespan="off", timeout_graceful_shutdown=5)
-        uvicorn.Server(config).run(sockets=[sock])
+        try:
+            uvicorn.Server(config).run(sockets=[sock])  # returns after SIGINT/SIGTERM and a graceful shutdown
+        except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it handled: the user asked to stop, not an error
+            pass
     finally:
         bundle.close()
 
