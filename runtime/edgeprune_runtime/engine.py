@@ -240,13 +240,20 @@ class Engine:
         for layer, h in enumerate(s.kv_heads):
             past[f"past_key_{layer}"] = past[f"past_value_{layer}"] = [h, C, s.head_dim]
             new[f"new_key_{layer}"] = new[f"new_value_{layer}"] = [h, 1, s.head_dim]
-        din = _declared(self.decode.get_inputs())
+        din, dout = _declared(self.decode.get_inputs()), _declared(self.decode.get_outputs())
         _check_io("decode", din, {"token_id": [1], "position": [1], "cache_valid": [C], **past}, "input")
-        _check_io("decode", _declared(self.decode.get_outputs()), {"logits": [s.vocab_size], **new}, "output")
+        _check_io("decode", dout, {"logits": [s.vocab_size], **new}, "output")
         kinds = {din[name][1] for name in past}
         if len(kinds) != 1 or next(iter(kinds)) not in ("tensor(float)", "tensor(float16)"):
             raise bundle_invalid(f"decode graph cache inputs have types {sorted(kinds)}; float or float16 (one type) is required")
-        self.cache_dtype = _ORT_DTYPES[next(iter(kinds))]
+        cache_type = next(iter(kinds))
+        self.cache_dtype = _ORT_DTYPES[cache_type]
+        # the Decoder binds numpy buffers of these types to the decode graph once (engine.Decoder)
+        bound = {"token_id": (din, "tensor(int64)"), "position": (din, "tensor(int64)"), "cache_valid": (din, "tensor(float)"),
+                 "logits": (dout, "tensor(float)"), **{name: (dout, cache_type) for name in new}}
+        for name, (declared, want) in bound.items():
+            if declared[name][1] != want:
+                raise bundle_invalid(f"decode graph {name!r} has type {declared[name][1]}, the runtime binds {want}; re-export")
 
     # --- one call per graph ---
 

@@ -445,7 +445,9 @@ def preprocess(image: Image.Image, params: PreprocessParams, *, max_pixels: int 
     resample, crop, se = int(params.resample), params.crop_size, params.shortest_edge
 
     try:
-        rgb = _convert_to_rgb(image)  # PIL RGB; resized as a PIL image (no numpy copy of a full-size image)
+        with warnings.catch_warnings():  # Pillow warns about odd palettes it still converts
+            warnings.simplefilter("ignore")
+            rgb = _convert_to_rgb(image)  # PIL RGB; resized as a PIL image (no numpy copy of a full-size image)
     except (ValueError, OSError) as e:  # a mode Pillow cannot convert, or a lazily loaded image that fails to decode
         raise RuntimeStatusError(Status.IMAGE_INVALID, f"cannot convert the {image.mode} image to RGB: {_one_line(e)}") from None
     hw = (rgb.height, rgb.width)

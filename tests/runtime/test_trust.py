@@ -588,3 +588,21 @@ def test_the_image_memory_estimate_bounds_what_decoding_uses(tmp_path, fake_bund
     assert proc.returncode == 0, proc.stderr
     grew = int(proc.stdout)
     assert grew <= image_bytes(width, height) + (8 << 20), (grew, image_bytes(width, height))
+
+
+def test_decode_outputs_of_another_type_are_refused_at_load(fake_bundle):
+    """The decoder binds float32 logits once; a graph that returns float16 logits is refused when loading,
+    not met later as an error in the middle of a request."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    root, _ = fake_bundle
+    path = root / "lm" / "decode.onnx"
+    model = onnx.load(str(path), load_external_data=False)
+    for node in model.graph.node:
+        node.output[:] = ["logits_f32" if o == "logits" else o for o in node.output]
+    model.graph.node.append(helper.make_node("Cast", ["logits_f32"], ["logits"], to=TensorProto.FLOAT16))
+    next(o for o in model.graph.output if o.name == "logits").type.tensor_type.elem_type = TensorProto.FLOAT16
+    onnx.save(model, str(path))
+    rehash(root, "lm/decode.onnx")
+    assert "decode graph 'logits' has type tensor(float16)" in refused(root)
