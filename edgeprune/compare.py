@@ -150,6 +150,7 @@ def compare_bundle(bundle_dir: str | Path, image_path: str, prompt: str = SAMPLE
         raise ConfigError(f"the model at {path or source['model']} is not the one this bundle was exported from "
                           "(weights hash differs); pass --model with the source checkpoint")
     recipe = recipe_from_dict(m.data["recipe"], f"{m.root}/manifest.json recipe")
+    _rewrite_like_bundle(loaded.model, m)
     engines, skipped = _engine_runners(m, trt_target) if trt_target else (None, None)
     opts = StageOptions(atol, rtol, Path(save_dir) if save_dir else None, engines)
     if opts.save_dir is not None:
@@ -212,6 +213,20 @@ def compare_bundle(bundle_dir: str | Path, image_path: str, prompt: str = SAMPLE
                                  m.path(m.graphs["step"]["file"]), feed, opts)
         rows += more
     return CompareReport(rows, atol, rtol, [skipped] if skipped else [])
+
+
+def _rewrite_like_bundle(model, manifest) -> None:
+    """Applies the manifest's recorded rewrites (`layers.lm`) to the freshly loaded source model, so the
+    reference is the model that was exported. Bundles from before rewrites existed have no record."""
+    rows = manifest.data.get("layers", {}).get("lm") if isinstance(manifest.data.get("layers"), dict) else None
+    if rows is None:
+        return
+    from edgeprune.rewrites import lm_kv_heads
+    from edgeprune.rewrites.plan import apply_record, record_from_dicts
+
+    apply_record(model, record_from_dicts(rows, f"{manifest.root}/manifest.json"))
+    if lm_kv_heads(model) != tuple(manifest.shapes.kv_heads):
+        raise ConfigError(f"{manifest.root}/manifest.json: layers.lm does not match shapes.kv_heads; re-export the bundle")
 
 
 # stage -> (engine name, optimization profile): prefill/decode run on the LM engine's profiles via the step graph

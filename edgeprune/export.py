@@ -15,7 +15,7 @@ from edgeprune import __version__, bundle_dir, registry
 from edgeprune.errors import ExportError
 from edgeprune.recipe import Recipe
 
-STAGES = ("load model", "plan shapes", "export vision graph", "export prefill graph",
+STAGES = ("load model", "plan shapes", "rewrite model", "export vision graph", "export prefill graph",
           "export decode graph", "export step graph", "shape graphs for the target", "store weights once",
           "check graphs", "write manifest")
 GRAPH_FILES = {"vision": "vision/vision.onnx", "prefill": "lm/prefill.onnx", "decode": "lm/decode.onnx",
@@ -34,6 +34,8 @@ def export_bundle(model_name: str, out_dir: str | Path, recipe: Recipe, model_di
     `loaded` lets callers (bench) pass a model they already loaded. `force` moves a non-bundle directory
     at `out_dir` aside instead of refusing it (bundle_dir.py: nothing is ever deleted but an old bundle).
     """
+    import dataclasses
+
     import torch
 
     out = Path(out_dir)
@@ -41,6 +43,7 @@ def export_bundle(model_name: str, out_dir: str | Path, recipe: Recipe, model_di
     entry = registry.get(model_name)
 
     on_stage("load model")
+    caller_model = loaded is not None  # the caller keeps using it: rewrites edit a copy
     if loaded is None:
         loaded = entry.loader(model_dir, **(model_options or {}))
     model, processor = loaded.model, loaded.processor
@@ -55,6 +58,16 @@ def export_bundle(model_name: str, out_dir: str | Path, recipe: Recipe, model_di
         preprocess = PreprocessParams.from_processor_dict(processor.image_processor.to_dict(), shapes.partitions)
     except ValueError as e:
         raise ExportError(f"the checkpoint's image processor is not supported: {e}") from None
+
+    on_stage("rewrite model")
+    from edgeprune.rewrites import lm_kv_heads
+    from edgeprune.rewrites.cost import model_costs
+    from edgeprune.rewrites.plan import rewrite_for_export
+
+    costs_before = model_costs(model, shapes)
+    model, lm_record, reports = rewrite_for_export(loaded, recipe.rewrites, copy=caller_model)
+    kv_heads = lm_kv_heads(model)  # per remaining layer; the graphs, cache and manifest follow the modules
+    shapes = dataclasses.replace(shapes, num_layers=len(kv_heads), kv_heads=kv_heads)
 
     from edgeprune.graphs import VISION_OUTPUTS, DecodeGraph, PrefillGraph, StepGraph, VisionGraph, feature_layer_count
     from edgeprune.onnx_export import apply_passes, check_static, export_module, store_weights_once
@@ -135,7 +148,11 @@ def export_bundle(model_name: str, out_dir: str | Path, recipe: Recipe, model_di
             "recipe": recipe.to_dict(),
             "shapes": {**s.__dict__, "kv_heads": list(s.kv_heads)},
             "rewrites": [f"vision: layers after the feature layer dropped "
-                         f"({feature_layer_count(model.config)} of {model.config.vision_config.num_hidden_layers} kept)"],
+                         f"({feature_layer_count(model.config)} of {model.config.vision_config.num_hidden_layers} kept)",
+                         *(r.summary() for r in reports)],
+            # per source LM layer: whether it runs and which heads it keeps (compare re-applies this)
+            "layers": {"lm": [r.to_dict() for r in lm_record]},
+            "costs": {"before": costs_before, "after": model_costs(model, shapes)},
             "onnx": {"opset": opset, "precision": recipe.onnx.precision, "target": recipe.onnx.target,
                      "passes": {name: {r.name: r.changed for r in results} for name, results in applied.items()}},
             "preprocess": preprocess.to_dict(),

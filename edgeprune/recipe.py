@@ -36,6 +36,23 @@ class OnnxRecipe:
     target: str = ""  # a target profile (RECIPE_DIR/targets/) whose parser the graph forms must suit; "" = any
 
 
+HEAD_CRITERIA = ("output-norm", "first-token", "visual")  # edgeprune/rewrites/plan.py: which heads matter least
+
+
+@dataclass(frozen=True)
+class RewritesRecipe:
+    """Torch-level rewrites before export (edgeprune/rewrites/); every default leaves the model as it is."""
+
+    prune_heads: float = 0.0  # fraction of each LM layer's KV groups to prune, in [0, 1)
+    head_criterion: str = "output-norm"  # output-norm | first-token (dormant heads) | visual (YOPO)
+    skip_layers: int = 0  # skip this many LM layers, the least influential by calibration
+    skip_layer_indices: tuple[int, ...] = ()  # or exactly these LM layers (not with skip_layers)
+    stats: str = ""  # `edgeprune calibrate` output; "" = calibrate on the built-in samples when scores are needed
+
+    def active(self) -> bool:
+        return self.prune_heads > 0 or self.skip_layers > 0 or bool(self.skip_layer_indices)
+
+
 @dataclass(frozen=True)
 class Recipe:
     budget: float = 0.2  # fraction of patch tokens (all partitions) the LM sees
@@ -46,15 +63,25 @@ class Recipe:
     seed: int = 0  # random: the draw baked into the graph
     shapes: ShapesRecipe = field(default_factory=ShapesRecipe)
     onnx: OnnxRecipe = field(default_factory=OnnxRecipe)
+    rewrites: RewritesRecipe = field(default_factory=RewritesRecipe)
 
     def override(self, **flags) -> "Recipe":
         """Returns a copy with every flag that is not None applied, then validated.
 
-        `opset`, `precision` and `target` set the `[onnx]` table; the others are top-level keys."""
+        `opset`, `precision` and `target` set the `[onnx]` table, the `[rewrites]` keys that table;
+        the others are top-level keys. Giving `skip_layers` clears `skip_layer_indices` and vice versa."""
         onnx_keys = {f.name for f in dataclasses.fields(OnnxRecipe)}
-        top = {k: v for k, v in flags.items() if v is not None and k not in onnx_keys}
-        onnx = {k: v for k, v in flags.items() if v is not None and k in onnx_keys}
-        return dataclasses.replace(self, **top, onnx=dataclasses.replace(self.onnx, **onnx)).validated()
+        rewrite_keys = {f.name for f in dataclasses.fields(RewritesRecipe)}
+        given = {k: v for k, v in flags.items() if v is not None}
+        top = {k: v for k, v in given.items() if k not in onnx_keys | rewrite_keys}
+        onnx = {k: v for k, v in given.items() if k in onnx_keys}
+        rewrites = {k: v for k, v in given.items() if k in rewrite_keys}
+        if "skip_layers" in rewrites:
+            rewrites.setdefault("skip_layer_indices", ())
+        if "skip_layer_indices" in rewrites:
+            rewrites.setdefault("skip_layers", 0)
+        return dataclasses.replace(self, **top, onnx=dataclasses.replace(self.onnx, **onnx),
+                                   rewrites=dataclasses.replace(self.rewrites, **rewrites)).validated()
 
     def validated(self) -> "Recipe":
         if not (0.0 < self.budget <= 1.0):
@@ -76,6 +103,15 @@ class Recipe:
             get_target(self.onnx.target)  # ConfigError listing the known targets
         if not (13 <= self.onnx.opset <= 21):
             raise ConfigError(f"onnx.opset must be between 13 and 21, got {self.onnx.opset}")
+        r = self.rewrites
+        if not (0.0 <= r.prune_heads < 1.0):
+            raise ConfigError(f"rewrites.prune_heads (--prune-heads) must be a ratio in [0, 1), got {r.prune_heads}")
+        _one_of("rewrites.head_criterion", r.head_criterion, HEAD_CRITERIA)
+        if r.skip_layers < 0 or any(i < 0 for i in r.skip_layer_indices):
+            raise ConfigError(f"rewrites.skip_layers (--skip-layers) must be >= 0 (a count) or layer indices >= 0, got "
+                              f"{r.skip_layers or r.skip_layer_indices}")
+        if r.skip_layers and r.skip_layer_indices:
+            raise ConfigError("give rewrites.skip_layers (a count) or rewrites.skip_layer_indices (layers), not both")
         for name in ("text_slots_before_image", "text_slots_after_image", "new_token_slots"):
             if getattr(self.shapes, name) < 1:
                 raise ConfigError(f"shapes.{name} must be >= 1, got {getattr(self.shapes, name)}")
@@ -101,12 +137,17 @@ def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
         raise ConfigError(f"{key} {value!r} is not one of {', '.join(allowed)}.{did_you_mean(value, allowed)}")
 
 
-_TABLES = {"shapes": ShapesRecipe, "onnx": OnnxRecipe}
+_TABLES = {"shapes": ShapesRecipe, "onnx": OnnxRecipe, "rewrites": RewritesRecipe}
 _SCALARS = {"int": int, "float": float, "str": str}
+_LISTS = {"tuple[int, ...]": int}  # list-valued keys and their element type
 
 
 def _typed(key: str, value, annotation: str):
     """`value` as the field's type (ints are fine for float fields); ConfigError naming the key otherwise."""
+    if annotation in _LISTS:
+        if not isinstance(value, (list, tuple)) or any(isinstance(v, bool) or not isinstance(v, int) for v in value):
+            raise ConfigError(f"recipe key '{key}' must be a list of integers, e.g. [0, 3], got {value!r}")
+        return tuple(int(v) for v in value)
     want = _SCALARS[annotation]
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         ok = False

@@ -1,0 +1,102 @@
+"""Language-model head pruning by KV group: pruned heads cost nothing and the KV cache shrinks.
+
+Grouped-query attention shares one K/V head among G query heads, so the unit of pruning is a KV
+group: KV head g and its query heads g*G .. g*G+G-1. Keeping groups `kept` (sorted) of a layer:
+
+    q_proj.weight [H*Dh, D]    -> rows of heads {g*G+j}        [len(kept)*G*Dh, D]
+    k_proj/v_proj [Hkv*Dh, D]  -> rows of KV heads {g}          [len(kept)*Dh, D]
+    o_proj.weight [D, H*Dh]    -> columns of heads {g*G+j}      [D, len(kept)*G*Dh]
+
+G (`num_key_value_groups`) is unchanged, and transformers' attention views q/k/v as (-1, Dh), so
+its own forward runs on the sliced modules unchanged. A layer keeps at least one group.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from edgeprune.errors import ConfigError
+from edgeprune.rewrites import RewriteReport, lm_layers
+
+
+def _rows(indices: Sequence[int], width: int) -> torch.Tensor:
+    """Row indices of heads `indices`, each `width` rows wide."""
+    return torch.cat([torch.arange(i * width, (i + 1) * width) for i in indices])
+
+
+def _sliced(linear: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> nn.Linear:
+    w = linear.weight.detach()
+    b = None if linear.bias is None else linear.bias.detach()
+    if rows is not None:
+        w = w[rows]
+        b = None if b is None else b[rows]
+    if cols is not None:
+        w = w[:, cols]
+    out = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, dtype=w.dtype, device=w.device)
+    with torch.no_grad():
+        out.weight.copy_(w)
+        if b is not None:
+            out.bias.copy_(b)
+    return out
+
+
+def kv_group_counts(model) -> list[int]:
+    """KV groups (KV heads) of each language-model layer now."""
+    return [layer.self_attn.k_proj.out_features // layer.self_attn.head_dim for layer in lm_layers(model)]
+
+
+def check_kept(kept: Sequence[Sequence[int]], groups: Sequence[int]) -> None:
+    """ConfigError unless `kept` names, per layer, a non-empty set of existing KV groups."""
+    if len(kept) != len(groups):
+        raise ConfigError(f"head pruning names {len(kept)} layers, the language model has {len(groups)}")
+    for i, (k, n) in enumerate(zip(kept, groups)):
+        if not k:
+            raise ConfigError(f"head pruning would remove every KV group of layer {i}; keep at least one "
+                              f"(a --prune-heads ratio below 1)")
+        bad = [g for g in k if not (0 <= g < n)]
+        if bad or len(set(k)) != len(k):
+            raise ConfigError(f"layer {i} has KV groups 0..{n - 1}; cannot keep {list(k)}")
+
+
+def prune_lm_heads(model, kept: Sequence[Sequence[int]]) -> RewriteReport:
+    """Keeps only KV groups `kept[l]` (indices into layer l's current groups) in every LM layer.
+
+    Edits `model` in place. Raises ConfigError for a layer left without groups or unknown indices."""
+    layers = lm_layers(model)
+    check_kept(kept, kv_group_counts(model))
+    report = RewriteReport("prune-heads")
+    for i, (layer, keep) in enumerate(zip(layers, kept)):
+        attn = layer.self_attn
+        groups, g, dh = attn.k_proj.out_features // attn.head_dim, attn.num_key_value_groups, attn.head_dim
+        keep = sorted(keep)
+        if len(keep) == groups:
+            continue
+        heads = [grp * g + j for grp in keep for j in range(g)]
+        q_rows, kv_rows = _rows(heads, dh), _rows(keep, dh)
+        attn.q_proj = _sliced(attn.q_proj, rows=q_rows)
+        attn.k_proj = _sliced(attn.k_proj, rows=kv_rows)
+        attn.v_proj = _sliced(attn.v_proj, rows=kv_rows)
+        attn.o_proj = _sliced(attn.o_proj, cols=q_rows)
+        report.changes.append(f"layer {i}: {len(keep)} of {groups} KV groups kept ({keep}), "
+                              f"{len(heads)} of {groups * g} query heads")
+    return report
+
+
+def choose_kv_groups(scores: Sequence[Sequence[float]], group_size: int, ratio: float) -> list[list[int]]:
+    """Per layer, the KV groups to keep when pruning floor(ratio x groups) of them, lowest score first.
+
+    scores: per layer, per query head (higher = more important); a group scores the sum of its heads.
+    Ties are broken by the lower index kept. ratio must be in [0, 1), so every layer keeps a group."""
+    if not (0.0 <= ratio < 1.0):
+        raise ConfigError(f"--prune-heads must be a ratio in [0, 1), got {ratio}")
+    kept = []
+    for heads in scores:
+        n = len(heads) // group_size
+        group_score = [sum(heads[g * group_size:(g + 1) * group_size]) for g in range(n)]
+        drop = int(ratio * n)
+        order = sorted(range(n), key=lambda g: (group_score[g], -g))  # least important first
+        kept.append(sorted(order[drop:]))
+    return kept

@@ -1,0 +1,122 @@
+"""The recipe's `[rewrites]` table + calibration stats -> an explicit per-layer record -> applied passes.
+
+The record (`LMLayer` per source layer) is what the manifest stores under `layers.lm`: which KV
+groups and query heads each language-model layer keeps and whether it runs. Applying a record needs
+no statistics, so `compare` rebuilds the exported model from the manifest alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from edgeprune.errors import ConfigError
+from edgeprune.rewrites import RewriteReport, lm_layers
+from edgeprune.rewrites.heads import check_kept, choose_kv_groups, kv_group_counts, prune_lm_heads
+from edgeprune.rewrites.layers import check_skipped, least_influential, skip_lm_layers
+
+
+@dataclass(frozen=True)
+class LMLayer:
+    source_layer: int  # index in the source model
+    runs: bool  # False: skipped (no graph layer, no cache buffer)
+    kv_groups_kept: tuple[int, ...]  # source KV-head indices kept
+    heads_kept: tuple[int, ...]  # source query-head indices kept
+
+    def to_dict(self) -> dict:
+        return {"source_layer": self.source_layer, "runs": self.runs, "kv_groups_kept": list(self.kv_groups_kept),
+                "heads_kept": list(self.heads_kept)}
+
+
+def _group_size(model) -> int:
+    return lm_layers(model)[0].self_attn.num_key_value_groups
+
+
+def identity_record(model) -> list[LMLayer]:
+    g = _group_size(model)
+    return [LMLayer(i, True, tuple(range(n)), tuple(range(n * g))) for i, n in enumerate(kv_group_counts(model))]
+
+
+def head_scores(stats: dict, criterion: str) -> list[list[float]]:
+    """Per LM layer, per query head: higher = more important, by the recipe's `head_criterion`."""
+    lm = stats["lm"]
+    if criterion == "output-norm":
+        return lm["head_output_norm"]
+    if criterion == "first-token":  # dormant heads park their attention on the first token
+        return [[1.0 - m for m in row] for row in lm["head_first_token_mass"]]
+    return lm["head_visual_mass"]  # "visual": heads that ignore the image go first (YOPO)
+
+
+def plan_lm(model, rewrites, stats_for: Callable[[], dict]) -> list[LMLayer]:
+    """The per-layer record for the recipe's `rewrites` (a RewritesRecipe) on the unrewritten `model`.
+
+    `stats_for()` returns calibration stats (already checked to fit the model); it is called only when
+    a rewrite needs scores. ConfigError for layers that do not exist or a rewrite that removes everything."""
+    from edgeprune.calibrate import check_stats_fit
+
+    record = identity_record(model)
+    n, g = len(record), _group_size(model)
+    stats = None
+    if rewrites.prune_heads > 0 or rewrites.skip_layers > 0:
+        stats = stats_for()
+        check_stats_fit(stats, n, [len(r.heads_kept) for r in record])
+    kept = [list(r.kv_groups_kept) for r in record]
+    if rewrites.prune_heads > 0:
+        kept = choose_kv_groups(head_scores(stats, rewrites.head_criterion), g, rewrites.prune_heads)
+    skip = list(rewrites.skip_layer_indices)
+    if rewrites.skip_layers > 0:
+        skip = least_influential(stats["lm"]["block_influence"], rewrites.skip_layers)
+    check_skipped(skip, n)
+    return [LMLayer(i, i not in skip, tuple(k), tuple(grp * g + j for grp in k for j in range(g)))
+            for i, k in enumerate(kept)]
+
+
+def apply_record(model, record: list[LMLayer]) -> list[RewriteReport]:
+    """Applies a record to an unrewritten `model` in place: heads first (source indices), then layers.
+
+    ConfigError when the record does not fit the model (another layer or head count)."""
+    groups = kv_group_counts(model)
+    if [r.source_layer for r in record] != list(range(len(groups))):
+        raise ConfigError(f"the rewrite record describes {len(record)} language-model layers, the model has "
+                          f"{len(groups)}; load the bundle's source model")
+    check_kept([r.kv_groups_kept for r in record], groups)
+    heads = prune_lm_heads(model, [r.kv_groups_kept for r in record])
+    layers = skip_lm_layers(model, [r.source_layer for r in record if not r.runs])
+    return [heads, layers]
+
+
+def record_from_dicts(rows, where: str) -> list[LMLayer]:
+    """The manifest's `layers.lm` list back as LMLayer records. ConfigError for a malformed entry."""
+    try:
+        return [LMLayer(int(r["source_layer"]), bool(r["runs"]), tuple(int(g) for g in r["kv_groups_kept"]),
+                        tuple(int(h) for h in r["heads_kept"])) for r in rows]
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: malformed layers.lm entry ({e}); re-export the bundle") from None
+
+
+def stats_loader(rewrites, loaded, on_progress: Callable[[int, int], None] = lambda i, n: None) -> Callable[[], dict]:
+    """stats_for() for `plan_lm`: the recipe's stats file, else calibration on the built-in samples."""
+    def stats_for() -> dict:
+        from edgeprune.calibrate import builtin_samples, calibrate, load_stats
+
+        if rewrites.stats:
+            return load_stats(rewrites.stats)
+        return calibrate(loaded, builtin_samples(), on_progress)
+
+    return stats_for
+
+
+def rewrite_for_export(loaded, rewrites, copy: bool) -> tuple[object, list[LMLayer], list[RewriteReport]]:
+    """(model to export, its record, what each pass changed) for a RewritesRecipe.
+
+    With no rewrite active the loaded model itself comes back untouched. Otherwise the passes edit a
+    deep copy when `copy` (the caller keeps using its model) or `loaded.model` in place."""
+    import copy as _copy
+
+    model = loaded.model
+    record = plan_lm(model, rewrites, stats_loader(rewrites, loaded))
+    if record == identity_record(model):
+        return model, record, []
+    if copy:
+        model = _copy.deepcopy(model)
+    return model, record, [r for r in apply_record(model, record) if r]
