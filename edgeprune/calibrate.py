@@ -236,7 +236,10 @@ def write_heatmap(stats: dict, out: str | Path) -> Path:
     panels += [("vision", k) for k in ("head_first_token_mass", "head_output_norm")]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.6), squeeze=False)
     for ax, (part, key) in zip(axes[0], panels):
-        im = ax.imshow(stats[part][key], aspect="auto", cmap="viridis")
+        rows = stats[part][key]  # [layers][heads]
+        im = ax.imshow(rows, aspect="auto", cmap="viridis")
+        ax.set_xticks(range(len(rows[0])))
+        ax.set_yticks(range(len(rows)))
         ax.set_title(f"{part}: {key.removeprefix('head_')}", fontsize=8)
         ax.set_xlabel("head")
         ax.set_ylabel("layer")

@@ -103,10 +103,19 @@ def _recipe(model_name: str, recipe_file: str | None, **flags):
 @click.option("--opset", type=int, help="ONNX opset (default: the recipe's, lowered to the target's maximum).")
 @click.option("--precision", type=click.Choice(["fp32", "fp16"]), help="fp16: matmuls and their weights in fp16.")
 @click.option("--force", is_flag=True, help="Move a non-bundle --out directory aside (to DIR.old-<time>) instead of refusing.")
+@click.option("--prune-heads", type=float, help="Prune this fraction of each LM layer's KV groups (heads), in [0, 1).")
+@click.option("--head-criterion", type=click.Choice(["output-norm", "first-token", "visual"]),
+              help="Which heads go first: lowest output norm, most dormant (first-token attention), least visual.")
+@click.option("--skip-layers", help="Skip N LM layers (least influential by calibration), or exactly layers i,j,... "
+              "(one layer: 'i,').")
+@click.option("--stats", "stats_file", type=click.Path(), help="Calibration stats (`edgeprune calibrate`) for the "
+              "rewrites [default: calibrate on built-in samples].")
+@click.option("--report", is_flag=True, help="Print parameters, FLOPs per stage and KV-cache bytes before and after "
+              "the rewrites (with --json: a `report` key).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (bundle path, K, slots, sizes, timings).")
 @user_errors
 def export(model_name, budget, model_dir, out_dir, recipe_file, strategy, newlines, alpha, layers, target, opset,
-           precision, force, as_json):
+           precision, force, prune_heads, head_criterion, skip_layers, stats_file, report, as_json):
     """Trace NAME into a static-shape ONNX bundle (vision, prefill, decode, step graphs + manifest)."""
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -115,7 +124,8 @@ def export(model_name, budget, model_dir, out_dir, recipe_file, strategy, newlin
     from edgeprune.trt.forms import resolve_for_target
 
     recipe = _recipe(model_name, recipe_file, budget=budget, strategy=strategy, newlines=newlines, alpha=alpha,
-                     target=target, opset=opset, precision=precision)
+                     target=target, opset=opset, precision=precision, prune_heads=prune_heads,
+                     head_criterion=head_criterion, stats=stats_file, **_skip_layers_flag(skip_layers))
     recipe = resolve_for_target(recipe, opset_given=opset is not None)
     out = Path(out_dir or Path("export") / model_name)
     console = Console(stderr=True)
@@ -135,9 +145,57 @@ def export(model_name, budget, model_dir, out_dir, recipe_file, strategy, newlin
                       on_stage=on_stage, force=force)
         progress.update(task, completed=len(STAGES), description="done")
     if as_json:
-        click.echo(json.dumps(_export_report(out, stage_starts, started, time.perf_counter())))
+        result = _export_report(out, stage_starts, started, time.perf_counter())
+        if report:
+            result["report"] = _rewrite_report(out)
+        click.echo(json.dumps(result))
     else:
         _print_bundle_summary(out)
+        if report:
+            _print_rewrite_report(_rewrite_report(out))
+
+
+def _skip_layers_flag(text: str | None) -> dict:
+    """--skip-layers N -> {"skip_layers": N}; i,j,... (or 'i,') -> {"skip_layer_indices": (i, j)}; None -> {}."""
+    if text is None:
+        return {}
+    from edgeprune.errors import ConfigError
+
+    try:
+        if "," not in text:
+            return {"skip_layers": int(text)}
+        return {"skip_layer_indices": tuple(int(v) for v in text.split(",") if v.strip())}
+    except ValueError:
+        raise ConfigError(f"--skip-layers takes a count N or layer indices i,j,... (one layer: 'i,'), got {text!r}") from None
+
+
+def _rewrite_report(bundle: Path) -> dict:
+    """export --report: {"rewrites", "layers", "before", "after"} from the manifest (costs in edgeprune/rewrites/cost.py)."""
+    from edgeprune_runtime.manifest import load_manifest
+
+    d = load_manifest(bundle, verify_hashes=False).data
+    return {"rewrites": d.get("rewrites", []), "layers": d.get("layers", {}), **d["costs"]}
+
+
+def _print_rewrite_report(r: dict) -> None:
+    from rich.table import Table
+
+    before, after = r["before"], r["after"]
+    rows = [("parameters, vision", before["params"]["vision"], after["params"]["vision"], 1e6, "M"),
+            ("parameters, language model", before["params"]["language_model"], after["params"]["language_model"], 1e6, "M"),
+            ("FLOPs, vision graph", before["flops"]["vision"], after["flops"]["vision"], 1e9, "G"),
+            ("FLOPs, prefill graph", before["flops"]["prefill"], after["flops"]["prefill"], 1e9, "G"),
+            ("FLOPs, decode per token", before["flops"]["decode_per_token"], after["flops"]["decode_per_token"], 1e9, "G"),
+            ("KV cache", before["kv_cache_bytes"], after["kv_cache_bytes"], 2**20, "MiB"),
+            ("LM layers", before["lm_layers"], after["lm_layers"], 1, "")]
+    table = Table(title="rewrites: before -> after (FLOPs: matrix products, multiply-add = 2)")
+    for col in ("", "before", "after", "after/before"):
+        table.add_column(col, justify="right")
+    for name, b, a, scale, unit in rows:
+        table.add_row(name, f"{b / scale:.4g} {unit}".strip(), f"{a / scale:.4g} {unit}".strip(), f"{a / b:.3f}" if b else "-")
+    _table_console().print(table)
+    for line in r["rewrites"]:
+        click.echo(f"rewrite  {line}")
 
 
 def _export_report(bundle: Path, stage_starts: list[tuple[str, float]], started: float, finished: float) -> dict:
@@ -174,6 +232,50 @@ def _print_bundle_summary(bundle: Path) -> None:
     click.echo(f"bundle {bundle}: budget {m.data['recipe']['budget']}, K={s.visual_topk} of "
                f"{s.partitions * s.patches_per_partition} patch tokens, {s.visual_slots} visual slots, "
                f"{s.prefill_slots} prefill slots, cache {s.cache_capacity}, {size / 1e6:.1f} MB")
+
+
+@cli.command()
+@click.argument("model_name", metavar="NAME")
+@click.option("--model", "model_dir", type=click.Path(), help="Local Hugging Face checkpoint directory.")
+@click.option("--data", type=click.Path(), help="JSONL of {image, question, answer} (sweep's format) [default: "
+              "built-in synthetic images and prompts].")
+@click.option("--out", "out_file", type=click.Path(), help="Stats JSON [default: export/calibrate-NAME/stats.json]; "
+              "the heatmap goes beside it (.png).")
+@click.option("--layers", type=int, default=2, show_default=True, help="LM layers of llava-next-7b-shape.")
+@click.option("--json", "as_json", is_flag=True, help='Print {"stats", "heatmap", "samples", "lm", "vision"}.')
+@user_errors
+def calibrate(model_name, model_dir, data, out_file, layers, as_json):
+    """Record per-layer/per-head statistics of NAME on calibration requests (for --prune-heads / --skip-layers)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from edgeprune import registry
+    from edgeprune.calibrate import builtin_samples, calibrate as run_calibration, samples_from_jsonl, write_heatmap, \
+        write_stats
+
+    entry = registry.get(model_name)
+    samples = samples_from_jsonl(data) if data else builtin_samples()
+    out = Path(out_file or Path("export") / f"calibrate-{model_name}" / "stats.json")
+    if out.is_dir():
+        from edgeprune.errors import ConfigError
+
+        raise ConfigError(f"--out {out} is a directory; give a file name such as {out / 'stats.json'}")
+    loaded = entry.loader(model_dir, layers=layers)
+    console = Console(stderr=True)
+    with Progress(TextColumn("[bold]calibrate[/]"), BarColumn(), MofNCompleteColumn(), console=console,
+                  transient=True, disable=not console.is_terminal) as progress:
+        task = progress.add_task("", total=len(samples))
+        stats = run_calibration(loaded, samples, lambda i, n: progress.update(task, completed=i))
+    write_stats(stats, out)
+    png = write_heatmap(stats, out.with_suffix(".png"))
+    if as_json:
+        click.echo(json.dumps({"stats": str(out), "heatmap": str(png), "samples": stats["samples"],
+                               "lm": {k: stats["lm"][k] for k in ("block_influence", "last_text_visual_mass")},
+                               "vision": {"block_influence": stats["vision"]["block_influence"]}}))
+        return
+    influence = ", ".join(f"{v:.3f}" for v in stats["lm"]["block_influence"])
+    click.echo(f"calibrated {model_name} on {stats['samples']} requests: LM block influence per layer [{influence}]")
+    click.echo(f"wrote {out} and {png}")
 
 
 @cli.command()
