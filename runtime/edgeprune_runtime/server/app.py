@@ -4,7 +4,8 @@ Requests share the bundle. Each one holds a *slot* from the moment its generator
 token is sent: `parallel` slots generate at once (the runtime runs different generators of one bundle
 concurrently, each driven by one thread at a time), later requests wait in a queue of at most `max_queue`,
 and a full queue answers 503. A client that goes away while waiting, or mid-stream, frees its slot at the
-next token. Every runtime step runs in a worker thread, so the event loop keeps serving.
+next token. The runtime runs in worker threads (image, vision and prefill in the thread pool, decoding in a
+thread per answer), so the event loop keeps serving. Needs an asyncio event loop (uvicorn's).
 
 The vision and prefill graphs run before the response starts, so a bad image or an over-long prompt is
 still a 4xx with a JSON body; a streamed answer then begins with its first token.
@@ -12,9 +13,10 @@ still a 4xx with a JSON body; a streamed answer then begins with its first token
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,14 +103,22 @@ def create_app(bundle: Bundle, options: ServerOptions) -> Starlette:
         except BaseException:
             slots.release()
             raise
-        answer = _Answer(bundle, gen, chat, Completion(options.model_name), arrived)
+        try:
+            answer = _Answer(bundle, gen, chat, Completion(options.model_name), arrived)
+        except BaseException:
+            gen.close()
+            slots.release()
+            raise
         if chat.stream:
             return _EventStream(answer, slots.release)
         try:
-            return JSONResponse(await answer.whole(request))
+            result = await answer.whole(request)
         finally:
-            answer.close()
-            slots.release()
+            try:
+                await answer.aclose()
+            finally:
+                slots.release()
+        return JSONResponse(result) if result is not None else Response(status_code=499)
 
     async def api_error(request: Request, e: ApiError) -> Response:
         return JSONResponse(e.to_dict(), status_code=e.status)
@@ -167,25 +177,62 @@ def _start(bundle: Bundle, chat: ChatRequest) -> Generator:
                             top_p=chat.top_p, seed=chat.seed)
 
 
+_END = object()  # the producer's last item
+
+
 class _Answer:
-    """One request's generation: token by token in worker threads, text cut at stop strings."""
+    """One request's generation. A thread of its own runs the runtime steps back to back (decode, detokenize,
+    stop strings) and hands (token id, text) items to the event loop without waiting for it; the loop sends
+    them. A round trip through a thread pool per token would cost a few ms each on a busy machine.
+
+    Threads: the producer alone drives the generator, the text stream and the stop cutter until it has put
+    _END (or an exception); `aclose` stops it between two steps and waits for it before closing the generator."""
 
     def __init__(self, bundle: Bundle, gen: Generator, chat: ChatRequest, completion: Completion, arrived: float):
         self.gen = gen
         self.chat = chat
         self.completion = completion
+        self.arrived = arrived  # perf_counter() when the request arrived
         self.text = bundle.text_stream()
         self.stop = StopText(chat.stop)
-        self.arrived = arrived  # perf_counter() when the request arrived
+        self._cancel = threading.Event()
+        self._items: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        self._finished = loop.create_future()
+        threading.Thread(target=self._produce, args=(loop,), name="edgeprune-generate", daemon=True).start()
 
-    async def tokens(self) -> AsyncIterator[tuple[int, str]]:
-        """(token id, text safe to send) per generated token, until EOS, max_tokens, a full cache or a stop string."""
-        while not self.gen.done and not self.stop.stopped:
-            token = await anyio.to_thread.run_sync(self.gen.generate_next_token)
-            yield token, self.stop.feed(self.text.put(token))
+    def _produce(self, loop: asyncio.AbstractEventLoop) -> None:
+        def put(item) -> None:
+            try:
+                loop.call_soon_threadsafe(self._items.put_nowait, item)
+            except RuntimeError:  # the event loop is closed: the server is gone
+                self._cancel.set()
+
+        try:
+            while not (self.gen.done or self.stop.stopped or self._cancel.is_set()):
+                token = self.gen.generate_next_token()
+                put((token, self.stop.feed(self.text.put(token))))
+            put(_END)
+        except BaseException as e:  # RuntimeStatusError mid-answer (INFERENCE_FAILED, ...): the consumer re-raises it
+            put(e)
+        finally:
+            try:
+                loop.call_soon_threadsafe(lambda: self._finished.done() or self._finished.set_result(None))
+            except RuntimeError:
+                pass
+
+    async def next(self) -> tuple[int, str] | None:
+        """The next (token id, text safe to send), None once generation has stopped."""
+        item = await self._items.get()
+        if item is _END:
+            return None
+        if isinstance(item, BaseException):
+            raise item
+        return item
 
     def tail(self) -> str:
-        """Text held back at the end (an incomplete character, a partial stop string that never completed)."""
+        """Text held back at the end (an incomplete character, a partial stop string that never completed).
+        Only after next() returned None: the producer is done with the text stream then."""
         if self.stop.stopped:
             return ""
         rest = self.stop.feed(self.text.flush())
@@ -202,20 +249,25 @@ class _Answer:
     def timings(self) -> dict:
         return self.gen.timings | {"request_s": time.perf_counter() - self.arrived}  # arrival -> answer complete
 
-    async def whole(self, request: Request) -> dict:
-        """The non-streamed answer; stops early (and says so) if the client disconnects."""
+    async def whole(self, request: Request) -> dict | None:
+        """The non-streamed answer; None if the client disconnected before it was complete."""
         ids, pieces = [], []
-        async for token, text in self.tokens():
-            ids.append(token)
-            pieces.append(text)
+        while (item := await self.next()) is not None:
+            ids.append(item[0])
+            pieces.append(item[1])
             if await request.is_disconnected():
-                break
+                return None
         pieces.append(self.tail())
         return self.completion.message("".join(pieces), self.finish_reason, ids, self.usage(), self.timings())
 
-    def close(self) -> None:
-        self.text.close()
-        self.gen.close()
+    async def aclose(self) -> None:
+        """Stops the producer after its current step, waits for it, then frees the generator (idempotent)."""
+        self._cancel.set()
+        try:
+            await asyncio.shield(self._finished)
+        finally:
+            self.text.close()
+            self.gen.close()
 
 
 class _EventStream(Response):
@@ -239,7 +291,8 @@ class _EventStream(Response):
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
             await _event(send, completion.chunk({"role": "assistant", "content": ""}))
-            async for token, text in answer.tokens():
+            while (item := await answer.next()) is not None:
+                token, text = item
                 await _event(send, completion.chunk({"content": text} if text else {}, token_ids=[token]))
                 if await _gone(receive):
                     return
@@ -255,8 +308,10 @@ class _EventStream(Response):
         except OSError:  # the client went away while we were sending
             pass
         finally:
-            answer.close()
-            self.release()
+            try:
+                await answer.aclose()
+            finally:
+                self.release()
 
 
 async def _event(send, data) -> None:
