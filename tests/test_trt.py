@@ -327,7 +327,9 @@ def test_decode_profile_keeps_the_weights_once(tmp_path):
     def size(decode):
         prefill = {"name": "prefill", "shapes": {"x": [[64, 1024]] * 3}}
         spec = EngineSpec("lm", "mm.onnx", [prefill, {"name": "decode", "shapes": {"x": [[t, 1024] for t in decode]}}])
-        return len(build_engine(trt, spec, tmp_path, tmp_path, get_target("rtx"), "fp32"))
+        size = build_engine(trt, spec, tmp_path, tmp_path / "lm.engine", get_target("rtx"), "fp32")
+        assert size == (tmp_path / "lm.engine").stat().st_size
+        return size
 
     assert size(DECODE_SLOTS) < 1.2 * weights
     assert size((1, 1, 1)) > 1.8 * weights

@@ -104,10 +104,11 @@ def _progress_monitor(trt, on_progress: Callable[[str], None]):
     return Monitor()
 
 
-def build_engine(trt, spec: EngineSpec, bundle: Path, out: Path, target: Target, precision: str,
-                 on_progress: Callable[[str], None] = lambda s: None) -> bytes:
-    """Parses `spec.graph` and builds it; returns the serialized engine. BuildError naming the node or
-    the builder's first error on failure."""
+def build_engine(trt, spec: EngineSpec, bundle: Path, dest: Path, target: Target, precision: str,
+                 on_progress: Callable[[str], None] = lambda s: None) -> int:
+    """Parses `bundle/spec.graph`, builds it and writes the serialized engine to `dest`; returns its size.
+
+    BuildError naming the node or the builder's first error on failure."""
     parsed = parse_onnx(trt, bundle / spec.graph, target.strongly_typed)
     if not parsed.ok:
         node, op, msg = parsed.errors[0] if parsed.errors else ("?", "?", "no detail")
@@ -126,7 +127,9 @@ def build_engine(trt, spec: EngineSpec, bundle: Path, out: Path, target: Target,
     if serialized is None:
         first = parsed.logger.errors[0].splitlines()[0] if parsed.logger.errors else "no message"
         raise BuildError(f"TensorRT could not build {spec.graph} for {target.name}: {first}")
-    return bytes(serialized)
+    with open(dest, "wb") as f:  # straight from TensorRT's buffer: a 7B engine is not copied in memory
+        f.write(serialized)
+    return serialized.nbytes
 
 
 def build_bundle(bundle_dir: str | Path, target: Target, on_stage: Callable[[str], None] = lambda s: None) -> dict:
@@ -157,9 +160,9 @@ def build_bundle(bundle_dir: str | Path, target: Target, on_stage: Callable[[str
         for spec in specs:
             on_stage(f"build {spec.name} engine from {spec.graph}")
             start = time.perf_counter()
-            data = build_engine(trt, spec, bundle, scratch, target, precision, on_progress=lambda p, n=spec.name: on_stage(f"{n}: {p}"))
-            (scratch / f"{spec.name}.engine").write_bytes(data)
-            built.append(BuiltEngine(spec, f"{rel_dir}/{spec.name}.engine", len(data), time.perf_counter() - start))
+            size = build_engine(trt, spec, bundle, scratch / f"{spec.name}.engine", target, precision,
+                                on_progress=lambda p, n=spec.name: on_stage(f"{n}: {p}"))
+            built.append(BuiltEngine(spec, f"{rel_dir}/{spec.name}.engine", size, time.perf_counter() - start))
         on_stage("write manifest")
         entry = {
             "library": target.library, "version": trt.__version__, "compute_capabilities": list(target.compute_capabilities),
