@@ -2,8 +2,9 @@
 cleanup on every signal that ends an export.
 
     check_destination(out, force)   before any work: refuse what must not be replaced
-    staging = Staging(out, force)   .NAME.partial-* beside `out` + a trace scratch dir; SIGTERM/SIGHUP now
-                                    raise like Ctrl-C, so one except clause cleans up after all three
+    staging = Staging(out, force)   .NAME.partial-* beside `out` + a trace scratch dir; SIGTERM, SIGHUP and
+                                    the other signals that would end the process now raise like Ctrl-C,
+                                    so one except clause cleans up after all of them
     staging.commit()                rename into place (checks the destination again first)
     staging.abort(); staging.close()
 
@@ -31,13 +32,17 @@ from edgeprune.errors import ExportError
 log = logging.getLogger("edgeprune")
 
 ENGINES_DIR = "engines"  # `edgeprune build` output; a replaceable bundle may hold it
-SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+# Every asynchronous signal whose default action ends the process (SIGKILL cannot be caught; faults such as
+# SIGSEGV are not the export's to clean up after).
+SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2",
+                                                   "SIGALRM", "SIGXCPU", "SIGVTALRM", "SIGPROF") if hasattr(signal, name))
 # A failed write the user can fix (space, quota, file-size limit, permissions, read-only or broken disk).
 WRITE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
 
 
 class ExportInterrupted(KeyboardInterrupt):
-    """SIGTERM or SIGHUP during an export, raised like Ctrl-C's KeyboardInterrupt so the same cleanup runs."""
+    """A signal that ends an export (SIGTERM, SIGHUP, ...), raised like Ctrl-C's KeyboardInterrupt so the same
+    cleanup runs."""
 
     def __init__(self, signum: int):
         super().__init__(f"interrupted by {signal.Signals(signum).name}")
@@ -46,6 +51,7 @@ class ExportInterrupted(KeyboardInterrupt):
 
 def replaceable(path: Path) -> str | None:
     """None when `path` is an edgeprune bundle that export may replace (or an empty directory), else why not."""
+    from edgeprune_runtime.checks import printable
     from edgeprune_runtime.errors import RuntimeStatusError
     from edgeprune_runtime.manifest import MANIFEST_NAME, bundle_inventory, listed_files, read_manifest_data
 
@@ -64,7 +70,7 @@ def replaceable(path: Path) -> str | None:
     unlisted = [rel for rel in present
                 if rel not in listed and rel != MANIFEST_NAME and not rel.startswith(ENGINES_DIR + "/")]
     if unlisted:
-        return f"it holds {unlisted[0]}, which its manifest does not list"
+        return f"it holds {printable(unlisted[0])}, which its manifest does not list"
     return None
 
 
@@ -150,7 +156,8 @@ class Staging:
             raise
 
     def _install_handlers(self) -> None:
-        """SIGTERM and SIGHUP (when nobody else handles them) and SIGINT raise ExportInterrupted, once."""
+        """Each of SIGNALS that nobody else handles (SIG_DFL, or Python's SIGINT handler) raises ExportInterrupted,
+        once: a second signal must not cut the cleanup short."""
         if threading.current_thread() is not threading.main_thread():
             return  # signal handlers can only be set from the main thread; they are delivered there too
 

@@ -120,18 +120,20 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path):
     assert debris(tmp_path, scratch) == [] and not (tmp_path / "b").exists()
 
 
-def test_sigterm_during_export_cleans_up(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_a_signal_during_export_cleans_up(tmp_path, signum):
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     env = dict(os.environ, TMPDIR=str(scratch))
     proc = subprocess.Popen([str(EDGEPRUNE), "export", "llava-next-tiny", "--out", str(tmp_path / "b")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                            preexec_fn=lambda: signal.signal(signum, signal.SIG_DFL))  # not inherited as ignored (nohup)
     deadline = time.monotonic() + 120
     while not debris(tmp_path) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)  # until the stage directory exists: the export is under way
     assert proc.poll() is None, "the export ended before it could be interrupted"
     time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode != 0
     lines = err.decode().strip().splitlines()

@@ -26,6 +26,12 @@ def show(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def printable(name: str) -> str:
+    """A file name for a message: as it is when printable, else its repr (a newline in a name must not
+    split the one-line message)."""
+    return name if name.isprintable() else show(name, 200)
+
+
 def _reject_constant(name: str):
     raise ValueError(f"{name} is not a JSON number")
 
@@ -116,8 +122,9 @@ def need_str(value: Any, where: str, max_len: int, min_len: int = 1) -> str:
 
 
 def relative_path(value: Any, where: str) -> str:
-    """A bundle-relative POSIX path with no '..', '.', empty or absolute part (checked lexically)."""
-    if not isinstance(value, str) or not 0 < len(value) <= MAX_PATH_CHARS or "\0" in value or "\\" in value:
+    """A bundle-relative POSIX path of printable characters with no '..', '.', empty or absolute part (checked
+    lexically)."""
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_PATH_CHARS or not value.isprintable() or "\\" in value:
         raise bundle_invalid(f"{where} must be a relative path inside the bundle, got {show(value)}")
     if value.startswith("/") or any(part in ("", ".", "..") for part in value.split("/")):
         raise bundle_invalid(f"{where} = {show(value)} must be a relative path inside the bundle "

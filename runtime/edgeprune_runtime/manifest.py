@@ -219,7 +219,7 @@ def listed_files(data: dict[str, Any]) -> dict[str, str]:
         if rel == MANIFEST_NAME:
             raise bundle_invalid(f"manifest `files` lists {MANIFEST_NAME} itself; re-export the bundle")
         if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
-            raise bundle_invalid(f"manifest `files` entry {rel} has sha256 {checks.show(digest)}, not 64 hex digits; re-export")
+            raise bundle_invalid(f"manifest `files` entry {checks.printable(rel)} has sha256 {checks.show(digest)}, not 64 hex digits; re-export")
     return files
 
 
@@ -240,13 +240,13 @@ def bundle_inventory(root: Path) -> list[str]:
                 raise bundle_invalid(f"{root} holds more than {MAX_BUNDLE_ENTRIES} entries; it is not a bundle")
             rel = prefix + entry.name
             if entry.is_symlink():
-                raise bundle_invalid(f"bundle entry {rel} is a symlink; a bundle holds regular files only (copy the file in)")
+                raise bundle_invalid(f"bundle entry {checks.printable(rel)} is a symlink; a bundle holds regular files only (copy the file in)")
             if entry.is_dir(follow_symlinks=False):
                 stack.append((Path(entry.path), rel + "/"))
             elif entry.is_file(follow_symlinks=False):
                 found.append(rel)
             else:
-                raise bundle_invalid(f"bundle entry {rel} is not a regular file or directory; remove it")
+                raise bundle_invalid(f"bundle entry {checks.printable(rel)} is not a regular file or directory; remove it")
     return sorted(found)
 
 
@@ -316,17 +316,17 @@ def load_manifest(bundle_dir: str | Path, verify_hashes: bool = True) -> Manifes
     present = bundle_inventory(root)
     unlisted = [rel for rel in present if rel not in files and rel != MANIFEST_NAME]
     if unlisted:
-        raise bundle_invalid(f"bundle file {unlisted[0]} is not listed in manifest `files` (every file is listed with its "
+        raise bundle_invalid(f"bundle file {checks.printable(unlisted[0])} is not listed in manifest `files` (every file is listed with its "
                              f"sha256); move it out of {root} or re-export")
     missing = sorted(set(files) - set(present))
     if missing:
-        raise bundle_invalid(f"bundle file {missing[0]} is missing from {root}; re-run `edgeprune export`")
+        raise bundle_invalid(f"bundle file {checks.printable(missing[0])} is missing from {root}; re-run `edgeprune export`")
     if verify_hashes:
         for rel, digest in sorted(files.items()):
             try:
                 ok = sha256_file(root / rel) == digest
             except OSError as e:
-                raise bundle_invalid(f"cannot read bundle file {rel}: {e.strerror}") from None
+                raise bundle_invalid(f"cannot read bundle file {checks.printable(rel)}: {e.strerror}") from None
             if not ok:
-                raise bundle_invalid(f"bundle file {rel} does not match its sha256 in the manifest (modified or corrupt); re-export")
+                raise bundle_invalid(f"bundle file {checks.printable(rel)} does not match its sha256 in the manifest (modified or corrupt); re-export")
     return manifest

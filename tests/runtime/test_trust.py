@@ -606,3 +606,9 @@ def test_decode_outputs_of_another_type_are_refused_at_load(fake_bundle):
     onnx.save(model, str(path))
     rehash(root, "lm/decode.onnx")
     assert "decode graph 'logits' has type tensor(float16)" in refused(root)
+
+
+def test_a_file_name_with_a_newline_keeps_the_message_on_one_line(fake_bundle):
+    root, _ = fake_bundle
+    (root / "evil\nname").write_text("x")
+    assert "'evil\\nname' is not listed" in refused(root)
