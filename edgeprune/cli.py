@@ -101,9 +101,13 @@ def _recipe(model_name: str, recipe_file: str | None, **flags):
 @click.option("--layers", type=int, default=2, show_default=True, help="LM layers of llava-next-7b-shape.")
 @click.option("--target", help="Shape the graphs for this TensorRT target (opset, ops its parser lacks); see `edgeprune targets`.")
 @click.option("--opset", type=int, help="ONNX opset (default: the recipe's, lowered to the target's maximum).")
-@click.option("--precision", type=click.Choice(["fp32", "fp16"]), help="fp16: matmuls and their weights in fp16.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8", "int4"]),
+              help="fp16: matmuls and their weights in fp16 (GPU targets); int8: INT8 vision (fp32 scoring) and LM (CPU); "
+              "int4: INT8 vision, INT4 block-wise LM weights (CPU).")
 @click.option("--force", is_flag=True, help="Move a non-bundle --out directory aside (to DIR.old-<time>) instead of refusing.")
 @click.option("--prune-heads", type=float, help="Prune this fraction of each LM layer's KV groups (heads), in [0, 1).")
+@click.option("--prune-vision-heads", type=float, help="Prune this fraction of the heads of each CLIP layer up to "
+              "the feature layer, in [0, 1).")
 @click.option("--head-criterion", type=click.Choice(["output-norm", "first-token", "visual"]),
               help="Which heads go first: lowest output norm, most dormant (first-token attention), least visual.")
 @click.option("--skip-layers", help="Skip N LM layers (least influential by calibration), or exactly layers i,j,... "
@@ -115,7 +119,7 @@ def _recipe(model_name: str, recipe_file: str | None, **flags):
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (bundle path, K, slots, sizes, timings).")
 @user_errors
 def export(model_name, budget, model_dir, out_dir, recipe_file, strategy, newlines, alpha, layers, target, opset,
-           precision, force, prune_heads, head_criterion, skip_layers, stats_file, report, as_json):
+           precision, force, prune_heads, prune_vision_heads, head_criterion, skip_layers, stats_file, report, as_json):
     """Trace NAME into a static-shape ONNX bundle (vision, prefill, decode, step graphs + manifest)."""
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -125,7 +129,7 @@ def export(model_name, budget, model_dir, out_dir, recipe_file, strategy, newlin
 
     recipe = _recipe(model_name, recipe_file, budget=budget, strategy=strategy, newlines=newlines, alpha=alpha,
                      target=target, opset=opset, precision=precision, prune_heads=prune_heads,
-                     head_criterion=head_criterion, stats=stats_file, **_skip_layers_flag(skip_layers))
+                     prune_vision_heads=prune_vision_heads, head_criterion=head_criterion, stats=stats_file, **_skip_layers_flag(skip_layers))
     recipe = resolve_for_target(recipe, opset_given=opset is not None)
     out = Path(out_dir or Path("export") / model_name)
     console = Console(stderr=True)
@@ -360,10 +364,12 @@ def compare(bundle, image, prompt, raw_prompt, model_dir, atol, rtol, save_dir, 
         from rich.table import Table
 
         table = Table(title=f"torch (eager) vs onnxruntime, atol {atol:g} rtol {rtol:g}")
-        for col in ("stage", "output", "max abs diff", "max rel diff", "result"):
+        if report.cosine_floor is not None:
+            table.title += f" ({report.precision}: pass on cosine >= {report.cosine_floor:g})"
+        for col in ("stage", "output", "max abs diff", "max rel diff", "cosine", "result"):
             table.add_column(col)
         for r in report.rows:
-            table.add_row(r.stage, r.output, f"{r.max_absdiff:.3g}", f"{r.max_reldiff:.3g}",
+            table.add_row(r.stage, r.output, f"{r.max_absdiff:.3g}", f"{r.max_reldiff:.3g}", f"{r.cosine:.5f}",
                           "[green]pass[/]" if r.passed else "[red]FAIL[/]")
         _table_console().print(table)
         for why in report.skipped:

@@ -34,6 +34,7 @@ class OutputDiff:
     max_absdiff: float
     max_reldiff: float
     passed: bool
+    cosine: float = 1.0  # cosine similarity of the flattened outputs (the drift a quantized bundle is judged by)
 
 
 @dataclass
@@ -42,13 +43,15 @@ class CompareReport:
     atol: float
     rtol: float
     skipped: list[str] = field(default_factory=list)  # backends not compared, with the reason
+    precision: str = "fp32"
+    cosine_floor: float | None = None  # set for quantized bundles: rows pass on cosine (COSINE_FLOORS)
 
     def __bool__(self) -> bool:
         return all(r.passed for r in self.rows)
 
     def to_dict(self) -> dict:
         return {"passed": bool(self), "atol": self.atol, "rtol": self.rtol, "outputs": [r.__dict__ for r in self.rows],
-                "skipped": self.skipped}
+                "skipped": self.skipped, "precision": self.precision, "cosine_floor": self.cosine_floor}
 
 
 def _torch_runner(module, input_names: list[str], output_names: list[str], name: str, feed: dict):
@@ -91,6 +94,28 @@ class StageOptions:
     rtol: float
     save_dir: Path | None = None  # write <stage>.inputs.json / <stage>.outputs.json in Polygraphy's format
     engine_runner: object = None  # stage -> a Polygraphy runner of the stage's TensorRT engine, or None
+    cosine_floor: float | None = None  # quantized bundles: outputs pass on cosine similarity, not atol/rtol
+
+
+# Quantized precisions are judged by drift, not elementwise tolerances: each float output's cosine similarity
+# with eager fp32 PyTorch must reach this floor (measured on the tiny twin, README "Speed"). Integer outputs
+# (visual_source) are compared on the slots both sides keep valid.
+COSINE_FLOORS = {"int8": 0.98, "int4": 0.95}
+
+
+def cosine(a, b) -> float:
+    """Cosine similarity of two arrays, flattened in float64; 1.0 when both are all zeros."""
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
+    if na == 0.0 and nb == 0.0:
+        return 1.0
+    return float(a @ b / (na * nb)) if na and nb else 0.0
+
+
+def _drift_ok(output: str, cos: float, floor: float, ref, got) -> bool:
+    if output in ("visual_valid", "visual_source"):  # the kept set: exact count, sources may differ
+        return output != "visual_valid" or int(np.sum(ref)) == int(np.sum(got))
+    return cos >= floor
 
 
 def _compare_stage(stage: str, torch_runner, onnx_path: Path, feed: dict, opts: StageOptions):
@@ -116,10 +141,15 @@ def _compare_stage(stage: str, torch_runner, onnx_path: Path, feed: dict, opts: 
     accuracy = Comparator.compare_accuracy(results, compare_func=CompareFunc.simple(atol=opts.atol, rtol=opts.rtol),
                                            fail_fast=False, comparisons=[(0, i) for i in range(1, len(runners))])
     rows = []
+    outputs = {runner: dict(its[0]) for runner, its in results}
+    reference = outputs[results[0][0]]
     for (_, backend), iterations in accuracy[0].items():  # one compare func; (reference, backend) pairs
         label = stage if backend.startswith("onnxrt") else f"{stage} (trt)"
         for output, res in iterations[0].items():
-            rows.append(OutputDiff(label, output, float(res.max_absdiff), float(res.max_reldiff), bool(res)))
+            cos = cosine(reference[output], outputs[backend][output])
+            passed = bool(res) if opts.cosine_floor is None else _drift_ok(output, cos, opts.cosine_floor,
+                                                                               reference[output], outputs[backend][output])
+            rows.append(OutputDiff(label, output, float(res.max_absdiff), float(res.max_reldiff), passed, cos))
     onnx_out = dict(results[1][1][0])
     return rows, onnx_out
 
@@ -152,7 +182,8 @@ def compare_bundle(bundle_dir: str | Path, image_path: str, prompt: str = SAMPLE
     recipe = recipe_from_dict(m.data["recipe"], f"{m.root}/manifest.json recipe")
     _rewrite_like_bundle(loaded.model, m)
     engines, skipped = _engine_runners(m, trt_target) if trt_target else (None, None)
-    opts = StageOptions(atol, rtol, Path(save_dir) if save_dir else None, engines)
+    opts = StageOptions(atol, rtol, Path(save_dir) if save_dir else None, engines,
+                        cosine_floor=COSINE_FLOORS.get(m.data.get("onnx", {}).get("precision", "fp32")))
     if opts.save_dir is not None:
         opts.save_dir.mkdir(parents=True, exist_ok=True)
 
@@ -212,7 +243,8 @@ def compare_bundle(bundle_dir: str | Path, image_path: str, prompt: str = SAMPLE
                                                        "torch-step", feed),
                                  m.path(m.graphs["step"]["file"]), feed, opts)
         rows += more
-    return CompareReport(rows, atol, rtol, [skipped] if skipped else [])
+    return CompareReport(rows, atol, rtol, [skipped] if skipped else [], m.data.get("onnx", {}).get("precision", "fp32"),
+                         opts.cosine_floor)
 
 
 def _rewrite_like_bundle(model, manifest) -> None:
@@ -222,9 +254,12 @@ def _rewrite_like_bundle(model, manifest) -> None:
     if rows is None:
         return
     from edgeprune.rewrites import lm_kv_heads
-    from edgeprune.rewrites.plan import apply_record, record_from_dicts
+    from edgeprune.rewrites.plan import apply_record, apply_vision_record, record_from_dicts, vision_record_from_dicts
 
-    apply_record(model, record_from_dicts(rows, f"{manifest.root}/manifest.json"))
+    where = f"{manifest.root}/manifest.json"
+    if "vision" in manifest.data["layers"]:
+        apply_vision_record(model, vision_record_from_dicts(manifest.data["layers"]["vision"], where))
+    apply_record(model, record_from_dicts(rows, where))
     if lm_kv_heads(model) != tuple(manifest.shapes.kv_heads):
         raise ConfigError(f"{manifest.root}/manifest.json: layers.lm does not match shapes.kv_heads; re-export the bundle")
 

@@ -16,7 +16,7 @@ from edgeprune.errors import ExportError
 from edgeprune.recipe import Recipe
 
 STAGES = ("load model", "plan shapes", "rewrite model", "export vision graph", "export prefill graph",
-          "export decode graph", "export step graph", "shape graphs for the target", "store weights once",
+          "export decode graph", "export step graph", "shape graphs for the target", "quantize graphs", "store weights once",
           "check graphs", "write manifest")
 GRAPH_FILES = {"vision": "vision/vision.onnx", "prefill": "lm/prefill.onnx", "decode": "lm/decode.onnx",
                "step": "lm/step.onnx"}
@@ -65,7 +65,7 @@ def export_bundle(model_name: str, out_dir: str | Path, recipe: Recipe, model_di
     from edgeprune.rewrites.plan import rewrite_for_export
 
     costs_before = model_costs(model, shapes)
-    model, lm_record, reports = rewrite_for_export(loaded, recipe.rewrites, copy=caller_model)
+    model, lm_record, vision_record, reports = rewrite_for_export(loaded, recipe.rewrites, copy=caller_model)
     kv_heads = lm_kv_heads(model)  # per remaining layer; the graphs, cache and manifest follow the modules
     shapes = dataclasses.replace(shapes, num_layers=len(kv_heads), kv_heads=kv_heads)
 
@@ -126,6 +126,11 @@ def export_bundle(model_name: str, out_dir: str | Path, recipe: Recipe, model_di
         passes = graph_passes(recipe)
         applied = {name: apply_passes(scratch / name / f"{name}.onnx", passes) for name in GRAPH_FILES}
 
+        on_stage("quantize graphs")
+        from edgeprune.quantize import quantize_bundle_graphs
+
+        quantized = quantize_bundle_graphs(scratch, recipe.onnx.precision, tuple(GRAPH_FILES))  # {} for fp32/fp16
+
         on_stage("store weights once")
         store_weights_once({scratch / "vision" / "vision.onnx": stage_dir / GRAPH_FILES["vision"]},
                            stage_dir / "vision" / "vision.weights")
@@ -150,11 +155,12 @@ def export_bundle(model_name: str, out_dir: str | Path, recipe: Recipe, model_di
             "rewrites": [f"vision: layers after the feature layer dropped "
                          f"({feature_layer_count(model.config)} of {model.config.vision_config.num_hidden_layers} kept)",
                          *(r.summary() for r in reports)],
-            # per source LM layer: whether it runs and which heads it keeps (compare re-applies this)
-            "layers": {"lm": [r.to_dict() for r in lm_record]},
+            # per source layer: whether it runs and which heads it keeps (compare re-applies this)
+            "layers": {"lm": [r.to_dict() for r in lm_record], "vision": [r.to_dict() for r in vision_record]},
             "costs": {"before": costs_before, "after": model_costs(model, shapes)},
             "onnx": {"opset": opset, "precision": recipe.onnx.precision, "target": recipe.onnx.target,
-                     "passes": {name: {r.name: r.changed for r in results} for name, results in applied.items()}},
+                     "passes": {name: {r.name: r.changed for r in results} for name, results in applied.items()},
+                     **({"quantized": quantized} if quantized else {})},
             "preprocess": preprocess.to_dict(),
             "tokenizer": {"file": "tokenizer.json", "image_token": processor.image_token,
                           "image_token_id": int(model.config.image_token_id),

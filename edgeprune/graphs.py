@@ -70,7 +70,9 @@ class VisionGraph(nn.Module):
         self.keep_newlines = shapes.newline_slots > 0
         self.params = SelectionParams(k=shapes.visual_topk, budget=recipe.budget, alpha=recipe.alpha,
                                       contextual=recipe.contextual, seed=recipe.seed,
-                                      heads=self.layers[0].self_attn.num_heads, patch_grid=shapes.patch_grid)
+                                      # the most heads of any layer: CLS-attention sums stay below it after head pruning
+                                      heads=max(layer.self_attn.num_heads for layer in self.layers),
+                                      patch_grid=shapes.patch_grid)
         self.input_names = (*BASE_INPUTS, *self.spec.layout_inputs,
                             *(NEWLINE_INPUTS if self.keep_newlines else ()))
 

@@ -19,7 +19,9 @@ from edgeprune.strategies import SPECS
 RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
 
 NEWLINE_POLICIES = ("auto", "keep", "drop")
-PRECISIONS = ("fp32", "fp16")  # fp16: matmuls and their weights in fp16, the rest fp32 (graph_passes.fp16_matmuls)
+# fp16: matmuls and their weights in fp16, the rest fp32 (graph_passes.fp16_matmuls);
+# int8 / int4: ONNX Runtime CPU quantization, vision INT8 with fp32 scoring, LM INT8 / INT4 weights (quantize.py)
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
 
 
 @dataclass(frozen=True)
@@ -44,13 +46,14 @@ class RewritesRecipe:
     """Torch-level rewrites before export (edgeprune/rewrites/); every default leaves the model as it is."""
 
     prune_heads: float = 0.0  # fraction of each LM layer's KV groups to prune, in [0, 1)
-    head_criterion: str = "output-norm"  # output-norm | first-token (dormant heads) | visual (YOPO)
+    head_criterion: str = "output-norm"  # output-norm | first-token (dormant heads) | visual (YOPO; LM only)
+    prune_vision_heads: float = 0.0  # fraction of the heads of each CLIP layer up to the feature layer, in [0, 1)
     skip_layers: int = 0  # skip this many LM layers, the least influential by calibration
     skip_layer_indices: tuple[int, ...] = ()  # or exactly these LM layers (not with skip_layers)
     stats: str = ""  # `edgeprune calibrate` output; "" = calibrate on the built-in samples when scores are needed
 
     def active(self) -> bool:
-        return self.prune_heads > 0 or self.skip_layers > 0 or bool(self.skip_layer_indices)
+        return self.prune_heads > 0 or self.prune_vision_heads > 0 or self.skip_layers > 0 or bool(self.skip_layer_indices)
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,9 @@ class Recipe:
         r = self.rewrites
         if not (0.0 <= r.prune_heads < 1.0):
             raise ConfigError(f"rewrites.prune_heads (--prune-heads) must be a ratio in [0, 1), got {r.prune_heads}")
+        if not (0.0 <= r.prune_vision_heads < 1.0):
+            raise ConfigError(f"rewrites.prune_vision_heads (--prune-vision-heads) must be a ratio in [0, 1), "
+                              f"got {r.prune_vision_heads}")
         _one_of("rewrites.head_criterion", r.head_criterion, HEAD_CRITERIA)
         if r.skip_layers < 0 or any(i < 0 for i in r.skip_layer_indices):
             raise ConfigError(f"rewrites.skip_layers (--skip-layers) must be >= 0 (a count) or layer indices >= 0, got "

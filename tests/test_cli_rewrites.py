@@ -69,6 +69,7 @@ def test_export_with_stats_reports_before_and_after(calibrated):
 @pytest.mark.parametrize("flags,fragment", [
     (["--prune-heads", "1"], "must be a ratio in [0, 1)"),
     (["--prune-heads", "-0.5"], "must be a ratio in [0, 1)"),
+    (["--prune-vision-heads", "1.5"], "prune_vision_heads (--prune-vision-heads) must be a ratio in [0, 1)"),
     (["--skip-layers", "two"], "--skip-layers takes a count N or layer indices"),
     (["--skip-layers", "0,1"], "would skip all 2 language-model layers"),
     (["--skip-layers", "4,"], "there is no layer 4"),

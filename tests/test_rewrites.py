@@ -21,7 +21,7 @@ import torch
 
 from edgeprune.errors import ConfigError
 from edgeprune.rewrites import lm_kv_heads, lm_layers
-from edgeprune.rewrites.heads import choose_kv_groups, prune_lm_heads
+from edgeprune.rewrites.heads import choose_kv_groups, prune_lm_heads, prune_vision_heads
 from edgeprune.rewrites.layers import least_influential, skip_lm_layers
 from edgeprune.rewrites.plan import apply_record, identity_record, plan_lm, record_from_dicts
 from tiny_inputs import random_image
@@ -101,7 +101,7 @@ def test_pruning_zero_heads_is_a_no_op(tiny, model):
 
 
 def test_pruning_every_head_is_refused(model):
-    with pytest.raises(ConfigError, match="every KV group of layer 0"):
+    with pytest.raises(ConfigError, match="every KV group of language model layer 0"):
         prune_lm_heads(model, [[], [0]])
     with pytest.raises(ConfigError, match=r"in \[0, 1\)"):
         choose_kv_groups([[1.0] * 4] * 2, 2, 1.0)
@@ -119,6 +119,25 @@ def test_choose_kv_groups_drops_the_lowest_scoring_groups():
     assert choose_kv_groups(scores, 2, 0.5) == [[1, 3]]
     assert choose_kv_groups(scores, 2, 0.75) == [[1]]
     assert choose_kv_groups([[1.0, 1.0, 1.0, 1.0]], 2, 0.5) == [[0]]  # ties keep the lower index
+
+
+def test_pruned_vision_heads_equal_zeroed_heads_in_the_unpruned_model(tiny, model, inputs):
+    kept = [[2, 3], [0], [1, 2, 3]]  # the three CLIP layers up to the feature layer (-2 of 4)
+    masked = copy.deepcopy(tiny.model)
+    for layer, keep in zip(masked.model.vision_tower.encoder.layers, kept):
+        attn = layer.self_attn
+        for h in range(attn.num_heads):
+            if h not in keep:
+                with torch.no_grad():
+                    attn.out_proj.weight[:, h * attn.head_dim:(h + 1) * attn.head_dim] = 0.0
+    report = prune_vision_heads(model, kept)
+    assert report and [layer.self_attn.num_heads for layer in model.model.vision_tower.encoder.layers] == [2, 1, 3, 4]
+    a = model.model.vision_tower.encoder.layers[1].self_attn
+    assert tuple(a.q_proj.weight.shape) == (a.head_dim, 4 * a.head_dim) and tuple(a.q_proj.bias.shape) == (a.head_dim,)
+    torch.testing.assert_close(logits(model, inputs), logits(masked, inputs), atol=2e-5, rtol=1e-4)
+    assert not prune_vision_heads(copy.deepcopy(tiny.model), [[0, 1, 2, 3]] * 3)
+    with pytest.raises(ConfigError, match="every head of vision tower layer 1"):
+        prune_vision_heads(copy.deepcopy(tiny.model), [[0], [], [0]])
 
 
 # --- layer skipping -----------------------------------------------------------------------------
@@ -176,6 +195,22 @@ def test_plan_from_stats_and_stats_from_another_model(tiny, stats):
         plan_lm(tiny.model, RewritesRecipe(skip_layer_indices=(7,)), lambda: stats)
 
 
+def test_plan_vision_from_stats(tiny, stats):
+    from edgeprune.recipe import RewritesRecipe
+    from edgeprune.rewrites.plan import identity_vision_record, plan_vision
+
+    record = plan_vision(tiny.model, RewritesRecipe(prune_vision_heads=0.5), lambda: stats)
+    assert len(record) == 3  # CLIP layers up to the feature layer only
+    for r, norms in zip(record, stats["vision"]["head_output_norm"]):
+        assert r.heads_kept == tuple(sorted(np.argsort(norms, kind="stable")[2:].tolist()))
+    assert plan_vision(tiny.model, RewritesRecipe(), lambda: pytest.fail("no stats needed")) == \
+        identity_vision_record(tiny.model)
+    other = json.loads(json.dumps(stats))
+    other["vision"]["head_output_norm"] = [row[:3] for row in other["vision"]["head_output_norm"]]
+    with pytest.raises(ConfigError, match="from another model"):
+        plan_vision(tiny.model, RewritesRecipe(prune_vision_heads=0.5), lambda: other)
+
+
 def test_record_round_trips_and_refuses_another_model(tiny, model):
     from edgeprune.rewrites.plan import LMLayer
 
@@ -200,7 +235,8 @@ def test_recipe_rewrites_table_is_typed(tmp_path):
     r = load_recipe(good).rewrites
     assert (r.prune_heads, r.skip_layer_indices, r.head_criterion, r.active()) == (0.25, (1,), "visual", True)
     assert not load_recipe(None).rewrites.active()
-    for text, message in [("prune_heads = 1", r"in \[0, 1\)"), ("skip_layer_indices = 1", "list of integers"),
+    for text, message in [("prune_heads = 1", r"in \[0, 1\)"), ("prune_vision_heads = -0.1", "prune_vision_heads"),
+                          ("skip_layer_indices = 1", "list of integers"),
                           ("skip_layers = -1", ">= 0"), ("skip_layer = 1", "Did you mean 'skip_layers'"),
                           ("head_criterion = 'norm'", "output-norm"),
                           ("skip_layers = 1\nskip_layer_indices = [0]", "not both")]:
@@ -274,6 +310,7 @@ def rewritten(tmp_path_factory, tiny, tiny_recipe):
     write_stats(calibrate(tiny, builtin_samples()[:2]), stats_file)
     variants = {"heads": dict(prune_heads=0.5, stats=str(stats_file)), "layers": dict(skip_layer_indices=(1,)),
                 "both": dict(prune_heads=0.5, skip_layer_indices=(0,), stats=str(stats_file)),
+                "vision": dict(prune_vision_heads=0.5, stats=str(stats_file)),
                 "none": dict(prune_heads=0.0, skip_layers=0)}
     return {name: export_bundle("llava-next-tiny", root / name, base.override(**flags), loaded=tiny)
             for name, flags in variants.items()}
@@ -318,6 +355,27 @@ def test_graphs_are_physically_smaller_as_the_manifest_says(tiny, rewritten, nam
     assert m["costs"]["after"]["params"]["language_model"] - rms <= stored <= m["costs"]["after"]["params"]["language_model"]
 
 
+def test_vision_graph_is_physically_smaller_as_the_manifest_says(tiny, rewritten):
+    import re
+
+    m = json.loads((rewritten["vision"] / "manifest.json").read_text())
+    graph = onnx.load(str(rewritten["vision"] / "vision" / "vision.onnx"), load_external_data=False).graph
+    dims = {i.name: list(i.dims) for i in graph.initializer}
+    found = {}  # (layer, proj) -> weight shape; v_proj and out_proj appear once per CLIP layer
+    for node in graph.node:
+        hit = re.fullmatch(r"/layers\.(\d+)/self_attn/(v_proj|out_proj)/MatMul", node.name)
+        if hit:
+            found[int(hit[1]), hit[2]] = next(dims[x] for x in node.input if x in dims)
+    dv = tiny.config.vision_config.hidden_size
+    dh = dv // tiny.config.vision_config.num_attention_heads
+    for r in m["layers"]["vision"]:
+        width = len(r["heads_kept"]) * dh
+        assert found[r["source_layer"], "v_proj"] == [dv, width] and found[r["source_layer"], "out_proj"] == [width, dv]
+    assert len(found) == 2 * len(m["layers"]["vision"])
+    assert m["costs"]["after"]["params"]["vision"] < m["costs"]["before"]["params"]["vision"]
+    assert m["costs"]["after"]["flops"]["vision"] < m["costs"]["before"]["flops"]["vision"]
+
+
 def test_no_rewrite_exports_the_same_graphs_as_before(rewritten, tiny_bundles):
     today = json.loads((tiny_bundles[1.0] / "manifest.json").read_text())
     none = json.loads((rewritten["none"] / "manifest.json").read_text())
@@ -325,12 +383,15 @@ def test_no_rewrite_exports_the_same_graphs_as_before(rewritten, tiny_bundles):
     assert none["rewrites"] == today["rewrites"] and none["costs"]["before"] == none["costs"]["after"]
 
 
-@pytest.mark.parametrize("name", ["heads", "layers", "both"])
+@pytest.mark.parametrize("name", ["heads", "layers", "both", "vision"])
 def test_bundle_reproduces_transformers_generate_of_the_rewritten_model(tiny, rewritten, name):
     from edgeprune_runtime import Bundle
 
+    from edgeprune.rewrites.plan import apply_vision_record, vision_record_from_dicts
+
     m = json.loads((rewritten[name] / "manifest.json").read_text())
     reference = copy.deepcopy(tiny.model)
+    apply_vision_record(reference, vision_record_from_dicts(m["layers"]["vision"], "test"))
     apply_record(reference, record_from_dicts(m["layers"]["lm"], "test"))
     image, steps = random_image((150, 230), seed=3), 8
     with Bundle(rewritten[name]) as bundle:
@@ -354,6 +415,7 @@ def test_compare_rebuilds_the_rewritten_reference(rewritten, tmp_path):
     report = compare_bundle(rewritten["both"], str(image))
     assert report and {r.stage for r in report.rows} == {"vision", "prefill", "decode", "step"}
     assert sum(r.output.startswith("key_") for r in report.rows) == 1  # one layer runs
+    assert compare_bundle(rewritten["vision"], str(image))
     # a damaged record: compare refuses instead of comparing against the wrong reference
     import shutil
 

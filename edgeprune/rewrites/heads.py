@@ -48,17 +48,18 @@ def kv_group_counts(model) -> list[int]:
     return [layer.self_attn.k_proj.out_features // layer.self_attn.head_dim for layer in lm_layers(model)]
 
 
-def check_kept(kept: Sequence[Sequence[int]], groups: Sequence[int]) -> None:
-    """ConfigError unless `kept` names, per layer, a non-empty set of existing KV groups."""
+def check_kept(kept: Sequence[Sequence[int]], groups: Sequence[int], part: str = "language model",
+               unit: str = "KV group", flag: str = "--prune-heads") -> None:
+    """ConfigError unless `kept` names, per layer, a non-empty set of existing groups (heads)."""
     if len(kept) != len(groups):
-        raise ConfigError(f"head pruning names {len(kept)} layers, the language model has {len(groups)}")
+        raise ConfigError(f"head pruning names {len(kept)} layers, the {part} has {len(groups)}")
     for i, (k, n) in enumerate(zip(kept, groups)):
         if not k:
-            raise ConfigError(f"head pruning would remove every KV group of layer {i}; keep at least one "
-                              f"(a --prune-heads ratio below 1)")
+            raise ConfigError(f"head pruning would remove every {unit} of {part} layer {i}; keep at least one "
+                              f"(a {flag} ratio below 1)")
         bad = [g for g in k if not (0 <= g < n)]
         if bad or len(set(k)) != len(k):
-            raise ConfigError(f"layer {i} has KV groups 0..{n - 1}; cannot keep {list(k)}")
+            raise ConfigError(f"{part} layer {i} has {unit}s 0..{n - 1}; cannot keep {list(k)}")
 
 
 def prune_lm_heads(model, kept: Sequence[Sequence[int]]) -> RewriteReport:
@@ -85,13 +86,14 @@ def prune_lm_heads(model, kept: Sequence[Sequence[int]]) -> RewriteReport:
     return report
 
 
-def choose_kv_groups(scores: Sequence[Sequence[float]], group_size: int, ratio: float) -> list[list[int]]:
+def choose_kv_groups(scores: Sequence[Sequence[float]], group_size: int, ratio: float,
+                     flag: str = "--prune-heads") -> list[list[int]]:
     """Per layer, the KV groups to keep when pruning floor(ratio x groups) of them, lowest score first.
 
     scores: per layer, per query head (higher = more important); a group scores the sum of its heads.
     Ties are broken by the lower index kept. ratio must be in [0, 1), so every layer keeps a group."""
     if not (0.0 <= ratio < 1.0):
-        raise ConfigError(f"--prune-heads must be a ratio in [0, 1), got {ratio}")
+        raise ConfigError(f"{flag} must be a ratio in [0, 1), got {ratio}")
     kept = []
     for heads in scores:
         n = len(heads) // group_size
@@ -100,3 +102,34 @@ def choose_kv_groups(scores: Sequence[Sequence[float]], group_size: int, ratio: 
         order = sorted(range(n), key=lambda g: (group_score[g], -g))  # least important first
         kept.append(sorted(order[drop:]))
     return kept
+
+
+def vision_layers(model, count: int | None = None):
+    """The CLIP encoder layers of a LlavaNextForConditionalGeneration (the first `count`)."""
+    layers = model.model.vision_tower.encoder.layers
+    return layers if count is None else layers[:count]
+
+
+def prune_vision_heads(model, kept: Sequence[Sequence[int]]) -> RewriteReport:
+    """Keeps only heads `kept[l]` in the first len(kept) CLIP layers (those up to the feature layer).
+
+    CLIP attention is multi-head (no KV sharing): q/k/v rows and biases and out_proj columns of each
+    kept head are kept, `num_heads` follows (CLS-attention scores for token selection sum over the
+    remaining heads). Raises ConfigError for a layer left without heads or unknown indices."""
+    layers = vision_layers(model, len(kept))
+    counts = [layer.self_attn.num_heads for layer in layers]
+    check_kept(kept, counts, "vision tower", "head", "--prune-vision-heads")
+    report = RewriteReport("prune-vision-heads")
+    for i, (layer, keep) in enumerate(zip(layers, kept)):
+        attn = layer.self_attn
+        keep = sorted(keep)
+        if len(keep) == attn.num_heads:
+            continue
+        rows = _rows(keep, attn.head_dim)
+        attn.q_proj = _sliced(attn.q_proj, rows=rows)
+        attn.k_proj = _sliced(attn.k_proj, rows=rows)
+        attn.v_proj = _sliced(attn.v_proj, rows=rows)
+        attn.out_proj = _sliced(attn.out_proj, cols=rows)
+        report.changes.append(f"vision layer {i}: {len(keep)} of {attn.num_heads} heads kept ({keep})")
+        attn.num_heads = len(keep)
+    return report

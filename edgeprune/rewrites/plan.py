@@ -12,7 +12,8 @@ from typing import Callable
 
 from edgeprune.errors import ConfigError
 from edgeprune.rewrites import RewriteReport, lm_layers
-from edgeprune.rewrites.heads import check_kept, choose_kv_groups, kv_group_counts, prune_lm_heads
+from edgeprune.rewrites.heads import check_kept, choose_kv_groups, kv_group_counts, prune_lm_heads, prune_vision_heads, \
+    vision_layers
 from edgeprune.rewrites.layers import check_skipped, least_influential, skip_lm_layers
 
 
@@ -26,6 +27,15 @@ class LMLayer:
     def to_dict(self) -> dict:
         return {"source_layer": self.source_layer, "runs": self.runs, "kv_groups_kept": list(self.kv_groups_kept),
                 "heads_kept": list(self.heads_kept)}
+
+
+@dataclass(frozen=True)
+class VisionLayer:
+    source_layer: int  # CLIP layer index (only layers up to the feature layer are recorded)
+    heads_kept: tuple[int, ...]
+
+    def to_dict(self) -> dict:
+        return {"source_layer": self.source_layer, "heads_kept": list(self.heads_kept)}
 
 
 def _group_size(model) -> int:
@@ -71,6 +81,51 @@ def plan_lm(model, rewrites, stats_for: Callable[[], dict]) -> list[LMLayer]:
             for i, k in enumerate(kept)]
 
 
+def _feature_layers(model) -> int:
+    from edgeprune.graphs import feature_layer_count
+
+    return feature_layer_count(model.config)
+
+
+def identity_vision_record(model) -> list[VisionLayer]:
+    return [VisionLayer(i, tuple(range(layer.self_attn.num_heads)))
+            for i, layer in enumerate(vision_layers(model, _feature_layers(model)))]
+
+
+def plan_vision(model, rewrites, stats_for: Callable[[], dict]) -> list[VisionLayer]:
+    """Heads kept in each CLIP layer up to the feature layer: floor(prune_vision_heads x heads) pruned per
+    layer, the lowest first by output norm (or, with head_criterion "first-token", the most dormant)."""
+    record = identity_vision_record(model)
+    if rewrites.prune_vision_heads <= 0:
+        return record
+    v = stats_for().get("vision")
+    key = "head_first_token_mass" if rewrites.head_criterion == "first-token" else "head_output_norm"
+    heads = [len(r.heads_kept) for r in record]
+    if not isinstance(v, dict) or not isinstance(v.get(key), list) or len(v[key]) < len(record) \
+            or [len(row) for row in v[key][: len(record)]] != heads:
+        raise ConfigError(f"stats are from another model (vision tower heads differ from {heads} in the first "
+                          f"{len(record)} layers); run `edgeprune calibrate` on this model")
+    rows = v[key][: len(record)]
+    scores = [[1.0 - m for m in row] for row in rows] if key == "head_first_token_mass" else rows
+    kept = choose_kv_groups(scores, 1, rewrites.prune_vision_heads, flag="--prune-vision-heads")
+    return [VisionLayer(i, tuple(k)) for i, k in enumerate(kept)]
+
+
+def apply_vision_record(model, record: list[VisionLayer]) -> RewriteReport:
+    """Applies the vision record to an unrewritten `model` in place. ConfigError when it does not fit."""
+    if [r.source_layer for r in record] != list(range(_feature_layers(model))):
+        raise ConfigError(f"the rewrite record describes {len(record)} vision layers, the model uses "
+                          f"{_feature_layers(model)}; load the bundle's source model")
+    return prune_vision_heads(model, [r.heads_kept for r in record])
+
+
+def vision_record_from_dicts(rows, where: str) -> list[VisionLayer]:
+    try:
+        return [VisionLayer(int(r["source_layer"]), tuple(int(h) for h in r["heads_kept"])) for r in rows]
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: malformed layers.vision entry ({e}); re-export the bundle") from None
+
+
 def apply_record(model, record: list[LMLayer]) -> list[RewriteReport]:
     """Applies a record to an unrewritten `model` in place: heads first (source indices), then layers.
 
@@ -95,28 +150,33 @@ def record_from_dicts(rows, where: str) -> list[LMLayer]:
 
 
 def stats_loader(rewrites, loaded, on_progress: Callable[[int, int], None] = lambda i, n: None) -> Callable[[], dict]:
-    """stats_for() for `plan_lm`: the recipe's stats file, else calibration on the built-in samples."""
+    """stats_for() for `plan_lm`: the recipe's stats file, else calibration on the built-in samples (once)."""
+    found = []
+
     def stats_for() -> dict:
         from edgeprune.calibrate import builtin_samples, calibrate, load_stats
 
-        if rewrites.stats:
-            return load_stats(rewrites.stats)
-        return calibrate(loaded, builtin_samples(), on_progress)
+        if not found:
+            found.append(load_stats(rewrites.stats) if rewrites.stats else calibrate(loaded, builtin_samples(), on_progress))
+        return found[0]
 
     return stats_for
 
 
-def rewrite_for_export(loaded, rewrites, copy: bool) -> tuple[object, list[LMLayer], list[RewriteReport]]:
-    """(model to export, its record, what each pass changed) for a RewritesRecipe.
+def rewrite_for_export(loaded, rewrites, copy: bool) -> tuple[object, list[LMLayer], list[VisionLayer], list[RewriteReport]]:
+    """(model to export, its LM and vision records, what each pass changed) for a RewritesRecipe.
 
     With no rewrite active the loaded model itself comes back untouched. Otherwise the passes edit a
     deep copy when `copy` (the caller keeps using its model) or `loaded.model` in place."""
     import copy as _copy
 
     model = loaded.model
-    record = plan_lm(model, rewrites, stats_loader(rewrites, loaded))
-    if record == identity_record(model):
-        return model, record, []
+    stats_for = stats_loader(rewrites, loaded)
+    record = plan_lm(model, rewrites, stats_for)
+    vision = plan_vision(model, rewrites, stats_for)
+    if record == identity_record(model) and vision == identity_vision_record(model):
+        return model, record, vision, []
     if copy:
         model = _copy.deepcopy(model)
-    return model, record, [r for r in apply_record(model, record) if r]
+    reports = [apply_vision_record(model, vision), *apply_record(model, record)]
+    return model, record, vision, [r for r in reports if r]
