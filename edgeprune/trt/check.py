@@ -66,6 +66,10 @@ class CheckReport:
 
 
 def precision_refusal(target: Target, precision: str) -> str | None:
+    from edgeprune.trt.forms import CPU_ONLY_PRECISIONS
+
+    if precision in CPU_ONLY_PRECISIONS:  # before the target's own list: P40's "int8" is TensorRT's, not these graphs'
+        return f"{precision.upper()} bundles run on ONNX Runtime (CPU) only, not on {target.name}: {CPU_ONLY_PRECISIONS[precision]}"
     if precision in target.precisions:
         return None
     note = target.precision_notes.get(precision, f"it builds {', '.join(p.upper() for p in target.precisions)} only")
@@ -158,7 +162,10 @@ def _check_graph(model, name: str, target: Target, manifest, add) -> None:
             constants[node.output[0]] = node.attribute[0].t
     for node in _all_nodes(model.graph):
         if node.domain not in ("", "ai.onnx"):
-            add("error", name, node.name, f"custom op {node.domain}::{node.op_type} needs a TensorRT plugin")
+            where = ("an ONNX Runtime CPU op (--precision int4)" if node.domain == "com.microsoft"
+                     else "a custom op")
+            add("error", name, node.name, f"{node.domain}::{node.op_type} is {where}: TensorRT has no such layer "
+                                          "(it needs a plugin); export with --precision fp32 or fp16 for TensorRT")
             continue
         reason = op_refusal(target, node.op_type)
         if reason:

@@ -7,6 +7,15 @@ from typing import Callable
 from edgeprune.errors import ConfigError
 from edgeprune.recipe import Recipe
 
+# precisions whose graphs only ONNX Runtime runs (edgeprune/quantize.py) -> why, for every TensorRT target
+CPU_ONLY_PRECISIONS = {
+    "int8": ("edgeprune's INT8 graphs are ONNX Runtime dynamic quantization (MatMulInteger, DynamicQuantizeLinear: "
+             "CPU only, no TensorRT parser takes them; TensorRT INT8 needs Q/DQ graphs, not exported yet); "
+             "export for TensorRT with --precision fp32 or fp16"),
+    "int4": ("INT4 weights are ONNX Runtime's com.microsoft::MatMulNBits (CPU only, no TensorRT parser takes it); "
+             "export for TensorRT with --precision fp32 or fp16"),
+}
+
 # op type -> the pass that removes it, for targets whose parser lacks the op
 DECOMPOSITIONS = {"LayerNormalization": "decompose_layernorm"}
 
@@ -20,6 +29,8 @@ def resolve_for_target(recipe: Recipe, opset_given: bool) -> Recipe:
 
     target = get_target(recipe.onnx.target)
     precision = recipe.onnx.precision
+    if precision in CPU_ONLY_PRECISIONS:
+        raise ConfigError(f"target {target.name} cannot run {precision.upper()}: {CPU_ONLY_PRECISIONS[precision]}")
     if precision not in target.precisions:
         note = target.precision_notes.get(precision, f"it builds {', '.join(target.precisions)} only")
         raise ConfigError(f"target {target.name} cannot run {precision.upper()}: {note}")

@@ -1,0 +1,168 @@
+"""--precision int8 / int4 on the tiny twin: ONNX Runtime's quantizers, fp32 selection scoring, weights once,
+drift against the fp32 bundle and eager PyTorch, and the targets that must refuse these bundles."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+EDGEPRUNE = Path(sys.executable).with_name("edgeprune")
+
+
+def cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([str(EDGEPRUNE), *map(str, args)], capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory, tiny, tiny_recipe):
+    """precision -> a tiny bundle at budget 0.2 exported with it (cached per module)."""
+    from edgeprune.export import export_bundle
+
+    root = tmp_path_factory.mktemp("quantized")
+    made = {}
+
+    def make(precision: str) -> Path:
+        if precision not in made:
+            made[precision] = export_bundle("llava-next-tiny", root / precision,
+                                            tiny_recipe(0.2).override(precision=precision), loaded=tiny)
+        return made[precision]
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def sample_png(tmp_path_factory):
+    from edgeprune.sample_image import write_sample_image
+
+    return str(write_sample_image(tmp_path_factory.mktemp("img") / "table.png", 320, 240))
+
+
+def _graph(bundle: Path, rel: str):
+    import onnx
+
+    return onnx.load(str(bundle / rel), load_external_data=False)
+
+
+def _ops(bundle: Path, rel: str) -> Counter:
+    return Counter(n.op_type for n in _graph(bundle, rel).graph.node)
+
+
+def _weight_matmuls(model) -> list:
+    """MatMul nodes whose B is an initializer (a weight): the ones a weight quantizer must replace."""
+    inits = {t.name for t in model.graph.initializer}
+    return [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits]
+
+
+@pytest.mark.parametrize("precision, lm_op", [("int8", "MatMulInteger"), ("int4", "MatMulNBits")])
+def test_quantized_graph_forms(bundles, precision, lm_op):
+    fp32, q = bundles("fp32"), bundles(precision)
+    for rel in ("lm/prefill.onnx", "lm/decode.onnx", "lm/step.onnx"):
+        # every weight MatMul of the fp32 LM graph became the quantized op; none is left in fp32
+        assert _ops(q, rel)[lm_op] == len(_weight_matmuls(_graph(fp32, rel))) > 0
+        assert _weight_matmuls(_graph(q, rel)) == []
+    vision32, vision = _graph(fp32, "vision/vision.onnx"), _graph(q, "vision/vision.onnx")
+    assert Counter(n.op_type for n in vision.graph.node)["MatMulInteger"] > 0
+    # The selection-scoring projections (cls_attention, outside every module scope) stay fp32 MatMuls with
+    # the same fp32 weights; every other weight MatMul of the tower is quantized.
+    scoring32 = {n.name for n in _weight_matmuls(vision32) if not n.name.startswith(("/layers.", "/projector/"))}
+    assert scoring32 and {n.name for n in _weight_matmuls(vision)} == scoring32
+    manifest = json.loads((q / "manifest.json").read_text())
+    assert manifest["onnx"]["precision"] == precision
+    assert set(manifest["onnx"]["quantized"]["vision"]["fp32_nodes"]) >= scoring32
+
+
+def test_fp32_export_has_no_quantization(bundles):
+    b = bundles("fp32")
+    for rel in ("vision/vision.onnx", "lm/prefill.onnx", "lm/decode.onnx"):
+        assert not {"MatMulInteger", "MatMulNBits", "DynamicQuantizeLinear"} & set(_ops(b, rel))
+    assert "quantized" not in json.loads((b / "manifest.json").read_text())["onnx"]
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_quantized_lm_weights_are_stored_once(bundles, precision):
+    """prefill, decode and step read the same quantized tensors: each is in lm.weights once, and the file is
+    the sum of its tensors (no second copy), smaller than the fp32 LM's."""
+    q = bundles(precision)
+    index = json.loads((q / "lm" / "lm.weights.json").read_text())["tensors"]
+    names = [t["name"] for t in index]
+    assert len(names) == len(set(names))
+    external = {}
+    for rel in ("lm/prefill.onnx", "lm/decode.onnx", "lm/step.onnx"):
+        external[rel] = {t.name for t in _graph(q, rel).graph.initializer if t.data_location == 1}
+        assert external[rel] <= set(names)
+    assert external["lm/prefill.onnx"] & external["lm/decode.onnx"] == external["lm/decode.onnx"] - {""}
+    stored = sum(t["length"] for t in index)
+    assert stored <= (q / "lm" / "lm.weights").stat().st_size < stored + 64 * len(index)
+    assert (q / "lm" / "lm.weights").stat().st_size < 0.5 * (bundles("fp32") / "lm" / "lm.weights").stat().st_size
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_quantized_bundle_runs_with_exact_budget_and_small_drift(bundles, sample_png, precision):
+    """Against the fp32 bundle (ONNX Runtime fp32, the reference): the same number of visual tokens (K exact),
+    logits of the first token close in cosine (the floors compare uses), greedy agreement reported."""
+    from edgeprune.compare import COSINE_FLOORS
+    from edgeprune.drift import bundle_drift
+    from edgeprune_runtime import Bundle
+
+    fp32, q = bundles("fp32"), bundles(precision)
+    with Bundle(q) as b, Bundle(fp32) as r:
+        got, ref = b.generate(sample_png, "What is on the table?", 6), r.generate(sample_png, "What is on the table?", 6)
+    assert got.visual_tokens == ref.visual_tokens > 0
+    assert len(got.token_ids) == 6
+    drift = bundle_drift(str(q), str(fp32), sample_png, "What is on the table?", max_new_tokens=6)
+    assert drift.tokens == 6 and 0 <= drift.agreed <= 6
+    assert drift.cosines[0] >= COSINE_FLOORS[precision]
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_compare_passes_on_the_precisions_floor(bundles, sample_png, precision):
+    from edgeprune.compare import COSINE_FLOORS, compare_bundle
+
+    report = compare_bundle(bundles(precision), sample_png)
+    assert report.cosine_floor == COSINE_FLOORS[precision]
+    assert report, [r for r in report.rows if not r.passed]
+    embeds = next(r for r in report.rows if r.output == "visual_embeds")
+    assert 0.9 < embeds.cosine < 1.0  # quantized: drift is real, and measured
+    assert {r.stage for r in report.rows} >= {"vision", "prefill", "decode"}
+
+
+def test_cosine_is_the_textbook_formula():
+    from edgeprune.compare import cosine
+
+    a, b = np.array([1.0, 2.0, 2.0]), np.array([2.0, 0.0, 1.0])
+    assert cosine(a, b) == pytest.approx(4 / (3 * np.sqrt(5)))
+    assert cosine(np.zeros(3), np.zeros(3)) == 1.0 and cosine(np.zeros(3), a) == 0.0
+
+
+# --- targets ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("target, precision", [("p40", "int4"), ("p40", "int8"), ("rtx", "int8"), ("jetson-orin-jp61", "int4")])
+def test_export_for_a_tensorrt_target_refuses_cpu_only_precisions(target, precision, tmp_path):
+    out = cli("export", "llava-next-tiny", "--target", target, "--precision", precision, "--out", tmp_path / "b")
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1, out.stderr
+    assert lines[0].startswith(f"error: target {target} cannot run {precision.upper()}")
+    assert "CPU only" in lines[0] and "--precision fp32 or fp16" in lines[0]
+    assert not (tmp_path / "b").exists()
+
+
+def test_export_refuses_int4_and_fp16_on_p40_in_one_line():
+    out = cli("export", "llava-next-tiny", "--target", "p40", "--precision", "fp16", "--out", "/nonexistent/x")
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1 and "FP16" in out.stderr
+
+
+@pytest.mark.parametrize("precision, op", [("int4", "com.microsoft::MatMulNBits"), ("int8", "MatMulInteger")])
+def test_check_says_quantized_bundles_are_onnx_runtime_only(bundles, precision, op):
+    b = bundles(precision)
+    out = cli("check", b, "--target", "rtx", "--json", "--no-parser")
+    assert out.returncode == 1, out.stderr
+    errors = [f["message"] for f in json.loads(out.stdout)["findings"] if f["severity"] == "error"]
+    assert any(m.startswith(f"{precision.upper()} bundles run on ONNX Runtime (CPU) only") for m in errors), errors
+    assert any(op in m for m in errors), errors
