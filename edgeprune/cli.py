@@ -98,6 +98,8 @@ def _recipe(model_name: str, recipe_file: str | None, **flags):
 @click.option("--strategy", help="Visual-token selection strategy (recipe key `strategy`).")
 @click.option("--newlines", type=click.Choice(["auto", "keep", "drop"]), help="image_newline slots policy.")
 @click.option("--alpha", type=float, help="hired: the base image's share of the budget, in [0, 1].")
+@click.option("--vision-keep", help="Prune tokens inside the vision tower: LAYER:FRACTION,... (e.g. 8:0.5,16:0.25) "
+              "or a name (evit-half, evit-quarter); each partition keeps that share by CLS attention.")
 @click.option("--layers", type=int, default=2, show_default=True, help="LM layers of llava-next-7b-shape.")
 @click.option("--target", help="Shape the graphs for this TensorRT target (opset, ops its parser lacks); see `edgeprune targets`.")
 @click.option("--opset", type=int, help="ONNX opset (default: the recipe's, lowered to the target's maximum).")
@@ -118,7 +120,7 @@ def _recipe(model_name: str, recipe_file: str | None, **flags):
               "the rewrites (with --json: a `report` key).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (bundle path, K, slots, sizes, timings).")
 @user_errors
-def export(model_name, budget, model_dir, out_dir, recipe_file, strategy, newlines, alpha, layers, target, opset,
+def export(model_name, budget, model_dir, out_dir, recipe_file, strategy, newlines, alpha, vision_keep, layers, target, opset,
            precision, force, prune_heads, prune_vision_heads, head_criterion, skip_layers, stats_file, report, as_json):
     """Trace NAME into a static-shape ONNX bundle (vision, prefill, decode, step graphs + manifest)."""
     from rich.console import Console
@@ -128,7 +130,7 @@ def export(model_name, budget, model_dir, out_dir, recipe_file, strategy, newlin
     from edgeprune.trt.forms import resolve_for_target
 
     recipe = _recipe(model_name, recipe_file, budget=budget, strategy=strategy, newlines=newlines, alpha=alpha,
-                     target=target, opset=opset, precision=precision, prune_heads=prune_heads,
+                     vision_keep=vision_keep, target=target, opset=opset, precision=precision, prune_heads=prune_heads,
                      prune_vision_heads=prune_vision_heads, head_criterion=head_criterion, stats=stats_file, **_skip_layers_flag(skip_layers))
     recipe = resolve_for_target(recipe, opset_given=opset is not None)
     out = Path(out_dir or Path("export") / model_name)

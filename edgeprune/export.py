@@ -157,6 +157,8 @@ def export_bundle(model_name: str, out_dir: str | Path, recipe: Recipe, model_di
                          *(r.summary() for r in reports)],
             # per source layer: whether it runs and which heads it keeps (compare re-applies this)
             "layers": {"lm": [r.to_dict() for r in lm_record], "vision": [r.to_dict() for r in vision_record]},
+            # token pruning inside the vision tower: from CLIP layer L on, each partition runs keep[L] patch tokens
+            **({"vision_keep": {str(layer): n for layer, n in vision.keep.items()}} if vision.keep else {}),
             "costs": {"before": costs_before, "after": model_costs(model, shapes)},
             "onnx": {"opset": opset, "precision": recipe.onnx.precision, "target": recipe.onnx.target,
                      "passes": {name: {r.name: r.changed for r in results} for name, results in applied.items()},

@@ -75,24 +75,39 @@ class VisionGraph(nn.Module):
                                       patch_grid=shapes.patch_grid)
         self.input_names = (*BASE_INPUTS, *self.spec.layout_inputs,
                             *(NEWLINE_INPUTS if self.keep_newlines else ()))
+        from edgeprune.vision_prune import keep_counts
+
+        # {layer: patch tokens kept per partition from that layer on}; {} = every token runs every layer
+        self.keep = keep_counts(recipe.vision_keep, shapes.patches_per_partition, len(self.layers),
+                                shapes.partitions, shapes.visual_topk)
 
     def forward(self, *inputs):
         s = self.shapes
         named = dict(zip(self.input_names, inputs))
         h = self.tower.pre_layrnorm(self.tower.embeddings(named["pixel_values"]))  # [P, 1+N, Dv]
+        valid = named["patch_valid"]  # [P, N]
         early = keys = scores = None
+        origin = None  # [P, n] original patch index of each surviving token once the tower prunes
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             if i == 0 and self.spec.early_scores:
                 early = cls_attention(layer, h)  # layer 0: HiRED's budget allocation [P, N]
+            if i in self.keep:
+                h, origin = _prune_tokens(layer, h, valid, origin, self.keep[i])
             if i == last:
-                scores = cls_attention(layer, h, with_keys=self.spec.keys)  # feature layer [P, N]
+                scores = cls_attention(layer, h, with_keys=self.spec.keys)  # feature layer [P, n]
                 if self.spec.keys:
                     scores, keys = scores
             h = layer(h, None)
-        features = h[:, 1:]  # [P, N, Dv], CLS dropped
+        features = h[:, 1:]  # [P, n, Dv], CLS dropped
+        if origin is not None:  # survivors back to their raster places; dropped patches become padding
+            place = (origin[:, :, None] == torch.arange(s.patches_per_partition)[None, None, :]).to(h.dtype)  # [P, n, N]
+            features = torch.matmul(place.transpose(1, 2), features)  # [P, N, Dv], zeros where dropped
+            scores = torch.matmul(scores[:, None, :], place)[:, 0]  # [P, N]
+            keys = torch.matmul(place.transpose(1, 2), keys) if keys is not None else None
+            valid = valid * place.sum(dim=1)  # [P, N]
 
-        x = SelectionInputs(scores=scores, valid=named["patch_valid"], features=features, early_scores=early,
+        x = SelectionInputs(scores=scores, valid=valid, features=features, early_scores=early,
                             keys=keys, layout={n: named[n] for n in self.spec.layout_inputs})
         sel = self.strategy.fn(x, self.params)
         flat_features = sel.features if sel.features is not None else features.reshape(-1, features.shape[-1])
@@ -129,6 +144,18 @@ class VisionGraph(nn.Module):
         out_source = torch.where(out_valid > 0, source[order], torch.full_like(source[order], -1))
         # Invalid slots are zeros: which padding patch fills them is a TopK tie, backend-dependent.
         return embeds[order] * out_valid[:, None], out_valid, out_source
+
+
+def _prune_tokens(layer, h: torch.Tensor, valid: torch.Tensor, origin, keep: int):
+    """Keeps the CLS token and the `keep` patch tokens of each partition with the highest CLS attention at
+    `layer`'s input (padding patches last). h [P, 1+n, Dv], valid [P, N], origin [P, n] or None (n = N)
+    -> h [P, 1+keep, Dv], origin [P, keep]. Static: one TopK (k = keep <= 576) and gathers."""
+    scores = cls_attention(layer, h)  # [P, n]
+    alive = valid if origin is None else torch.gather(valid, 1, origin)  # [P, n]
+    scores = torch.where(alive > 0, scores, torch.full_like(scores, -1.0))  # CLS attention >= 0: padding last
+    idx = torch.topk(scores, keep, dim=1, largest=True, sorted=True).indices  # [P, keep]
+    patches = torch.gather(h[:, 1:], 1, idx[:, :, None].expand(-1, -1, h.shape[-1]))  # [P, keep, Dv]
+    return torch.cat([h[:, :1], patches], dim=1), (idx if origin is None else torch.gather(origin, 1, idx))
 
 
 def _rope(inv_freq: torch.Tensor, scaling: float, positions: torch.Tensor):

@@ -33,6 +33,10 @@ def plan_shapes(config, image_processor, recipe: Recipe) -> Shapes:
     pinpoints = config.image_grid_pinpoints
     partitions = max_partitions(pinpoints, crop)
     k = visual_topk(recipe.budget, partitions, patches)
+    from edgeprune.vision_prune import keep_counts
+
+    layer = config.vision_feature_layer  # CLIP layers the exported tower runs (graphs.feature_layer_count)
+    keep_counts(recipe.vision_keep, patches, layer if layer >= 0 else vision.num_hidden_layers + 1 + layer, partitions, k)
     newline_rows = max_newline_rows(pinpoints, crop, grid) if recipe.keeps_newlines() else 0
     visual = k + newline_rows
     t1, t2 = recipe.shapes.text_slots_before_image, recipe.shapes.text_slots_after_image

@@ -64,6 +64,7 @@ class Recipe:
     alpha: float = 0.5  # hired / hired-reference: the base image's share of the budget
     contextual: float = 0.15  # visionzip: fraction of each partition's slots for merged contextual tokens
     seed: int = 0  # random: the draw baked into the graph
+    vision_keep: str = ""  # token pruning inside the vision tower: "LAYER:FRACTION,..." (edgeprune/vision_prune.py); "" = off
     shapes: ShapesRecipe = field(default_factory=ShapesRecipe)
     onnx: OnnxRecipe = field(default_factory=OnnxRecipe)
     rewrites: RewritesRecipe = field(default_factory=RewritesRecipe)
@@ -91,6 +92,9 @@ class Recipe:
             raise ConfigError(f"budget must be in (0, 1], got {self.budget}; e.g. --budget 0.2 keeps 20% of visual tokens")
         _one_of("strategy", self.strategy, tuple(SPECS))
         _one_of("newlines", self.newlines, NEWLINE_POLICIES)
+        from edgeprune.vision_prune import parse_schedule
+
+        parse_schedule(self.vision_keep)  # syntax and monotonicity; layers and K are checked against the model at export
         if self.newlines == "keep" and not SPECS[self.strategy].newlines:
             raise ConfigError(f"strategy {self.strategy!r} emits no newline tokens; use newlines = 'drop' or 'auto'")
         if not (0.0 <= self.alpha <= 1.0):
