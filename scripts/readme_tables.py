@@ -62,8 +62,10 @@ def where(report: dict, file: str) -> str:
             f"{p['date'][:10]}, {m['cpu']} ({m['cores']} cores, {m['memory_gib']:.1f} GiB), {libs}.")
 
 
-def command(report: dict) -> str:
-    return f"```\n{report['recorded_command']}\n```"
+def command(report: dict, file: str) -> str:
+    """The command that wrote docs/results/FILE: record_result.py around the measuring command."""
+    return (f"```\n.venv/bin/python scripts/record_result.py docs/results/{file} -- \\\n"
+            f"    {report['recorded_command']}\n```")
 
 
 # --- renderers: results dict -> markdown -------------------------------------------------------
@@ -94,7 +96,7 @@ def render_bench(r: dict) -> str:
     stages = (f"The bundle's time to first token by stage (the runtime's `timings`): image {secs(t['image_s'])}, "
               f"preprocessing {secs(t['preprocess_s'])}, vision {secs(t['vision_s'])}, prefill {secs(t['prefill_s'])}; "
               f"{ours['generated_tokens']} tokens generated, KV cache {ours['cache_slots']} slots.")
-    return "\n".join([command(r), "", *rows, "", stages, "", where(r, "bench-7b-shape.json")])
+    return "\n".join([command(r, "bench-7b-shape.json"), "", *rows, "", stages, "", where(r, "bench-7b-shape.json")])
 
 
 def render_selection_cost(r: dict) -> str:
@@ -110,7 +112,8 @@ def render_selection_cost(r: dict) -> str:
     base = (f"Vision graph without selection (CLIP to the feature layer + projector on every patch): "
             f"{secs(r['no_selection_s'])} (median of {r['repeats']}); one-layer graphs: "
             f"{1000 * r['no_selection_1layer_s']:.0f} ms without selection (medians of {r['short_repeats']}).")
-    return "\n".join([command(r), "", *rows, "", base, "", where(r, "selection-cost-7b-shape.json")])
+    return "\n".join([command(r, "selection-cost-7b-shape.json"), "", *rows, "", base, "",
+                      where(r, "selection-cost-7b-shape.json")])
 
 
 def render_sweep(r: dict) -> str:
@@ -125,7 +128,7 @@ def render_sweep(r: dict) -> str:
         rows.append(line)
     note = (f"{r['max_new_tokens']} new tokens on the {r['timing_image']}, "
             f"{r['questions']} questions" + ("." if quality else " (no `--data`: speed and memory only)."))
-    return "\n".join([command(r), "", *rows, "", note, "", where(r, "sweep-7b-shape.json")])
+    return "\n".join([command(r, "sweep-7b-shape.json"), "", *rows, "", note, "", where(r, "sweep-7b-shape.json")])
 
 
 def render_mutation(r: dict) -> str:

@@ -15,12 +15,12 @@ import readme_tables as rt  # noqa: E402
 
 def test_regenerating_the_readme_from_docs_results_reproduces_it():
     readme = (ROOT / "README.md").read_text()
-    assert "<!-- generated:bench -->" in readme and "<!-- generated:sweep -->" in readme
+    assert "<!-- generated:bench -->" in readme and "<!-- generated:selection-cost -->" in readme
     assert rt.regenerate(readme) == readme, "README.md is out of date with docs/results/: run `make readme-tables`"
 
 
 def test_every_results_file_has_provenance_and_its_command():
-    for name in ("bench-7b-shape.json", "selection-cost-7b-shape.json", "sweep-7b-shape.json"):
+    for name in ("bench-7b-shape.json", "selection-cost-7b-shape.json"):
         report = rt.load(name)
         p = report["provenance"]
         assert len(p["commit"]) == 40 and p["machine"]["cpu"] and p["machine"]["cores"] >= 1
@@ -79,3 +79,14 @@ def test_a_survivor_without_a_reason_is_refused(monkeypatch):
         "survivors": [{"name": "edgeprune.plan.x_f__mutmut_1", "verdict": "survived", "diff": "+ x"}]}}}
     with pytest.raises(rt.ResultsError, match="have no reason in docs/mutation-survivors.toml"):
         rt.render_mutation(report)
+
+
+def test_sweep_table():
+    report = {"recorded_command": "edgeprune sweep x", "provenance": PROVENANCE, "max_new_tokens": 16, "questions": 0,
+              "timing_image": "built-in sample (640x480)",
+              "rows": [{"strategy": "hired", "budget": 0.1, "visual_tokens": 288, "ttft_s": 14.24,
+                        "decode_tokens_per_s": 15.06, "peak_rss_bytes": int(3.81 * 2**30)}]}
+    text = rt.render_sweep(report)
+    assert "| hired | 0.1 | 288 | 14.2 s | 15.1 tokens/s | 3.81 GiB |" in text
+    assert "scripts/record_result.py docs/results/sweep-7b-shape.json -- \\\n    edgeprune sweep x" in text
+    assert "agreement" not in text and "(no `--data`: speed and memory only)" in text
