@@ -132,8 +132,11 @@ def run_bench(model_name: str, budget_recipe, model_dir: str | None, layers: int
                               f"not {model_name!r}")
         budget = manifest.data["recipe"]["budget"]
         strategy = manifest.data["recipe"].get("strategy")
+        precision = manifest.data.get("onnx", {}).get("precision", "fp32")
+        vision_keep = manifest.data["recipe"].get("vision_keep", "")
     else:
-        strategy = budget_recipe.strategy
+        strategy, precision = budget_recipe.strategy, budget_recipe.onnx.precision
+        vision_keep = budget_recipe.vision_keep
     with tempfile.TemporaryDirectory(prefix="edgeprune-bench-") as tmp:
         image = image_path or str(write_sample_image(Path(tmp) / "sample.png"))
         bundle = bundle_dir or str(Path(tmp) / "bundle")
@@ -153,7 +156,8 @@ def run_bench(model_name: str, budget_recipe, model_dir: str | None, layers: int
     }
     from edgeprune.provenance import provenance
 
-    return {"model": model_name, "budget": budget, "strategy": strategy, "max_new_tokens": max_new_tokens,
+    return {"model": model_name, "budget": budget, "strategy": strategy, "precision": precision,
+            "vision_keep": vision_keep, "max_new_tokens": max_new_tokens,
             "threads": os.cpu_count(), "transformers": hf, "edgeprune": ours, "ratios": ratios,
             "provenance": provenance()}
 

@@ -390,19 +390,22 @@ def compare(bundle, image, prompt, raw_prompt, model_dir, atol, rtol, save_dir, 
 @click.option("--image", type=click.Path(), help="Image [default: the built-in 640x480 sample].")
 @click.option("--prompt", default=SAMPLE_PROMPT, show_default=True)
 @click.option("--max-new-tokens", type=click.IntRange(min=2), default=32, show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8", "int4"]),
+              help="Bundle precision (recipe onnx.precision); int8/int4 are ONNX Runtime CPU quantization.")
+@click.option("--vision-keep", help="Token pruning inside the vision tower, as in export (recipe vision_keep).")
 @click.option("--selection-cost", "selection_strategies",
               help="Instead: time the vision graph of each listed strategy (comma-separated) against the "
                    "same graph without selection.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @user_errors
 def bench(model_name, budget, layers, model_dir, recipe_file, bundle_dir, image, prompt, max_new_tokens,
-          selection_strategies, as_json):
+          precision, vision_keep, selection_strategies, as_json):
     """Time-to-first-token, decode tokens/s and peak memory: transformers (full) vs the bundle (budget)."""
     import json
 
     from edgeprune.bench import run_bench, selection_cost
 
-    recipe = _recipe(model_name, recipe_file, budget=budget)
+    recipe = _recipe(model_name, recipe_file, budget=budget, precision=precision, vision_keep=vision_keep)
     log = _stage_logger()
     if selection_strategies:
         from edgeprune.sweep import parse_list
@@ -441,6 +444,10 @@ def bench(model_name, budget, layers, model_dir, recipe_file, bundle_dir, image,
                   ratio("peak_rss_ratio", "x"))
     table.add_row("peak RSS / (weights + cache)", "", ratio("peak_rss_vs_weights_plus_cache", ""), "")
     table.add_row("visual tokens in the LM", "", str(ours["visual_tokens"]), "")
+    for stage in ("image_s", "preprocess_s", "vision_s", "prefill_s"):  # the bundle's time to first token, per stage
+        if stage in ours.get("timings", {}):
+            table.add_row(f"  {stage[:-2]}", "", f"{ours['timings'][stage]:.3f} s", "")
+    table.add_row("precision / vision_keep", "", f"{report.get('precision', 'fp32')} / {report.get('vision_keep') or '-'}", "")
     _table_console().print(table)
 
 
@@ -480,10 +487,13 @@ def inspect(bundle, image, out_png, as_json):
 @click.option("--layers", type=int, default=2, show_default=True, help="LM layers of llava-next-7b-shape.")
 @click.option("--image", type=click.Path(), help="Image for the timings [default: the built-in sample].")
 @click.option("--max-new-tokens", type=click.IntRange(min=2), default=16, show_default=True)
+@click.option("--precisions", default="fp32", show_default=True, help="Comma-separated precisions (fp32,fp16,int8,int4).")
+@click.option("--vision-keeps", default="", help="Semicolon-separated vision_keep schedules, 'none' = no pruning "
+              "(e.g. 'none;8:0.5;8:0.5,16:0.3') [default: none].")
 @click.option("--json", "as_json", is_flag=True, help="Print the report (as in sweep.json) instead of a table.")
 @user_errors
 def sweep(model_name, budgets, strategies, data, out_dir, model_dir, recipe_file, layers, image, max_new_tokens,
-          as_json):
+          precisions, vision_keeps, as_json):
     """Export every strategy x budget and report TTFT, decode speed, memory and answer agreement."""
     from rich.table import Table
 
@@ -493,20 +503,26 @@ def sweep(model_name, budgets, strategies, data, out_dir, model_dir, recipe_file
     strategy_list = parse_list(strategies, str, "strategies")
     base = _recipe(model_name, recipe_file)
     out = Path(out_dir or Path("export") / f"sweep-{model_name}")
+    keeps = ["" if k.strip() in ("", "none") else k.strip() for k in vision_keeps.split(";")] if vision_keeps else [""]
     report = run_sweep(model_name, base, strategy_list, budget_list, out, model_dir, layers, data, image,
-                       max_new_tokens=max_new_tokens, on_stage=_stage_logger())
+                       max_new_tokens=max_new_tokens, on_stage=_stage_logger(),
+                       precisions=parse_list(precisions, str, "precisions"), vision_keeps=keeps)
     if as_json:
         click.echo(json.dumps(report | {"files": {"json": str(out / "sweep.json"), "png": str(out / "sweep.png")}}))
         return
     table = Table(title=f"{model_name} sweep ({report['questions']} questions)")
-    cols = ["strategy", "budget", "visual tokens", "TTFT s", "decode tok/s", "peak RSS GiB"]
+    cols = ["strategy", "budget", "precision", "vision keep", "visual tokens", "TTFT s", "vision s", "prefill s",
+            "decode tok/s", "peak RSS GiB", "logit cos / greedy agr."]
     if report["questions"]:
         cols += ["agreement", "accuracy"]
     for c in cols:
         table.add_column(c, justify="right")
     for r in report["rows"]:
-        cells = [r["strategy"], f"{r['budget']:g}", str(r["visual_tokens"]), f"{r['ttft_s']:.3f}",
-                 f"{r['decode_tokens_per_s']:.1f}", f"{r['peak_rss_bytes'] / 2**30:.2f}"]
+        t, d = r.get("timings", {}), r.get("drift")
+        cells = [r["strategy"], f"{r['budget']:g}", r["precision"], r["vision_keep"] or "-", str(r["visual_tokens"]),
+                 f"{r['ttft_s']:.3f}", f"{t.get('vision_s', 0):.3f}", f"{t.get('prefill_s', 0):.3f}",
+                 f"{r['decode_tokens_per_s']:.1f}", f"{r['peak_rss_bytes'] / 2**30:.2f}",
+                 f"{d['logit_cosine_min']:.4f} / {d['greedy_agreement']:.2f}" if d else "-"]
         if report["questions"]:
             cells += [f"{r['agreement']:.2f}", f"{r['accuracy']:.2f}"]
         table.add_row(*cells)

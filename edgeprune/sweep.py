@@ -70,8 +70,11 @@ def answers(bundle: Path, questions: list[Question], max_new_tokens: int) -> lis
 
 def run_sweep(model_name: str, base_recipe, strategies: list[str], budgets: list[float], out_dir: Path,
               model_dir: str | None = None, layers: int = 2, data: str | None = None, image: str | None = None,
-              prompt: str = SAMPLE_PROMPT, max_new_tokens: int = 16, on_stage=lambda s: None) -> dict:
-    """Exports and measures every pair; writes `sweep.json` and `sweep.png` into `out_dir`; returns the report."""
+              prompt: str = SAMPLE_PROMPT, max_new_tokens: int = 16, on_stage=lambda s: None,
+              precisions: list[str] = ("fp32",), vision_keeps: list[str] = ("",)) -> dict:
+    """Exports and measures every (strategy, budget, precision, vision_keep); writes `sweep.json` and `sweep.png`
+    into `out_dir`; returns the report. A row whose precision or vision_keep is not the default also gets its
+    `drift` (edgeprune/drift.py) against the fp32, unpruned row of the same strategy and budget, when the grid has it."""
     from edgeprune import registry
     from edgeprune.bench import _child
     from edgeprune.export import export_bundle
@@ -79,7 +82,8 @@ def run_sweep(model_name: str, base_recipe, strategies: list[str], budgets: list
 
     from edgeprune.plan import plan_shapes
 
-    recipes = {(s, b): base_recipe.override(strategy=s, budget=b) for s in strategies for b in budgets}  # validates
+    recipes = {(s, b, p, v): base_recipe.override(strategy=s, budget=b, precision=p, vision_keep=v)  # validates
+               for s in strategies for b in budgets for p in precisions for v in vision_keeps}
     questions = load_questions(data) if data else []
     on_stage(f"load {model_name}")
     loaded = registry.get(model_name).loader(model_dir, layers=layers)
@@ -97,20 +101,31 @@ def run_sweep(model_name: str, base_recipe, strategies: list[str], budgets: list
                           model_options={"layers": layers}, loaded=loaded)
             on_stage(f"answer {len(questions)} questions at full budget")
             reference = answers(ref_dir, questions, max_new_tokens)
-        for (strategy, budget), recipe in recipes.items():
-            bundle = out_dir / f"{strategy}-{budget}"
+        for (strategy, budget, precision, keep), recipe in recipes.items():
+            bundle = out_dir / (f"{strategy}-{budget}" + (f"-{precision}" if precision != "fp32" else "")
+                                + (f"-keep{keep.replace(':', '_').replace(',', '-')}" if keep else ""))
             on_stage(f"export {strategy} at budget {budget}")
             export_bundle(model_name, bundle, recipe, model_options={"layers": layers}, loaded=loaded)
             on_stage(f"measure {strategy} at budget {budget}")
             speed = _child(["bundle", str(bundle), timing_image, prompt, str(max_new_tokens)])
             row = {"strategy": strategy, "budget": budget, "visual_tokens": speed["visual_tokens"],
                    "ttft_s": speed["ttft_s"], "decode_tokens_per_s": speed["decode_tokens_per_s"],
-                   "peak_rss_bytes": speed["peak_rss_bytes"], "bundle": str(bundle)}
+                   "peak_rss_bytes": speed["peak_rss_bytes"], "bundle": str(bundle),
+                   "precision": precision, "vision_keep": keep, "timings": speed.get("timings", {})}
             if questions:
                 got = answers(bundle, questions, max_new_tokens)
                 row["agreement"] = sum(g[0] == r[0] for g, r in zip(got, reference)) / len(questions)
                 row["accuracy"] = sum(q.answer.strip().lower() in g[1].lower() for g, q in zip(got, questions)) / len(questions)
             rows.append(row)
+        from edgeprune.drift import bundle_drift
+
+        bases = {(r["strategy"], r["budget"]): r["bundle"] for r in rows if r["precision"] == "fp32" and not r["vision_keep"]}
+        for row in rows:
+            base = bases.get((row["strategy"], row["budget"]))
+            if base and base != row["bundle"]:
+                on_stage(f"drift of {Path(row['bundle']).name} against {Path(base).name}")
+                drift = bundle_drift(row["bundle"], base, timing_image, prompt, max_new_tokens).to_dict()
+                row["drift"] = {k: v for k, v in drift.items() if k != "logit_cosines"}
     from edgeprune.provenance import provenance, write_json
 
     report = {"model": model_name, "max_new_tokens": max_new_tokens, "questions": len(questions),
@@ -131,9 +146,13 @@ def plot_sweep(report: dict, out: Path) -> Path:
         raise MissingDependencyError("the sweep plot needs matplotlib: pip install matplotlib") from None
     quality = "agreement" if report["questions"] else "visual_tokens"
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
-    for strategy in dict.fromkeys(r["strategy"] for r in report["rows"]):
-        pts = sorted((r for r in report["rows"] if r["strategy"] == strategy), key=lambda r: r["budget"])
-        ax.plot([r["ttft_s"] for r in pts], [r[quality] for r in pts], marker="o", label=strategy)
+    def series(r: dict) -> str:  # one line per strategy (and precision / vision schedule when swept)
+        return " ".join([r["strategy"], *([r["precision"]] if r.get("precision", "fp32") != "fp32" else []),
+                         *([f"keep {r['vision_keep']}"] if r.get("vision_keep") else [])])
+
+    for label in dict.fromkeys(series(r) for r in report["rows"]):
+        pts = sorted((r for r in report["rows"] if series(r) == label), key=lambda r: r["budget"])
+        ax.plot([r["ttft_s"] for r in pts], [r[quality] for r in pts], marker="o", label=label)
         for r in pts:
             ax.annotate(f"{r['budget']:g}", (r["ttft_s"], r[quality]), textcoords="offset points", xytext=(4, 4),
                         fontsize=8)

@@ -166,3 +166,33 @@ def test_check_says_quantized_bundles_are_onnx_runtime_only(bundles, precision, 
     errors = [f["message"] for f in json.loads(out.stdout)["findings"] if f["severity"] == "error"]
     assert any(m.startswith(f"{precision.upper()} bundles run on ONNX Runtime (CPU) only") for m in errors), errors
     assert any(op in m for m in errors), errors
+
+
+# --- bench and sweep axes -----------------------------------------------------------------------
+
+
+def test_bench_reports_precision_and_per_stage_time(bundles):
+    out = cli("bench", "llava-next-tiny", "--bundle", bundles("int4"), "--max-new-tokens", "4", "--json")
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["precision"] == "int4" and report["vision_keep"] == ""
+    stages = report["edgeprune"]["timings"]
+    assert all(stages[k] > 0 for k in ("vision_s", "prefill_s"))
+    assert stages["vision_s"] + stages["prefill_s"] <= report["edgeprune"]["ttft_s"]
+
+
+def test_sweep_over_precisions_reports_drift_against_fp32(tmp_path, sample_png):
+    from edgeprune.compare import COSINE_FLOORS
+    from edgeprune.recipe import load_recipe
+    from edgeprune.sweep import run_sweep
+
+    base = load_recipe(Path(__file__).resolve().parents[1] / "edgeprune" / "recipes" / "llava-next-tiny.toml")
+    report = run_sweep("llava-next-tiny", base, ["hired"], [0.2], tmp_path / "sw", image=sample_png,
+                       max_new_tokens=4, precisions=["fp32", "int8"])
+    rows = {r["precision"]: r for r in report["rows"]}
+    assert set(rows) == {"fp32", "int8"} and "drift" not in rows["fp32"]
+    drift = rows["int8"]["drift"]
+    assert drift["tokens"] == 4 and drift["logit_cosine_min"] <= 1.0
+    assert drift["logit_cosine_mean"] >= drift["logit_cosine_min"] >= COSINE_FLOORS["int8"] - 0.05
+    assert rows["int8"]["bundle"].endswith("hired-0.2-int8") and rows["fp32"]["bundle"].endswith("hired-0.2")
+    assert rows["int8"]["timings"]["vision_s"] > 0
