@@ -6,6 +6,7 @@ prompts and records, averaged over the requests:
     lm.head_first_token_mass   [L][H]  mean attention of a query on the first token (dormant heads)
     lm.head_visual_mass        [L][H]  mean attention mass of text queries after the image on visual tokens (YOPO)
     lm.head_output_norm        [L][H]  mean L2 norm of each head's output (o_proj input slice)
+    lm.head_output_mean        [L][H][Dh] mean output vector of each head (what `fold_pruned_heads` folds)
     lm.block_influence         [L]     mean over tokens of 1 - cos(h_in, h_out) of the decoder layer
     lm.last_text_visual_mass   [L]     attention mass of the last token on visual tokens (FastV / PyramidDrop)
     lm.last_text_visual_keep90 [L]     fraction of visual tokens holding 90% of that mass
@@ -137,6 +138,8 @@ def calibrate(loaded, samples: list[Sample], on_progress: Callable[[int, int], N
 
     def norms(sums, i, dh, _module, args):
         sums.add("head_output_norm", i, _head_norms(args[0][0], dh))
+        if sums is lm:  # [T, H*Dh] -> mean over tokens, flat [H*Dh]; reshaped per head in means()
+            sums.add("head_output_mean", i, args[0][0].reshape(-1, args[0].shape[-1]).mean(dim=0).tolist())
 
     def block(sums, i, _module, args, kwargs, out):
         sums.add("block_influence", i, _influence(_hidden_in(args, kwargs), _first(out)))
@@ -174,9 +177,18 @@ def calibrate(loaded, samples: list[Sample], on_progress: Callable[[int, int], N
         "model": loaded.name, "source": loaded.source, "weights_sha256": loaded.weights_sha256,
         "samples": len(samples),
         "lm": {"num_layers": len(lm_layers), "num_heads": text_cfg.num_attention_heads,
-               "num_kv_heads": text_cfg.num_key_value_heads, **lm.means()},
+               "num_kv_heads": text_cfg.num_key_value_heads, **_per_head_means(lm.means(), lm_layers)},
         "vision": {"num_layers": len(v_layers), "num_heads": vision_cfg.num_attention_heads, **vis.means()},
     }
+
+
+def _per_head_means(means: dict, layers) -> dict:
+    """head_output_mean flat [L][H*Dh] -> [L][H][Dh]."""
+    out = dict(means)
+    out["head_output_mean"] = [[row[h * layer.self_attn.head_dim:(h + 1) * layer.self_attn.head_dim]
+                                for h in range(len(row) // layer.self_attn.head_dim)]
+                               for row, layer in zip(means["head_output_mean"], layers)]
+    return out
 
 
 def load_stats(path: str | Path) -> dict:

@@ -110,6 +110,8 @@ def _recipe(model_name: str, recipe_file: str | None, **flags):
 @click.option("--prune-heads", type=float, help="Prune this fraction of each LM layer's KV groups (heads), in [0, 1).")
 @click.option("--prune-vision-heads", type=float, help="Prune this fraction of the heads of each CLIP layer up to "
               "the feature layer, in [0, 1).")
+@click.option("--fold-pruned-heads", is_flag=True, default=None, help="Add each pruned LM head's mean output "
+              "(calibration) to the o_proj bias.")
 @click.option("--head-criterion", type=click.Choice(["output-norm", "first-token", "visual"]),
               help="Which heads go first: lowest output norm, most dormant (first-token attention), least visual.")
 @click.option("--skip-layers", help="Skip N LM layers (least influential by calibration), or exactly layers i,j,... "
@@ -121,7 +123,7 @@ def _recipe(model_name: str, recipe_file: str | None, **flags):
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (bundle path, K, slots, sizes, timings).")
 @user_errors
 def export(model_name, budget, model_dir, out_dir, recipe_file, strategy, newlines, alpha, vision_keep, layers, target, opset,
-           precision, force, prune_heads, prune_vision_heads, head_criterion, skip_layers, stats_file, report, as_json):
+           precision, force, prune_heads, prune_vision_heads, fold_pruned_heads, head_criterion, skip_layers, stats_file, report, as_json):
     """Trace NAME into a static-shape ONNX bundle (vision, prefill, decode, step graphs + manifest)."""
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -131,7 +133,8 @@ def export(model_name, budget, model_dir, out_dir, recipe_file, strategy, newlin
 
     recipe = _recipe(model_name, recipe_file, budget=budget, strategy=strategy, newlines=newlines, alpha=alpha,
                      vision_keep=vision_keep, target=target, opset=opset, precision=precision, prune_heads=prune_heads,
-                     prune_vision_heads=prune_vision_heads, head_criterion=head_criterion, stats=stats_file, **_skip_layers_flag(skip_layers))
+                     prune_vision_heads=prune_vision_heads, fold_pruned_heads=fold_pruned_heads,
+                     head_criterion=head_criterion, stats=stats_file, **_skip_layers_flag(skip_layers))
     recipe = resolve_for_target(recipe, opset_given=opset is not None)
     out = Path(out_dir or Path("export") / model_name)
     console = Console(stderr=True)

@@ -50,6 +50,7 @@ class RewritesRecipe:
     prune_vision_heads: float = 0.0  # fraction of the heads of each CLIP layer up to the feature layer, in [0, 1)
     skip_layers: int = 0  # skip this many LM layers, the least influential by calibration
     skip_layer_indices: tuple[int, ...] = ()  # or exactly these LM layers (not with skip_layers)
+    fold_pruned_heads: bool = False  # LM: add each pruned head's mean output (calibration) to the o_proj bias
     stats: str = ""  # `edgeprune calibrate` output; "" = calibrate on the built-in samples when scores are needed
 
     def active(self) -> bool:
@@ -148,7 +149,7 @@ def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
 
 
 _TABLES = {"shapes": ShapesRecipe, "onnx": OnnxRecipe, "rewrites": RewritesRecipe}
-_SCALARS = {"int": int, "float": float, "str": str}
+_SCALARS = {"int": int, "float": float, "str": str, "bool": bool}
 _LISTS = {"tuple[int, ...]": int}  # list-valued keys and their element type
 
 
@@ -159,6 +160,10 @@ def _typed(key: str, value, annotation: str):
             raise ConfigError(f"recipe key '{key}' must be a list of integers, e.g. [0, 3], got {value!r}")
         return tuple(int(v) for v in value)
     want = _SCALARS[annotation]
+    if want is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"recipe key '{key}' must be true or false, got {value!r}")
+        return value
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         ok = False
     elif want is float:

@@ -12,6 +12,7 @@ The session's `tiny` model is never modified: every test rewrites a deep copy.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import numpy as np
@@ -140,6 +141,47 @@ def test_pruned_vision_heads_equal_zeroed_heads_in_the_unpruned_model(tiny, mode
         prune_vision_heads(copy.deepcopy(tiny.model), [[0], [], [0]])
 
 
+def test_folding_pruned_heads_is_the_least_squares_bias(tiny, model):
+    """On the calibration request itself, layer 0's attention output with the pruned heads folded into the
+    o_proj bias is closer to the unpruned model's than without, and no other scale of that bias does better."""
+    from edgeprune.calibrate import Sample, calibrate
+    from edgeprune.recipe import RewritesRecipe
+
+    sample = Sample(random_image((150, 230), seed=5), QUESTION)
+    stats = calibrate(tiny, [sample])
+    record = plan_lm(tiny.model, RewritesRecipe(prune_heads=0.5, fold_pruned_heads=True), lambda: stats)
+    assert [len(r.folded_means) for r in record] == [2, 2]
+    text = tiny.processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}], add_generation_prompt=True)
+    hf = tiny.processor(images=sample.image, text=text, return_tensors="pt")
+
+    def attn_out(m):
+        seen = []
+        hook = lm_layers(m)[0].self_attn.register_forward_hook(lambda mod, a, o: seen.append(o[0][0]))
+        with torch.no_grad():
+            m(**hf)
+        hook.remove()
+        return seen[0]  # [T, D]
+
+    reference = attn_out(tiny.model)
+    plain = copy.deepcopy(tiny.model)
+    apply_record(plain, [dataclasses.replace(r, folded_means=()) for r in record])
+    apply_record(model, record)
+    assert lm_layers(plain)[0].self_attn.o_proj.bias is None
+    bias = lm_layers(model)[0].self_attn.o_proj.bias.detach().clone()
+    err = lambda m: float(((attn_out(m) - reference) ** 2).sum())  # noqa: E731
+    folded, unfolded = err(model), err(plain)
+    assert folded < unfolded
+    for scale in (0.9, 1.1):
+        with torch.no_grad():
+            lm_layers(model)[0].self_attn.o_proj.bias.copy_(bias * scale)
+        assert err(model) > folded
+    old = json.loads(json.dumps(stats))
+    del old["lm"]["head_output_mean"]
+    with pytest.raises(ConfigError, match="re-run `edgeprune calibrate`"):
+        plan_lm(tiny.model, RewritesRecipe(prune_heads=0.5, fold_pruned_heads=True), lambda: old)
+
+
 # --- layer skipping -----------------------------------------------------------------------------
 
 
@@ -216,6 +258,8 @@ def test_record_round_trips_and_refuses_another_model(tiny, model):
 
     record = [LMLayer(0, True, (1,), (2, 3)), LMLayer(1, False, (0, 1), (0, 1, 2, 3))]
     assert record_from_dicts(json.loads(json.dumps([r.to_dict() for r in record])), "m") == record
+    folded = [dataclasses.replace(record[0], folded_means=((0, (0.5, -1.25)),)), record[1]]
+    assert record_from_dicts(json.loads(json.dumps([r.to_dict() for r in folded])), "m") == folded
     reports = apply_record(model, record)
     assert [bool(r) for r in reports] == [True, True] and lm_kv_heads(model) == (1,)
     with pytest.raises(ConfigError, match="describes 1 language-model layers"):
@@ -236,7 +280,7 @@ def test_recipe_rewrites_table_is_typed(tmp_path):
     assert (r.prune_heads, r.skip_layer_indices, r.head_criterion, r.active()) == (0.25, (1,), "visual", True)
     assert not load_recipe(None).rewrites.active()
     for text, message in [("prune_heads = 1", r"in \[0, 1\)"), ("prune_vision_heads = -0.1", "prune_vision_heads"),
-                          ("skip_layer_indices = 1", "list of integers"),
+                          ("skip_layer_indices = 1", "list of integers"), ("fold_pruned_heads = 1", "true or false"),
                           ("skip_layers = -1", ">= 0"), ("skip_layer = 1", "Did you mean 'skip_layers'"),
                           ("head_criterion = 'norm'", "output-norm"),
                           ("skip_layers = 1\nskip_layer_indices = [0]", "not both")]:
@@ -311,6 +355,7 @@ def rewritten(tmp_path_factory, tiny, tiny_recipe):
     variants = {"heads": dict(prune_heads=0.5, stats=str(stats_file)), "layers": dict(skip_layer_indices=(1,)),
                 "both": dict(prune_heads=0.5, skip_layer_indices=(0,), stats=str(stats_file)),
                 "vision": dict(prune_vision_heads=0.5, stats=str(stats_file)),
+                "fold": dict(prune_heads=0.5, fold_pruned_heads=True, stats=str(stats_file)),
                 "none": dict(prune_heads=0.0, skip_layers=0)}
     return {name: export_bundle("llava-next-tiny", root / name, base.override(**flags), loaded=tiny)
             for name, flags in variants.items()}
@@ -383,7 +428,7 @@ def test_no_rewrite_exports_the_same_graphs_as_before(rewritten, tiny_bundles):
     assert none["rewrites"] == today["rewrites"] and none["costs"]["before"] == none["costs"]["after"]
 
 
-@pytest.mark.parametrize("name", ["heads", "layers", "both", "vision"])
+@pytest.mark.parametrize("name", ["heads", "layers", "both", "vision", "fold"])
 def test_bundle_reproduces_transformers_generate_of_the_rewritten_model(tiny, rewritten, name):
     from edgeprune_runtime import Bundle
 
@@ -415,7 +460,7 @@ def test_compare_rebuilds_the_rewritten_reference(rewritten, tmp_path):
     report = compare_bundle(rewritten["both"], str(image))
     assert report and {r.stage for r in report.rows} == {"vision", "prefill", "decode", "step"}
     assert sum(r.output.startswith("key_") for r in report.rows) == 1  # one layer runs
-    assert compare_bundle(rewritten["vision"], str(image))
+    assert compare_bundle(rewritten["vision"], str(image)) and compare_bundle(rewritten["fold"], str(image))
     # a damaged record: compare refuses instead of comparing against the wrong reference
     import shutil
 

@@ -27,9 +27,21 @@ def _rows(indices: Sequence[int], width: int) -> torch.Tensor:
     return torch.cat([torch.arange(i * width, (i + 1) * width) for i in indices])
 
 
-def _sliced(linear: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> nn.Linear:
+def _folded_bias(o_proj: nn.Linear, dh: int, means: dict[int, Sequence[float]]) -> torch.Tensor | None:
+    """o_proj's bias plus the pruned heads' mean contribution, or None when there is neither."""
+    if not means:
+        return None if o_proj.bias is None else o_proj.bias.detach()
+    w = o_proj.weight.detach()
+    extra = sum(w[:, h * dh:(h + 1) * dh] @ torch.tensor(m, dtype=w.dtype) for h, m in sorted(means.items()))  # [D]
+    return extra if o_proj.bias is None else o_proj.bias.detach() + extra
+
+
+def _sliced(linear: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None,
+            bias: torch.Tensor | None | str = "same") -> nn.Linear:
     w = linear.weight.detach()
     b = None if linear.bias is None else linear.bias.detach()
+    if not isinstance(bias, str):
+        b = bias
     if rows is not None:
         w = w[rows]
         b = None if b is None else b[rows]
@@ -62,10 +74,14 @@ def check_kept(kept: Sequence[Sequence[int]], groups: Sequence[int], part: str =
             raise ConfigError(f"{part} layer {i} has {unit}s 0..{n - 1}; cannot keep {list(k)}")
 
 
-def prune_lm_heads(model, kept: Sequence[Sequence[int]]) -> RewriteReport:
+def prune_lm_heads(model, kept: Sequence[Sequence[int]], fold: Sequence[dict[int, Sequence[float]]] | None = None
+                   ) -> RewriteReport:
     """Keeps only KV groups `kept[l]` (indices into layer l's current groups) in every LM layer.
 
-    Edits `model` in place. Raises ConfigError for a layer left without groups or unknown indices."""
+    `fold[l]` maps a pruned query head of layer l to its mean output [Dh] (calibration): o_proj gets the
+    bias W_o[:, head columns] @ mean summed over those heads, the constant that best replaces them (least
+    squares over the calibration tokens). Edits `model` in place. Raises ConfigError for a layer left
+    without groups or unknown indices."""
     layers = lm_layers(model)
     check_kept(kept, kv_group_counts(model))
     report = RewriteReport("prune-heads")
@@ -77,12 +93,14 @@ def prune_lm_heads(model, kept: Sequence[Sequence[int]]) -> RewriteReport:
             continue
         heads = [grp * g + j for grp in keep for j in range(g)]
         q_rows, kv_rows = _rows(heads, dh), _rows(keep, dh)
+        bias = _folded_bias(attn.o_proj, dh, fold[i] if fold else {})
         attn.q_proj = _sliced(attn.q_proj, rows=q_rows)
         attn.k_proj = _sliced(attn.k_proj, rows=kv_rows)
         attn.v_proj = _sliced(attn.v_proj, rows=kv_rows)
-        attn.o_proj = _sliced(attn.o_proj, cols=q_rows)
+        attn.o_proj = _sliced(attn.o_proj, cols=q_rows, bias=bias)
         report.changes.append(f"layer {i}: {len(keep)} of {groups} KV groups kept ({keep}), "
-                              f"{len(heads)} of {groups * g} query heads")
+                              f"{len(heads)} of {groups * g} query heads"
+                              + (f", {len(fold[i])} pruned heads folded into the o_proj bias" if fold and fold[i] else ""))
     return report
 
 

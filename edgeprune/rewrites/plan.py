@@ -23,10 +23,11 @@ class LMLayer:
     runs: bool  # False: skipped (no graph layer, no cache buffer)
     kv_groups_kept: tuple[int, ...]  # source KV-head indices kept
     heads_kept: tuple[int, ...]  # source query-head indices kept
+    folded_means: tuple[tuple[int, tuple[float, ...]], ...] = ()  # (pruned head, its mean output [Dh]) folded into o_proj
 
     def to_dict(self) -> dict:
         return {"source_layer": self.source_layer, "runs": self.runs, "kv_groups_kept": list(self.kv_groups_kept),
-                "heads_kept": list(self.heads_kept)}
+                "heads_kept": list(self.heads_kept), "folded_means": {str(h): list(m) for h, m in self.folded_means}}
 
 
 @dataclass(frozen=True)
@@ -77,8 +78,20 @@ def plan_lm(model, rewrites, stats_for: Callable[[], dict]) -> list[LMLayer]:
     if rewrites.skip_layers > 0:
         skip = least_influential(stats["lm"]["block_influence"], rewrites.skip_layers)
     check_skipped(skip, n)
-    return [LMLayer(i, i not in skip, tuple(k), tuple(grp * g + j for grp in k for j in range(g)))
-            for i, k in enumerate(kept)]
+    record = [LMLayer(i, i not in skip, tuple(k), tuple(grp * g + j for grp in k for j in range(g)))
+              for i, k in enumerate(kept)]
+    if rewrites.fold_pruned_heads and rewrites.prune_heads > 0:
+        means = stats["lm"].get("head_output_mean")
+        dh = lm_layers(model)[0].self_attn.head_dim
+        if not isinstance(means, list) or [[len(m) for m in row] for row in means] != [[dh] * len(r) for r in
+                                                                                        stats["lm"]["head_output_norm"]]:
+            raise ConfigError("the stats have no per-head mean outputs (lm.head_output_mean) for fold_pruned_heads; "
+                              "re-run `edgeprune calibrate` on this model")
+        record = [LMLayer(r.source_layer, r.runs, r.kv_groups_kept, r.heads_kept,
+                          tuple((h, tuple(float(v) for v in means[r.source_layer][h]))
+                                for h in range(len(means[r.source_layer])) if h not in r.heads_kept))
+                  for r in record]
+    return record
 
 
 def _feature_layers(model) -> int:
@@ -135,7 +148,7 @@ def apply_record(model, record: list[LMLayer]) -> list[RewriteReport]:
         raise ConfigError(f"the rewrite record describes {len(record)} language-model layers, the model has "
                           f"{len(groups)}; load the bundle's source model")
     check_kept([r.kv_groups_kept for r in record], groups)
-    heads = prune_lm_heads(model, [r.kv_groups_kept for r in record])
+    heads = prune_lm_heads(model, [r.kv_groups_kept for r in record], [dict(r.folded_means) for r in record])
     layers = skip_lm_layers(model, [r.source_layer for r in record if not r.runs])
     return [heads, layers]
 
@@ -144,7 +157,9 @@ def record_from_dicts(rows, where: str) -> list[LMLayer]:
     """The manifest's `layers.lm` list back as LMLayer records. ConfigError for a malformed entry."""
     try:
         return [LMLayer(int(r["source_layer"]), bool(r["runs"]), tuple(int(g) for g in r["kv_groups_kept"]),
-                        tuple(int(h) for h in r["heads_kept"])) for r in rows]
+                        tuple(int(h) for h in r["heads_kept"]),
+                        tuple((int(h), tuple(float(v) for v in m)) for h, m in r.get("folded_means", {}).items()))
+                for r in rows]
     except (KeyError, TypeError, ValueError) as e:
         raise ConfigError(f"{where}: malformed layers.lm entry ({e}); re-export the bundle") from None
 
