@@ -196,3 +196,21 @@ def test_sweep_over_precisions_reports_drift_against_fp32(tmp_path, sample_png):
     assert drift["logit_cosine_mean"] >= drift["logit_cosine_min"] >= COSINE_FLOORS["int8"] - 0.05
     assert rows["int8"]["bundle"].endswith("hired-0.2-int8") and rows["fp32"]["bundle"].endswith("hired-0.2")
     assert rows["int8"]["timings"]["vision_s"] > 0
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int4"])
+def test_runtime_prepacks_the_lm_sessions_of_quantized_bundles(bundles, precision, monkeypatch):
+    """MatMulNBits without prepacking dequantizes every weight per call; fp32 bundles keep sharing unpacked."""
+    from edgeprune_runtime.engine import Engine
+    from edgeprune_runtime.manifest import load_manifest
+
+    monkeypatch.delenv("EDGEPRUNE_LM_PREPACK", raising=False)
+    eng = Engine(load_manifest(bundles(precision)))
+
+    def prepacking(session) -> bool:
+        try:
+            return session.get_session_options().get_session_config_entry("session.disable_prepacking") != "1"
+        except RuntimeError:  # never set: ORT's default, on
+            return True
+
+    assert (prepacking(eng.prefill), prepacking(eng.decode)) == ((True, True) if precision == "int4" else (False, False))

@@ -199,8 +199,14 @@ class Engine:
 
         self.weights = SharedWeights(weights_path, index_path)
         lm_prepack = env_flag("EDGEPRUNE_LM_PREPACK")
+        # Quantized LM graphs (--precision int8/int4) need prepacking in both sessions: MatMulNBits unpacked
+        # dequantizes every weight on every call (decode 24x slower on the tiny twin, measured), and the packed
+        # copies are INT8/INT4-sized, not fp32 (the shared map is then only read while the sessions load).
+        onnx_info = manifest.data.get("onnx")
+        quantized = isinstance(onnx_info, dict) and onnx_info.get("precision") in ("int8", "int4")
         self.vision = open_session(vision_path, session_options(prepacking=True), "vision")
-        prefill_opts, decode_opts = session_options(prepacking=lm_prepack), session_options(prepacking=False)
+        prefill_opts = session_options(prepacking=lm_prepack or quantized)
+        decode_opts = session_options(prepacking=quantized)
         self.weights.add_to(prefill_opts)
         self.weights.add_to(decode_opts)
         self.prefill = open_session(prefill_path, prefill_opts, "prefill")
