@@ -159,7 +159,7 @@ def export_bundle(model_name: str, out_dir: str | Path, recipe: Recipe, model_di
             "layers": {"lm": [r.to_dict() for r in lm_record], "vision": [r.to_dict() for r in vision_record]},
             # token pruning inside the vision tower: from CLIP layer L on, each partition runs keep[L] patch tokens
             **({"vision_keep": {str(layer): n for layer, n in vision.keep.items()}} if vision.keep else {}),
-            "costs": {"before": costs_before, "after": model_costs(model, shapes)},
+            "costs": {"before": costs_before, "after": model_costs(model, shapes, vision_keep=vision.keep)},
             "onnx": {"opset": opset, "precision": recipe.onnx.precision, "target": recipe.onnx.target,
                      "passes": {name: {r.name: r.changed for r in results} for name, results in applied.items()},
                      **({"quantized": quantized} if quantized else {})},

@@ -514,3 +514,28 @@ def test_rewritten_bundle_builds_with_tensorrt(rewritten):
         entry = build_bundle(bundle, get_target("rtx"))
         assert set(entry["engines"]) == {"vision", "lm"}
         assert all((bundle / e["file"]).stat().st_size > 0 for e in entry["engines"].values())
+
+
+@pytest.mark.parametrize("vision_keep", ["", "1:0.5"])
+def test_report_vision_flops_against_torch_flop_counter(tiny, tiny_recipe, vision_keep):
+    """The vision report leaves out only the selection scores (CLS attention recomputed on scored layers,
+    strategy arithmetic): it is a lower bound within 10% of FlopCounterMode on the exported module."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from edgeprune.graphs import VisionGraph
+    from edgeprune.plan import plan_shapes
+    from edgeprune.rewrites.cost import model_costs
+    from edgeprune_runtime.layout import layout_for
+
+    recipe = tiny_recipe(0.2).override(vision_keep=vision_keep)
+    model = copy.deepcopy(tiny.model)
+    prune_vision_heads(model, [[0, 1], [1, 2, 3], [3]])
+    s = plan_shapes(tiny.config, tiny.processor.image_processor, recipe)
+    vision = VisionGraph(model, s, recipe).eval()
+    feeds = {k: torch.from_numpy(v) for k, v in layout_for((s.crop_size, 2 * s.crop_size),
+                                                           tiny.config.image_grid_pinpoints, s).feeds().items()}
+    feeds["pixel_values"] = torch.zeros(s.partitions, 3, s.crop_size, s.crop_size)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        vision(*[feeds[n] for n in vision.input_names])
+    reported = model_costs(model, s, vision_keep=vision.keep)["flops"]["vision"]
+    assert 0.9 * counter.get_total_flops() <= reported <= counter.get_total_flops()

@@ -3,7 +3,9 @@
 Computed from the modules' own weight shapes (after any rewrite) and the static sizes, for the graphs
 as exported: every static slot is computed whether valid or not (the graphs are static).
 
-    vision   CLIP layers up to the feature layer on P x (1+N) tokens, projector on the K kept tokens
+    vision   the patch embedding (a convolution, one matrix product per patch), then
+             CLIP layers up to the feature layer on P x (1+N) tokens (P x (1+n) from a layer where the
+             tower prunes tokens down to n, recipe vision_keep), projector on the K kept tokens
     prefill  S slots through every LM layer (S x S attention), lm_head on the last valid slot
     decode   one token through every LM layer attending to C cache slots, lm_head
 FLOPs count multiply-adds as 2 and only matrix products (linear layers, QK^T, PV), the terms that
@@ -30,9 +32,10 @@ def _linear_macs(module) -> int:
     return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
 
 
-def model_costs(model, shapes, cache_dtype: str = "fp32") -> dict:
+def model_costs(model, shapes, cache_dtype: str = "fp32", vision_keep: dict[int, int] | None = None) -> dict:
     """{"params": {...}, "flops": {"vision", "prefill", "decode_per_token"}, "kv_cache_bytes", "lm_layers",
-    "kv_heads"} of `model` (a LlavaNextForConditionalGeneration, possibly rewritten) under `shapes`."""
+    "kv_heads"} of `model` (a LlavaNextForConditionalGeneration, possibly rewritten) under `shapes`;
+    `vision_keep` {layer: patch tokens per partition from that layer on} (VisionGraph.keep)."""
     from edgeprune.graphs import feature_layer_count
 
     inner = model.model
@@ -40,8 +43,10 @@ def model_costs(model, shapes, cache_dtype: str = "fp32") -> dict:
     v_layers = tower.encoder.layers[: feature_layer_count(model.config)]
     s = shapes
     tokens = 1 + s.patches_per_partition  # per partition, CLS included
-    vision = 0
-    for layer in v_layers:
+    vision = 2 * s.partitions * s.patches_per_partition * tower.embeddings.patch_embedding.weight.numel()
+    for i, layer in enumerate(v_layers):
+        if vision_keep and i in vision_keep:
+            tokens = 1 + vision_keep[i]
         attn = layer.self_attn
         vision += 2 * s.partitions * tokens * _linear_macs(layer)
         vision += 2 * 2 * s.partitions * attn.num_heads * tokens * tokens * attn.head_dim  # QK^T and PV
