@@ -127,7 +127,7 @@ def _config(**changes):
     for key in ("head_dim",):
         if key in changes:
             setattr(text, key, changes.pop(key))
-    base = dict(vision_config=SimpleNamespace(image_size=112, patch_size=14), text_config=text,
+    base = dict(vision_config=SimpleNamespace(image_size=112, patch_size=14, num_hidden_layers=4), text_config=text,
                 image_grid_pinpoints=[[112, 224], [224, 112], [224, 224]], vision_feature_layer=-2,
                 vision_feature_select_strategy="default")
     return SimpleNamespace(**(base | changes))
