@@ -6,8 +6,10 @@ anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -116,6 +118,8 @@ def _recipe(model_name: str, recipe_file: str | None, **flags):
               help="Which heads go first: lowest output norm, most dormant (first-token attention), least visual.")
 @click.option("--skip-layers", help="Skip N LM layers (least influential by calibration), or exactly layers i,j,... "
               "(one layer: 'i,').")
+@click.option("--skip-vision-layers", help="Skip N CLIP layers below the feature layer (least influential), or "
+              "exactly layers i,j,... (one layer: 'i,').")
 @click.option("--stats", "stats_file", type=click.Path(), help="Calibration stats (`edgeprune calibrate`) for the "
               "rewrites [default: calibrate on built-in samples].")
 @click.option("--report", is_flag=True, help="Print parameters, FLOPs per stage and KV-cache bytes before and after "
@@ -123,7 +127,8 @@ def _recipe(model_name: str, recipe_file: str | None, **flags):
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (bundle path, K, slots, sizes, timings).")
 @user_errors
 def export(model_name, budget, model_dir, out_dir, recipe_file, strategy, newlines, alpha, vision_keep, layers, target, opset,
-           precision, force, prune_heads, prune_vision_heads, fold_pruned_heads, head_criterion, skip_layers, stats_file, report, as_json):
+           precision, force, prune_heads, prune_vision_heads, fold_pruned_heads, head_criterion, skip_layers,
+           skip_vision_layers, stats_file, report, as_json):
     """Trace NAME into a static-shape ONNX bundle (vision, prefill, decode, step graphs + manifest)."""
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -134,7 +139,8 @@ def export(model_name, budget, model_dir, out_dir, recipe_file, strategy, newlin
     recipe = _recipe(model_name, recipe_file, budget=budget, strategy=strategy, newlines=newlines, alpha=alpha,
                      vision_keep=vision_keep, target=target, opset=opset, precision=precision, prune_heads=prune_heads,
                      prune_vision_heads=prune_vision_heads, fold_pruned_heads=fold_pruned_heads,
-                     head_criterion=head_criterion, stats=stats_file, **_skip_layers_flag(skip_layers))
+                     head_criterion=head_criterion, stats=stats_file, **_skip_layers_flag(skip_layers),
+                     **_skip_layers_flag(skip_vision_layers, "skip_vision_layers", "--skip-vision-layers"))
     recipe = resolve_for_target(recipe, opset_given=opset is not None)
     out = Path(out_dir or Path("export") / model_name)
     console = Console(stderr=True)
@@ -164,7 +170,7 @@ def export(model_name, budget, model_dir, out_dir, recipe_file, strategy, newlin
             _print_rewrite_report(_rewrite_report(out))
 
 
-def _skip_layers_flag(text: str | None) -> dict:
+def _skip_layers_flag(text: str | None, key: str = "skip_layers", flag: str = "--skip-layers") -> dict:
     """--skip-layers N -> {"skip_layers": N}; i,j,... (or 'i,') -> {"skip_layer_indices": (i, j)}; None -> {}."""
     if text is None:
         return {}
@@ -172,10 +178,10 @@ def _skip_layers_flag(text: str | None) -> dict:
 
     try:
         if "," not in text:
-            return {"skip_layers": int(text)}
-        return {"skip_layer_indices": tuple(int(v) for v in text.split(",") if v.strip())}
+            return {key: int(text)}
+        return {key.replace("layers", "layer_indices"): tuple(int(v) for v in text.split(",") if v.strip())}
     except ValueError:
-        raise ConfigError(f"--skip-layers takes a count N or layer indices i,j,... (one layer: 'i,'), got {text!r}") from None
+        raise ConfigError(f"{flag} takes a count N or layer indices i,j,... (one layer: 'i,'), got {text!r}") from None
 
 
 def _rewrite_report(bundle: Path) -> dict:
@@ -697,15 +703,30 @@ def serve(bundle, host, port, model_name, parallel, max_queue, max_request_mb, i
                verify_hashes=not skip_hash_check, log_level=log_level)
 
 
+_OUTPUT_ERRNOS = {errno.EPIPE, errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+
+
 def main():
-    """Entry point: usage errors too become one `error:` line (click would print a usage block)."""
+    """Entry point: usage errors too become one `error:` line (click would print a usage block), and so does
+    an output that cannot be written (the reader of a pipe left, /dev/full, a full disk)."""
     try:
-        code = cli.main(prog_name="edgeprune", standalone_mode=False)
-    except click.exceptions.NoArgsIsHelpError as e:  # a bare `edgeprune`: the help, as a request for it
-        click.echo(e.ctx.get_help())
-        sys.exit(0)
+        try:
+            code = cli.main(prog_name="edgeprune", standalone_mode=False)
+        except click.exceptions.NoArgsIsHelpError as e:  # a bare `edgeprune`: the help, as a request for it
+            click.echo(e.ctx.get_help())
+            code = 0
+        sys.stdout.flush()  # inside the try: a buffered write that fails is an output error too
     except click.ClickException as e:  # bad option value, missing argument, unknown command
         _fail(f"{e.format_message()} (see `edgeprune --help`)", e.exit_code)
     except click.Abort:
         _fail("interrupted", 130)
+    except OSError as e:
+        if e.errno not in _OUTPUT_ERRNOS:
+            raise
+        # Point stdout at /dev/null so the interpreter's final flush cannot fail a second time.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        why = "the reader closed the pipe" if e.errno == errno.EPIPE else os.strerror(e.errno)
+        _fail(f"cannot write the output: {why}", 2)
     sys.exit(code if isinstance(code, int) else 0)

@@ -177,3 +177,12 @@ def test_export_from_saved_checkpoint(tiny_checkpoint, tiny, tmp_path):
     # the checkpoint's recipe is llava-next.toml (64/64 text slots), not the tiny one
     assert manifest.shapes.text_slots_before_image == 64 and manifest.shapes.visual_topk == 64
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
+
+
+@pytest.mark.parametrize("argv", [["models"], ["targets", "--json"], ["--help"]])
+def test_an_output_that_cannot_be_written_is_one_error_line(argv):
+    """/dev/full fails every write (ENOSPC): one `error:` line and exit 2, not a traceback."""
+    with open("/dev/full", "w") as full:
+        out = subprocess.run([str(EDGEPRUNE), *argv], stdout=full, stderr=subprocess.PIPE, text=True, timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.startswith("error: cannot write the output") and out.stderr.count("\n") == 1, out.stderr
