@@ -50,11 +50,14 @@ class RewritesRecipe:
     prune_vision_heads: float = 0.0  # fraction of the heads of each CLIP layer up to the feature layer, in [0, 1)
     skip_layers: int = 0  # skip this many LM layers, the least influential by calibration
     skip_layer_indices: tuple[int, ...] = ()  # or exactly these LM layers (not with skip_layers)
+    skip_vision_layers: int = 0  # skip this many CLIP layers below the feature layer, the least influential
+    skip_vision_layer_indices: tuple[int, ...] = ()  # or exactly these CLIP layers (not with skip_vision_layers)
     fold_pruned_heads: bool = False  # LM: add each pruned head's mean output (calibration) to the o_proj bias
     stats: str = ""  # `edgeprune calibrate` output; "" = calibrate on the built-in samples when scores are needed
 
     def active(self) -> bool:
-        return self.prune_heads > 0 or self.prune_vision_heads > 0 or self.skip_layers > 0 or bool(self.skip_layer_indices)
+        return (self.prune_heads > 0 or self.prune_vision_heads > 0 or self.skip_layers > 0 or bool(self.skip_layer_indices)
+                or self.skip_vision_layers > 0 or bool(self.skip_vision_layer_indices))
 
 
 @dataclass(frozen=True)
@@ -81,10 +84,11 @@ class Recipe:
         top = {k: v for k, v in given.items() if k not in onnx_keys | rewrite_keys}
         onnx = {k: v for k, v in given.items() if k in onnx_keys}
         rewrites = {k: v for k, v in given.items() if k in rewrite_keys}
-        if "skip_layers" in rewrites:
-            rewrites.setdefault("skip_layer_indices", ())
-        if "skip_layer_indices" in rewrites:
-            rewrites.setdefault("skip_layers", 0)
+        for count, indices in (("skip_layers", "skip_layer_indices"), ("skip_vision_layers", "skip_vision_layer_indices")):
+            if count in rewrites:
+                rewrites.setdefault(indices, ())
+            if indices in rewrites:
+                rewrites.setdefault(count, 0)
         return dataclasses.replace(self, **top, onnx=dataclasses.replace(self.onnx, **onnx),
                                    rewrites=dataclasses.replace(self.rewrites, **rewrites)).validated()
 
@@ -123,6 +127,12 @@ class Recipe:
                               f"{r.skip_layers or r.skip_layer_indices}")
         if r.skip_layers and r.skip_layer_indices:
             raise ConfigError("give rewrites.skip_layers (a count) or rewrites.skip_layer_indices (layers), not both")
+        if r.skip_vision_layers < 0 or any(i < 0 for i in r.skip_vision_layer_indices):
+            raise ConfigError(f"rewrites.skip_vision_layers (--skip-vision-layers) must be >= 0 (a count) or layer "
+                              f"indices >= 0, got {r.skip_vision_layers or r.skip_vision_layer_indices}")
+        if r.skip_vision_layers and r.skip_vision_layer_indices:
+            raise ConfigError("give rewrites.skip_vision_layers (a count) or rewrites.skip_vision_layer_indices "
+                              "(layers), not both")
         for name in ("text_slots_before_image", "text_slots_after_image", "new_token_slots"):
             if getattr(self.shapes, name) < 1:
                 raise ConfigError(f"shapes.{name} must be >= 1, got {getattr(self.shapes, name)}")

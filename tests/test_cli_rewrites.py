@@ -71,8 +71,9 @@ def test_export_with_stats_reports_before_and_after(calibrated):
     (["--prune-heads", "-0.5"], "must be a ratio in [0, 1)"),
     (["--prune-vision-heads", "1.5"], "prune_vision_heads (--prune-vision-heads) must be a ratio in [0, 1)"),
     (["--skip-layers", "two"], "--skip-layers takes a count N or layer indices"),
-    (["--skip-layers", "0,1"], "would skip all 2 language-model layers"),
+    (["--skip-layers", "0,1"], "would skip all 2 layers of the language model"),
     (["--skip-layers", "4,"], "there is no layer 4"),
+    (["--skip-vision-layers", "3,"], "--skip-vision-layers: the vision tower (up to the feature layer) has layers 0..2"),
     (["--prune-heads", "0.5", "--stats", "missing.json"], "edgeprune calibrate"),
 ])
 def test_bad_rewrite_flags_are_one_error_line_and_leave_nothing(tmp_path, flags, fragment):

@@ -23,7 +23,7 @@ import torch
 from edgeprune.errors import ConfigError
 from edgeprune.rewrites import lm_kv_heads, lm_layers
 from edgeprune.rewrites.heads import choose_kv_groups, prune_lm_heads, prune_vision_heads
-from edgeprune.rewrites.layers import least_influential, skip_lm_layers
+from edgeprune.rewrites.layers import least_influential, skip_lm_layers, skip_vision_layers
 from edgeprune.rewrites.plan import apply_record, identity_record, plan_lm, record_from_dicts
 from tiny_inputs import random_image
 
@@ -196,6 +196,23 @@ def test_skipped_layer_equals_an_identity_layer_in_the_unpruned_model(tiny, mode
     hook.remove()
 
 
+def test_skipped_vision_layer_equals_an_identity_layer_in_the_unpruned_model(tiny, model, inputs):
+    masked = copy.deepcopy(tiny.model)
+    hook = masked.model.vision_tower.encoder.layers[1].register_forward_hook(
+        lambda m, args, kwargs, out: args[0] if args else kwargs["hidden_states"], with_kwargs=True)
+    report = skip_vision_layers(model, [1])
+    assert report and len(model.model.vision_tower.encoder.layers) == 3
+    assert model.config.vision_config.num_hidden_layers == 3 and model.config.vision_feature_layer == -2
+    torch.testing.assert_close(logits(model, inputs), logits(masked, inputs), atol=2e-5, rtol=1e-4)
+    hook.remove()
+    fresh = copy.deepcopy(tiny.model)
+    assert not skip_vision_layers(fresh, []) and len(fresh.model.vision_tower.encoder.layers) == 4
+    with pytest.raises(ConfigError, match="there is no layer 3"):  # layer 3 is past the feature layer (-2)
+        skip_vision_layers(fresh, [3])
+    with pytest.raises(ConfigError, match="skip all 3 layers of the vision tower"):
+        skip_vision_layers(fresh, [0, 1, 2])
+
+
 def test_skipping_zero_layers_is_a_no_op_and_all_is_refused(model):
     layers = list(lm_layers(model))
     assert not skip_lm_layers(model, [])
@@ -247,6 +264,9 @@ def test_plan_vision_from_stats(tiny, stats):
         assert r.heads_kept == tuple(sorted(np.argsort(norms, kind="stable")[2:].tolist()))
     assert plan_vision(tiny.model, RewritesRecipe(), lambda: pytest.fail("no stats needed")) == \
         identity_vision_record(tiny.model)
+    influence = stats["vision"]["block_influence"][:3]
+    skipped = plan_vision(tiny.model, RewritesRecipe(skip_vision_layers=1), lambda: stats)
+    assert [r.runs for r in skipped] == [v != min(influence) for v in influence]
     other = json.loads(json.dumps(stats))
     other["vision"]["head_output_norm"] = [row[:3] for row in other["vision"]["head_output_norm"]]
     with pytest.raises(ConfigError, match="from another model"):
@@ -283,7 +303,9 @@ def test_recipe_rewrites_table_is_typed(tmp_path):
                           ("skip_layer_indices = 1", "list of integers"), ("fold_pruned_heads = 1", "true or false"),
                           ("skip_layers = -1", ">= 0"), ("skip_layer = 1", "Did you mean 'skip_layers'"),
                           ("head_criterion = 'norm'", "output-norm"),
-                          ("skip_layers = 1\nskip_layer_indices = [0]", "not both")]:
+                          ("skip_layers = 1\nskip_layer_indices = [0]", "not both"),
+                          ("skip_vision_layers = 1\nskip_vision_layer_indices = [0]", "not both"),
+                          ("skip_vision_layers = -2", "skip_vision_layers")]:
         good.write_text(f"[rewrites]\n{text}\n")
         with pytest.raises(ConfigError, match=message):
             load_recipe(good)
@@ -356,6 +378,7 @@ def rewritten(tmp_path_factory, tiny, tiny_recipe):
                 "both": dict(prune_heads=0.5, skip_layer_indices=(0,), stats=str(stats_file)),
                 "vision": dict(prune_vision_heads=0.5, stats=str(stats_file)),
                 "fold": dict(prune_heads=0.5, fold_pruned_heads=True, stats=str(stats_file)),
+                "vision-skip": dict(skip_vision_layer_indices=(0,), prune_vision_heads=0.5, stats=str(stats_file)),
                 "none": dict(prune_heads=0.0, skip_layers=0)}
     return {name: export_bundle("llava-next-tiny", root / name, base.override(**flags), loaded=tiny)
             for name, flags in variants.items()}
@@ -417,6 +440,17 @@ def test_vision_graph_is_physically_smaller_as_the_manifest_says(tiny, rewritten
         width = len(r["heads_kept"]) * dh
         assert found[r["source_layer"], "v_proj"] == [dv, width] and found[r["source_layer"], "out_proj"] == [width, dv]
     assert len(found) == 2 * len(m["layers"]["vision"])
+    # vision-skip: layer 0 skipped, so graph layer j is the j-th running source layer
+    m = json.loads((rewritten["vision-skip"] / "manifest.json").read_text())
+    graph = onnx.load(str(rewritten["vision-skip"] / "vision" / "vision.onnx"), load_external_data=False).graph
+    dims = {i.name: list(i.dims) for i in graph.initializer}
+    out_proj = {}
+    for node in graph.node:
+        hit = re.fullmatch(r"/layers\.(\d+)/self_attn/out_proj/MatMul", node.name)
+        if hit:
+            out_proj[int(hit[1])] = next(dims[x] for x in node.input if x in dims)
+    runs = [r for r in m["layers"]["vision"] if r["runs"]]
+    assert len(runs) == 2 and out_proj == {j: [len(r["heads_kept"]) * dh, dv] for j, r in enumerate(runs)}
     assert m["costs"]["after"]["params"]["vision"] < m["costs"]["before"]["params"]["vision"]
     assert m["costs"]["after"]["flops"]["vision"] < m["costs"]["before"]["flops"]["vision"]
 
@@ -428,7 +462,7 @@ def test_no_rewrite_exports_the_same_graphs_as_before(rewritten, tiny_bundles):
     assert none["rewrites"] == today["rewrites"] and none["costs"]["before"] == none["costs"]["after"]
 
 
-@pytest.mark.parametrize("name", ["heads", "layers", "both", "vision", "fold"])
+@pytest.mark.parametrize("name", ["heads", "layers", "both", "vision", "fold", "vision-skip"])
 def test_bundle_reproduces_transformers_generate_of_the_rewritten_model(tiny, rewritten, name):
     from edgeprune_runtime import Bundle
 

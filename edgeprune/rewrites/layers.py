@@ -16,14 +16,14 @@ from edgeprune.errors import ConfigError
 from edgeprune.rewrites import RewriteReport, lm_layers
 
 
-def check_skipped(skip: Sequence[int], count: int) -> None:
+def check_skipped(skip: Sequence[int], count: int, part: str = "the language model", flag: str = "--skip-layers") -> None:
     bad = [i for i in skip if not (0 <= i < count)]
     if bad:
-        raise ConfigError(f"--skip-layers: the language model has layers 0..{count - 1}; there is no layer {bad[0]}")
+        raise ConfigError(f"{flag}: {part} has layers 0..{count - 1}; there is no layer {bad[0]}")
     if len(set(skip)) != len(skip):
-        raise ConfigError(f"--skip-layers names a layer twice: {sorted(skip)}")
+        raise ConfigError(f"{flag} names a layer twice: {sorted(skip)}")
     if len(skip) >= count:
-        raise ConfigError(f"--skip-layers would skip all {count} language-model layers; keep at least one")
+        raise ConfigError(f"{flag} would skip all {count} layers of {part}; keep at least one")
 
 
 def skip_lm_layers(model, skip: Sequence[int]) -> RewriteReport:
@@ -44,9 +44,36 @@ def skip_lm_layers(model, skip: Sequence[int]) -> RewriteReport:
     return report
 
 
-def least_influential(influence: Sequence[float], n: int) -> list[int]:
+VISION_PART = "the vision tower (up to the feature layer)"
+
+
+def skip_vision_layers(model, skip: Sequence[int]) -> RewriteReport:
+    """Removes CLIP layers `skip` (indices below the feature layer's count) from `model` in place.
+
+    `vision_config.num_hidden_layers` follows; a non-negative `vision_feature_layer` moves down by the
+    skipped count (a negative one, LLaVA's -2, still names the same layer counted from the end), so
+    transformers' `hidden_states[vision_feature_layer]` is the same feature layer, minus the skipped ones."""
+    from edgeprune.graphs import feature_layer_count
+
+    used = feature_layer_count(model.config)
+    check_skipped(skip, used, VISION_PART, "--skip-vision-layers")
+    report = RewriteReport("skip-vision-layers")
+    if not skip:
+        return report
+    tower = model.model.vision_tower
+    total = len(tower.encoder.layers)
+    tower.encoder.layers = nn.ModuleList([layer for i, layer in enumerate(tower.encoder.layers) if i not in set(skip)])
+    model.config.vision_config.num_hidden_layers = total - len(skip)
+    if model.config.vision_feature_layer >= 0:
+        model.config.vision_feature_layer -= len(skip)
+    report.changes.append(f"vision layers {sorted(skip)} skipped, {used - len(skip)} of {used} run up to the feature layer")
+    return report
+
+
+def least_influential(influence: Sequence[float], n: int, part: str = "the language model",
+                      flag: str = "--skip-layers") -> list[int]:
     """The `n` layers with the lowest block influence (1 - cos(h_in, h_out)); the earlier one on ties."""
     if n < 0:
-        raise ConfigError(f"--skip-layers must be >= 0, got {n}")
-    check_skipped(list(range(n)), len(influence))  # all layers -> refused
+        raise ConfigError(f"{flag} must be >= 0, got {n}")
+    check_skipped(list(range(n)), len(influence), part, flag)  # all layers -> refused
     return sorted(sorted(range(len(influence)), key=lambda i: (influence[i], i))[:n])

@@ -14,7 +14,7 @@ from edgeprune.errors import ConfigError
 from edgeprune.rewrites import RewriteReport, lm_layers
 from edgeprune.rewrites.heads import check_kept, choose_kv_groups, kv_group_counts, prune_lm_heads, prune_vision_heads, \
     vision_layers
-from edgeprune.rewrites.layers import check_skipped, least_influential, skip_lm_layers
+from edgeprune.rewrites.layers import VISION_PART, check_skipped, least_influential, skip_lm_layers, skip_vision_layers
 
 
 @dataclass(frozen=True)
@@ -34,9 +34,10 @@ class LMLayer:
 class VisionLayer:
     source_layer: int  # CLIP layer index (only layers up to the feature layer are recorded)
     heads_kept: tuple[int, ...]
+    runs: bool = True  # False: skipped
 
     def to_dict(self) -> dict:
-        return {"source_layer": self.source_layer, "heads_kept": list(self.heads_kept)}
+        return {"source_layer": self.source_layer, "heads_kept": list(self.heads_kept), "runs": self.runs}
 
 
 def _group_size(model) -> int:
@@ -107,8 +108,20 @@ def identity_vision_record(model) -> list[VisionLayer]:
 
 def plan_vision(model, rewrites, stats_for: Callable[[], dict]) -> list[VisionLayer]:
     """Heads kept in each CLIP layer up to the feature layer: floor(prune_vision_heads x heads) pruned per
-    layer, the lowest first by output norm (or, with head_criterion "first-token", the most dormant)."""
+    layer, the lowest first by output norm (or, with head_criterion "first-token", the most dormant); and
+    which of those layers run (skip_vision_layers: the least influential; skip_vision_layer_indices)."""
     record = identity_vision_record(model)
+    skip = list(rewrites.skip_vision_layer_indices)
+    if rewrites.skip_vision_layers > 0:
+        v = stats_for().get("vision")
+        influence = v.get("block_influence") if isinstance(v, dict) else None
+        if not isinstance(influence, list) or len(influence) != len(model.model.vision_tower.encoder.layers):
+            raise ConfigError("stats are from another model (vision tower layer count differs); run `edgeprune "
+                              "calibrate` on this model")
+        skip = least_influential(influence[: len(record)], rewrites.skip_vision_layers, VISION_PART,
+                                 "--skip-vision-layers")
+    check_skipped(skip, len(record), VISION_PART, "--skip-vision-layers")
+    record = [VisionLayer(r.source_layer, r.heads_kept, r.source_layer not in skip) for r in record]
     if rewrites.prune_vision_heads <= 0:
         return record
     v = stats_for().get("vision")
@@ -121,20 +134,23 @@ def plan_vision(model, rewrites, stats_for: Callable[[], dict]) -> list[VisionLa
     rows = v[key][: len(record)]
     scores = [[1.0 - m for m in row] for row in rows] if key == "head_first_token_mass" else rows
     kept = choose_kv_groups(scores, 1, rewrites.prune_vision_heads, flag="--prune-vision-heads")
-    return [VisionLayer(i, tuple(k)) for i, k in enumerate(kept)]
+    return [VisionLayer(r.source_layer, tuple(k), r.runs) for r, k in zip(record, kept)]
 
 
-def apply_vision_record(model, record: list[VisionLayer]) -> RewriteReport:
-    """Applies the vision record to an unrewritten `model` in place. ConfigError when it does not fit."""
+def apply_vision_record(model, record: list[VisionLayer]) -> list[RewriteReport]:
+    """Applies the vision record to an unrewritten `model` in place: heads, then layers (source indices).
+    ConfigError when it does not fit."""
     if [r.source_layer for r in record] != list(range(_feature_layers(model))):
         raise ConfigError(f"the rewrite record describes {len(record)} vision layers, the model uses "
                           f"{_feature_layers(model)}; load the bundle's source model")
-    return prune_vision_heads(model, [r.heads_kept for r in record])
+    heads = prune_vision_heads(model, [r.heads_kept for r in record])
+    return [heads, skip_vision_layers(model, [r.source_layer for r in record if not r.runs])]
 
 
 def vision_record_from_dicts(rows, where: str) -> list[VisionLayer]:
     try:
-        return [VisionLayer(int(r["source_layer"]), tuple(int(h) for h in r["heads_kept"])) for r in rows]
+        return [VisionLayer(int(r["source_layer"]), tuple(int(h) for h in r["heads_kept"]), bool(r.get("runs", True)))
+                for r in rows]
     except (KeyError, TypeError, ValueError) as e:
         raise ConfigError(f"{where}: malformed layers.vision entry ({e}); re-export the bundle") from None
 
@@ -193,5 +209,5 @@ def rewrite_for_export(loaded, rewrites, copy: bool) -> tuple[object, list[LMLay
         return model, record, vision, []
     if copy:
         model = _copy.deepcopy(model)
-    reports = [apply_vision_record(model, vision), *apply_record(model, record)]
+    reports = [*apply_vision_record(model, vision), *apply_record(model, record)]
     return model, record, vision, [r for r in reports if r]
