@@ -177,10 +177,17 @@ except ImportError:
 
 @pytest.mark.tensorrt
 @pytest.mark.skipif(not HAVE_RTX, reason="TensorRT-RTX is not installed (pip install 'edgeprune[trt-rtx]')")
-def test_pruned_bundle_checks_and_builds_for_rtx(pruned_bundle):
-    out = cli("check", pruned_bundle, "--target", "rtx")
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])  # the precisions the rtx target allows
+def test_pruned_bundle_checks_and_builds_for_rtx(tmp_path, tiny, tiny_recipe, precision):
+    from edgeprune.export import export_bundle
+    from edgeprune.trt.forms import resolve_for_target
+
+    recipe = resolve_for_target(tiny_recipe(0.2).override(vision_keep="1:0.5,2:0.25", precision=precision,
+                                                           target="rtx"), opset_given=False)
+    bundle = export_bundle("llava-next-tiny", tmp_path / "b", recipe, loaded=tiny)
+    out = cli("check", bundle, "--target", "rtx")
     assert out.returncode == 0, out.stdout + out.stderr
-    out = cli("build", pruned_bundle, "--target", "rtx")
+    out = cli("build", bundle, "--target", "rtx")
     assert out.returncode == 0, out.stdout + out.stderr
-    built = json.loads((pruned_bundle / "manifest.json").read_text())["engines"]["rtx"]["engines"]
+    built = json.loads((bundle / "manifest.json").read_text())["engines"]["rtx"]["engines"]
     assert set(built) == {"vision", "lm"} and all(e["bytes"] > 0 for e in built.values())
