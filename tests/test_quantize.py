@@ -59,10 +59,12 @@ def _weight_matmuls(model) -> list:
     return [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits]
 
 
-@pytest.mark.parametrize("precision, lm_op", [("int8", "MatMulInteger"), ("int4", "MatMulNBits")])
-def test_quantized_graph_forms(bundles, precision, lm_op):
+@pytest.mark.parametrize("precision, graph, lm_op", [
+    *[("int8", g, "MatMulInteger") for g in ("prefill", "decode", "step")],
+    ("int4", "prefill", "MatMulInteger"), ("int4", "step", "MatMulInteger"), ("int4", "decode", "MatMulNBits")])
+def test_quantized_graph_forms(bundles, precision, graph, lm_op):
     fp32, q = bundles("fp32"), bundles(precision)
-    for rel in ("lm/prefill.onnx", "lm/decode.onnx", "lm/step.onnx"):
+    for rel in (f"lm/{graph}.onnx",):
         # every weight MatMul of the fp32 LM graph became the quantized op; none is left in fp32
         assert _ops(q, rel)[lm_op] == len(_weight_matmuls(_graph(fp32, rel))) > 0
         assert _weight_matmuls(_graph(q, rel)) == []
@@ -86,20 +88,35 @@ def test_fp32_export_has_no_quantization(bundles):
 
 @pytest.mark.parametrize("precision", ["int8", "int4"])
 def test_quantized_lm_weights_are_stored_once(bundles, precision):
-    """prefill, decode and step read the same quantized tensors: each is in lm.weights once, and the file is
-    the sum of its tensors (no second copy), smaller than the fp32 LM's."""
+    """Every tensor is in lm.weights once (unique names, unique contents, no bytes beyond them but alignment);
+    prefill and step (both INT8) read the same tensors; int8's decode reads them too, int4's decode reads its
+    own INT4 matmul weights and shares the rest (embeddings). The file is smaller than the fp32 LM's."""
+    import hashlib
+
     q = bundles(precision)
     index = json.loads((q / "lm" / "lm.weights.json").read_text())["tensors"]
     names = [t["name"] for t in index]
     assert len(names) == len(set(names))
+    data = (q / "lm" / "lm.weights").read_bytes()
+    digests = [hashlib.sha256(data[t["offset"]:t["offset"] + t["length"]] + t["dtype"].encode()
+                              + str(t["shape"]).encode()).hexdigest() for t in index]
+    assert len(digests) == len(set(digests))
     external = {}
     for rel in ("lm/prefill.onnx", "lm/decode.onnx", "lm/step.onnx"):
         external[rel] = {t.name for t in _graph(q, rel).graph.initializer if t.data_location == 1}
         assert external[rel] <= set(names)
-    assert external["lm/prefill.onnx"] & external["lm/decode.onnx"] == external["lm/decode.onnx"] - {""}
+    assert external["lm/prefill.onnx"] == external["lm/step.onnx"]
+    shared = external["lm/prefill.onnx"] & external["lm/decode.onnx"]
+    if precision == "int8":
+        assert external["lm/decode.onnx"] == external["lm/prefill.onnx"]
+    else:
+        own = external["lm/decode.onnx"] - shared  # decode's INT4 weights (uint8 blocks) and their scales
+        assert own and shared  # the embedding table at least is shared
+        dtypes = {t["name"]: t["dtype"] for t in index}
+        assert {dtypes[n] for n in own} <= {"|u1", "<f4"} and "|u1" in {dtypes[n] for n in own}
     stored = sum(t["length"] for t in index)
-    assert stored <= (q / "lm" / "lm.weights").stat().st_size < stored + 64 * len(index)
-    assert (q / "lm" / "lm.weights").stat().st_size < 0.5 * (bundles("fp32") / "lm" / "lm.weights").stat().st_size
+    assert stored <= len(data) < stored + 64 * len(index)
+    assert len(data) < 0.5 * (bundles("fp32") / "lm" / "lm.weights").stat().st_size
 
 
 @pytest.mark.parametrize("precision", ["int8", "int4"])

@@ -127,13 +127,15 @@ class SharedWeights:
             self.arrays[t.name] = view
             self.values[t.name] = ort.OrtValue.ortvalue_from_numpy(view)  # CPU: wraps, does not copy
 
-    def add_to(self, options) -> None:
-        """Makes `options`' session use these buffers for the same-named initializers.
+    def add_to(self, options, skip_dtypes: tuple[str, ...] = ()) -> None:
+        """Makes `options`' session use these buffers for the same-named initializers, except tensors of
+        `skip_dtypes` (ORT then loads those itself from the graph's external data).
 
         Names the graph does not have are ignored by ORT (checked with ORT 1.32).
         """
-        for name, value in self.values.items():
-            options.add_initializer(name, value)
+        for t in self.entries:
+            if t.dtype not in skip_dtypes:
+                options.add_initializer(t.name, self.values[t.name])
 
 
 # --- sessions ----------------------------------------------------------------------------------
@@ -207,8 +209,12 @@ class Engine:
         self.vision = open_session(vision_path, session_options(prepacking=True), "vision")
         prefill_opts = session_options(prepacking=lm_prepack or quantized)
         decode_opts = session_options(prepacking=quantized)
-        self.weights.add_to(prefill_opts)
-        self.weights.add_to(decode_opts)
+        # Quantized matmul weights (int8/uint8) are prepacked into a private copy anyway: ORT reads them itself and
+        # frees them after packing, where a shared map would keep them resident too. Float tensors (embeddings,
+        # norms) stay shared.
+        skip = ("|i1", "|u1") if quantized else ()
+        self.weights.add_to(prefill_opts, skip)
+        self.weights.add_to(decode_opts, skip)
         self.prefill = open_session(prefill_path, prefill_opts, "prefill")
         self.decode = open_session(decode_path, decode_opts, "decode")
         self._check_contract()
