@@ -573,3 +573,29 @@ def test_report_vision_flops_against_torch_flop_counter(tiny, tiny_recipe, visio
         vision(*[feeds[n] for n in vision.input_names])
     reported = model_costs(model, s, vision_keep=vision.keep)["flops"]["vision"]
     assert 0.9 * counter.get_total_flops() <= reported <= counter.get_total_flops()
+
+
+def test_rewrite_quality_measures_against_the_unrewritten_model(tiny, stats, tmp_path):
+    from edgeprune.calibrate import Sample, write_stats
+    from edgeprune.recipe import RewritesRecipe
+    from edgeprune.rewrites.quality import rewrite_quality
+
+    path = str(write_stats(stats, tmp_path / "s.json"))
+    samples = [Sample(random_image((150, 230), seed=5), QUESTION), Sample(random_image((90, 120), seed=6), "Colors?")]
+    report = rewrite_quality(tiny, {"none": RewritesRecipe(), "heads": RewritesRecipe(prune_heads=0.5, stats=path)},
+                             samples, steps=2)
+    none, heads = report["variants"]["none"], report["variants"]["heads"]
+    assert (none["kl_mean"], none["greedy_agreement"], none["rewrites"]) == (0.0, 1.0, [])
+    # KL from torch's own kl_div on the first request, against a model pruned here
+    model = copy.deepcopy(tiny.model)
+    apply_record(model, plan_lm(tiny.model, RewritesRecipe(prune_heads=0.5), lambda: stats))
+    text = tiny.processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}], add_generation_prompt=True)
+    hf = tiny.processor(images=samples[0].image, text=text, return_tensors="pt")
+    ref = torch.log_softmax(logits(tiny.model, hf)[-1].double(), -1)
+    got = torch.log_softmax(logits(model, hf)[-1].double(), -1)
+    kl = float(torch.nn.functional.kl_div(got, ref, log_target=True, reduction="sum"))
+    assert heads["kl_max"] >= kl > 0 and heads["kl_mean"] > 0
+    from edgeprune.models.llava_next import weights_digest
+
+    assert weights_digest(tiny.model)[0] == tiny.weights_sha256  # the measured model was copied, never edited
