@@ -129,6 +129,7 @@ def calibrate(loaded, samples: list[Sample], on_progress: Callable[[int, int], N
         visual = state["visual"]
         lm.add("head_first_token_mass", i, probs[:, 1:, 0].mean(dim=1).tolist())
         after = torch.arange(probs.shape[1]) > int(torch.nonzero(visual).max())  # text queries after the image
+        after[-1] = True  # a prompt that ends with the image: its last token stands in
         lm.add("head_visual_mass", i, probs[:, after][:, :, visual].sum(dim=-1).mean(dim=1).tolist())
         last = probs[:, -1, visual].mean(dim=0)  # [Nv] the last token's attention on visual tokens
         mass = float(last.sum())
