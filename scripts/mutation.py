@@ -80,7 +80,8 @@ def module_of(mutant: str) -> str:
 def summarise(found: dict[str, str]) -> dict:
     modules = {}
     for module, path in MODULES.items():
-        mine = {k: v for k, v in found.items() if module_of(k) == module}
+        everything = {k: v for k, v in found.items() if module_of(k) == module}
+        mine = {k: v for k, v in everything.items() if v != "not checked"}  # `--only` leaves the rest unrun
         counts = Counter(mine.values())
         total = len(mine)
         killed = sum(counts[v] for v in KILLED)
@@ -88,6 +89,7 @@ def summarise(found: dict[str, str]) -> dict:
         modules[module] = {
             "file": path,
             "mutants": total,
+            "not_run": len(everything) - total,
             "verdicts": dict(sorted(counts.items())),
             "score": round(killed / total, 4) if total else None,
             "survivors": [{"name": k, "verdict": mine[k], "diff": _diff(k)} for k in survivors],
@@ -111,20 +113,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-children", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--only", nargs="*", default=[], help="mutant name globs, e.g. 'edgeprune.plan.*' (default: all)")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "mutation.json")
+    ap.add_argument("--report-only", action="store_true",
+                    help="write the JSON from the last run in build/mutation/ without running anything")
     args = ap.parse_args(argv)
     if shutil.which("mutmut", path=str(Path(sys.executable).parent)) is None:
         print("error: mutmut is not installed in this environment; run `make setup` (the dev extra has it)", file=sys.stderr)
         return 2
-    stage()
-    run = mutmut("run", "--max-children", str(args.max_children), *args.only)
-    if run.returncode != 0:
-        print(f"error: `mutmut run` exited with {run.returncode}; see its output above", file=sys.stderr)
-        return 2
-    # A timeout under a load spike (this machine is shared) is not a kill: run those mutants once more.
-    timeouts = [k for k, v in verdicts().items() if v == "timeout"]
-    if timeouts:
-        print(f"\nrerunning {len(timeouts)} mutant(s) that timed out")
-        mutmut("run", "--max-children", str(args.max_children), *timeouts)
+    if args.report_only:
+        if not (STAGE / "mutants").is_dir():
+            print("error: no mutation run in build/mutation/; run `make mutants` first", file=sys.stderr)
+            return 2
+    else:
+        stage()
+        run = mutmut("run", "--max-children", str(args.max_children), *args.only)
+        if run.returncode != 0:
+            print(f"error: `mutmut run` exited with {run.returncode}; see its output above", file=sys.stderr)
+            return 2
+        # A timeout under a load spike (this machine is shared) is not a kill: run those mutants once more.
+        timeouts = [k for k, v in verdicts().items() if v == "timeout"]
+        if timeouts:
+            print(f"\nrerunning {len(timeouts)} mutant(s) that timed out")
+            mutmut("run", "--max-children", str(args.max_children), *timeouts)
     modules = summarise(verdicts())
     report = {"command": "make mutants", "only": args.only, "provenance": provenance(), "modules": modules}
     write_json(args.out, report)

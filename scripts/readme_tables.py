@@ -133,16 +133,18 @@ def render_sweep(r: dict) -> str:
 
 def render_mutation(r: dict) -> str:
     reasons = _survivor_reasons()
-    rows = ["| module | mutants | killed | timeout | survived | no tests | score |", "|---|---|---|---|---|---|---|"]
+    rows = ["| module | mutants run | killed | timeout | survived | no tests | score | not run |",
+            "|---|---|---|---|---|---|---|---|"]
     survivors = []
     for module, m in r["modules"].items():
-        if not m["mutants"]:
-            continue
         v = m["verdicts"]
+        score = f"**{100 * m['score']:.1f}%**" if m["mutants"] else "-"
         rows.append(f"| `{m['file']}` | {m['mutants']} | {v.get('killed', 0)} | {v.get('timeout', 0)} | "
-                    f"{v.get('survived', 0)} | {v.get('no tests', 0)} | **{100 * m['score']:.1f}%** |")
+                    f"{v.get('survived', 0)} | {v.get('no tests', 0)} | {score} | {m.get('not_run', 0)} |")
         survivors += m["survivors"]
-    out = [f"```\n{r['command']}\n```", "", *rows, ""]
+    only = r.get("only") or []
+    cmd = ".venv/bin/python scripts/mutation.py --only " + " ".join(f"'{g}'" for g in only) if only else r["command"]
+    out = [f"```\n{cmd}\n```", "", *rows, ""]
     if survivors:
         missing = [s["name"] for s in survivors if s["name"] not in reasons]
         if missing:

@@ -173,3 +173,26 @@ def test_unsupported_configs_are_refused(tiny_recipe, config, processor, message
     with pytest.raises(ModelLoadError) as e:
         plan_shapes(config, processor, tiny_recipe(0.2))
     assert str(e.value) == message
+
+
+@pytest.mark.parametrize("feature_layer, keep, message", [
+    # the tiny tower has 4 layers; feature layer -2 -> the export runs layers 0..2
+    (-2, "3:0.5", "vision_keep (--vision-keep) names CLIP layer 3, but the exported tower has layers 0..2 "
+                  "(up to the feature layer)"),
+    (2, "2:0.5", "vision_keep (--vision-keep) names CLIP layer 2, but the exported tower has layers 0..1 "
+                 "(up to the feature layer)"),
+    (0, "1:0.5", "vision_keep (--vision-keep) names CLIP layer 1, but the exported tower has layers 0..-1 "
+                 "(up to the feature layer)"),
+    # 0.1 of 64 patches = 6 per partition, 30 over 5 partitions, fewer than K = 64 at budget 0.2
+    (-2, "1:0.1", "vision_keep (--vision-keep) keeps 6 tokens per partition (30 in all), fewer than the K = 64 "
+                  "visual slots of the budget; keep a larger fraction or lower --budget"),
+])
+def test_vision_keep_is_checked_against_the_tower_and_k(tiny_recipe, feature_layer, keep, message):
+    with pytest.raises(ConfigError) as e:
+        plan_shapes(_config(vision_feature_layer=feature_layer), _processor(), tiny_recipe(0.2).override(vision_keep=keep))
+    assert str(e.value) == message
+
+
+def test_a_vision_keep_that_fits_plans_the_same_k(tiny_recipe):
+    s = plan_shapes(_config(), _processor(), tiny_recipe(0.2).override(vision_keep="1:0.5"))  # 32 x 5 >= 64
+    assert s.visual_topk == 64
