@@ -208,11 +208,17 @@ def load_stats(path: str | Path) -> dict:
     keys = ("head_first_token_mass", "head_visual_mass", "head_output_norm", "block_influence")
     if not isinstance(lm, dict) or not all(isinstance(lm.get(k), list) for k in keys):
         raise ConfigError(f"{path} lacks language-model statistics ({', '.join(keys)}); re-run `edgeprune calibrate`")
-    for k in keys:
-        rows = lm[k]
-        flat = [v for r in rows for v in (r if isinstance(r, list) else [r])]
-        if len(rows) != lm.get("num_layers") or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in flat):
-            raise ConfigError(f"{path}: lm.{k} must hold finite numbers for each of its lm.num_layers layers")
+    parts = [("lm", lm, k) for k in keys]
+    vision = data.get("vision")
+    if isinstance(vision, dict):  # optional; read by the vision rewrites
+        parts += [("vision", vision, k) for k in ("head_first_token_mass", "head_output_norm", "block_influence")
+                  if k in vision]
+    for part, table, k in parts:
+        rows = table[k] if isinstance(table[k], list) else None
+        flat = [v for r in rows or [] for v in (r if isinstance(r, list) else [r])]
+        if rows is None or len(rows) != table.get("num_layers") \
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in flat):
+            raise ConfigError(f"{path}: {part}.{k} must hold finite numbers for each of its {part}.num_layers layers")
     return data
 
 

@@ -357,6 +357,11 @@ def test_stats_files_are_checked(tmp_path, stats):
     (tmp_path / "bad.json").write_text(json.dumps(broken))
     with pytest.raises(ConfigError, match="lm.block_influence"):
         load_stats(tmp_path / "bad.json")
+    broken = json.loads(json.dumps(stats))
+    broken["vision"]["head_output_norm"][0][0] = "x"
+    (tmp_path / "bad.json").write_text(json.dumps(broken))
+    with pytest.raises(ConfigError, match="vision.head_output_norm"):
+        load_stats(tmp_path / "bad.json")
 
 
 # --- exported bundles ---------------------------------------------------------------------------
