@@ -14,7 +14,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
-from hypothesis import assume, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 from example_counts import examples
@@ -168,6 +168,8 @@ ALPHAS = [Fraction(0), Fraction(1, 4), Fraction(3, 10), Fraction(1, 2), Fraction
 @settings(max_examples=examples(150), deadline=None)
 @given(hw=st.sampled_from(IMAGE_SIZES), k=st.integers(1, 320), alpha=st.sampled_from(ALPHAS),
        seed=st.integers(0, 2**32 - 1), skew=st.integers(0, 3))
+@example(hw=(224, 224), k=100, alpha=Fraction(1, 2), seed=3, skew=2)  # K > N: the base is capped at N
+@example(hw=(224, 224), k=50, alpha=Fraction(49, 50), seed=1, skew=1)  # floor(64 x 0.02) = 1 top token decides
 def test_hired_matches_the_oracle(hw, k, alpha, seed, skew):
     """Any layout of the tiny twin's pinpoints, any K and alpha; layer-0 scores biased towards one crop's region."""
     assume(float(k * alpha) == k * float(alpha))  # the product is exact in floats too (no rounding at a tie)
@@ -338,6 +340,9 @@ def test_visionzip_dominant_targets_and_merge(hw, k, contextual, seed):
 
 @settings(max_examples=examples(200), deadline=None)
 @given(weights=st.lists(st.integers(0, 60), min_size=1, max_size=8), total=st.integers(0, 400))
+@example(weights=[1, 0, 0], total=5)  # one unit weight: everything to it
+@example(weights=[0, 0, 0], total=3)  # no weight: nothing to anyone
+@example(weights=[21, 60, 60, 60, 7], total=104)  # remainders .5 and .5: the lower index wins
 def test_largest_remainder_is_hamiltons_method(weights, total):
     got = largest_remainder(torch.tensor(weights, dtype=torch.float32), float(total))
     assert got.tolist() == [float(s) for s in hamilton(weights, total)]
