@@ -12,7 +12,7 @@ Which graph gets which form, per precision (`GRAPH_FORMS`):
 - Selection scoring stays fp32: the q/k projections that `graphs.cls_attention` recomputes to score
   tokens (and the q.k product) are the vision graph's only MatMuls outside a module scope
   (`/layers.N/...`, `/projector/...`), so they are excluded by name. Quantized scoring picks another
-  kept set (DESIGN.md section 9); what remains is that the hidden states the scores read come from
+  kept set (measured: README "Speed"); what remains is that the hidden states the scores read come from
   the quantized earlier layers.
 - INT4 = `onnxruntime.quantization.matmul_nbits_quantizer` (MatMulNBits, com.microsoft), symmetric,
   block 32 along K, accuracy level 4 (int8 activations: VNNI/AMX kernels). Decode reads every weight

@@ -1,4 +1,4 @@
-"""Rewrites: small passes over the torch modules before export (DESIGN.md section 7).
+"""Rewrites: small passes over the torch modules before export (README "Rewrites").
 
 Each pass is `(model, spec) -> RewriteReport` and edits a LlavaNextForConditionalGeneration in place
 so that transformers' own forward/generate still runs on it: that rewritten model is the reference
