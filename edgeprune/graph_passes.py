@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgeprune.errors import ExportError
+from edgeprune.onnx_export import default_opset
 
 FP16_MIN_BYTES = 1024  # fp32 weights below this (biases of tiny layers, scalars) stay fp32
 
@@ -24,10 +25,6 @@ class PassResult:
 
     def __bool__(self) -> bool:
         return self.changed > 0
-
-
-def _opset(model) -> int:
-    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
 def _consumers(graph) -> dict[str, list]:
@@ -52,7 +49,7 @@ def decompose_layernorm(model) -> PassResult:
     from onnx import helper, numpy_helper
 
     graph = model.graph
-    opset = _opset(model)
+    opset = default_opset(model)
     new_nodes, changed = [], 0
     for node in graph.node:
         if node.op_type != "LayerNormalization":

@@ -35,7 +35,7 @@ def export_module(module, args: tuple, input_names: list[str], output_names: lis
             opset_version=opset, dynamo=False, do_constant_folding=True, dynamic_axes=dynamic_axes,
         )
     model = onnx.load(str(path), load_external_data=False)
-    got = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    got = default_opset(model)
     if got != opset:
         raise ExportError(f"asked the exporter for opset {opset} but got {got}; set onnx.opset = {got} in the recipe")
     if dynamic_axes:
@@ -115,7 +115,7 @@ def store_weights_once(graphs: dict[Path, Path], weights_path: Path) -> list[Wei
                 new.data_location = onnx.TensorProto.EXTERNAL
                 tensor.CopyFrom(new)
             if renames:
-                for node in _all_nodes(model.graph):
+                for node in all_nodes(model.graph):
                     for i, name in enumerate(node.input):
                         if name in renames:
                             node.input[i] = renames[name]
@@ -156,21 +156,27 @@ def _inline_constant_attributes(model, base_dir: Path) -> None:
     import onnx
     from onnx import external_data_helper, numpy_helper
 
-    for node in _all_nodes(model.graph):
+    for node in all_nodes(model.graph):
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.TENSOR and external_data_helper.uses_external_data(attr.t):
                 attr.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(attr.t, base_dir=str(base_dir)),
                                                         attr.t.name))
 
 
-def _all_nodes(graph):
+def default_opset(model) -> int:
+    """The model's opset of the default ONNX domain."""
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def all_nodes(graph):
+    """Every node of `graph`, including those of subgraphs (If/Loop bodies)."""
     for node in graph.node:
         yield node
         for attr in node.attribute:
-            if attr.g is not None and attr.g.node:
-                yield from _all_nodes(attr.g)
+            if attr.HasField("g"):
+                yield from all_nodes(attr.g)
             for sub in attr.graphs:
-                yield from _all_nodes(sub)
+                yield from all_nodes(sub)
 
 
 def check_static(path: Path, dynamic: tuple[str, ...] = ()) -> None:

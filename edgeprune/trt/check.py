@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edgeprune.onnx_export import all_nodes, default_opset
+from edgeprune.trt.forms import CPU_ONLY_PRECISIONS, precision_problem
 from edgeprune.trt.targets import Target, op_refusal, op_table
 
 GRAPHS = ("vision", "prefill", "decode", "step")  # every ONNX graph of a bundle
@@ -66,14 +68,13 @@ class CheckReport:
 
 
 def precision_refusal(target: Target, precision: str) -> str | None:
-    from edgeprune.trt.forms import CPU_ONLY_PRECISIONS
-
-    if precision in CPU_ONLY_PRECISIONS:  # before the target's own list: P40's "int8" is TensorRT's, not these graphs'
-        return f"{precision.upper()} bundles run on ONNX Runtime (CPU) only, not on {target.name}: {CPU_ONLY_PRECISIONS[precision]}"
-    if precision in target.precisions:
+    """The finding's message when `target` cannot run a bundle of `precision`, else None."""
+    why = precision_problem(target, precision)
+    if why is None:
         return None
-    note = target.precision_notes.get(precision, f"it builds {', '.join(p.upper() for p in target.precisions)} only")
-    return f"{precision.upper()} is not allowed on {target.name}: {note}"
+    if precision in CPU_ONLY_PRECISIONS:  # P40's "int8" is TensorRT's, not these ONNX Runtime graphs'
+        return f"{precision.upper()} bundles run on ONNX Runtime (CPU) only, not on {target.name}: {why}"
+    return f"{precision.upper()} is not allowed on {target.name}: {why}"
 
 
 def check_bundle(bundle_dir: str | Path, target: Target, memory_gib: float | None = None,
@@ -138,29 +139,19 @@ def _size(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
-def _all_nodes(graph):
-    for node in graph.node:
-        yield node
-        for attr in node.attribute:
-            if attr.HasField("g"):
-                yield from _all_nodes(attr.g)
-            for sub in attr.graphs:
-                yield from _all_nodes(sub)
-
-
 def _check_graph(model, name: str, target: Target, manifest, add) -> None:
     from onnx import TensorProto, numpy_helper
 
-    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    opset = default_opset(model)
     if opset > target.max_opset:
         add("error", name, "", f"opset {opset} is above {target.name}'s maximum {target.max_opset} "
                               f"(TensorRT {target.parser_table}'s parser): re-export with --target {target.name}")
     refused: dict[str, list[str]] = {}
     constants = {t.name: t for t in model.graph.initializer}
-    for node in _all_nodes(model.graph):
+    for node in all_nodes(model.graph):
         if node.op_type == "Constant" and node.attribute and node.attribute[0].HasField("t"):
             constants[node.output[0]] = node.attribute[0].t
-    for node in _all_nodes(model.graph):
+    for node in all_nodes(model.graph):
         if node.domain not in ("", "ai.onnx"):
             where = ("an ONNX Runtime CPU op (--precision int4)" if node.domain == "com.microsoft"
                      else "a custom op")

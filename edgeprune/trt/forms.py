@@ -20,6 +20,15 @@ CPU_ONLY_PRECISIONS = {
 DECOMPOSITIONS = {"LayerNormalization": "decompose_layernorm"}
 
 
+def precision_problem(target, precision: str) -> str | None:
+    """Why `target` (a trt.targets.Target) cannot run graphs of `precision`, or None when it can."""
+    if precision in CPU_ONLY_PRECISIONS:  # before the target's own list: P40's "int8" is TensorRT's, not ours
+        return CPU_ONLY_PRECISIONS[precision]
+    if precision in target.precisions:
+        return None
+    return target.precision_notes.get(precision, f"it builds {', '.join(p.upper() for p in target.precisions)} only")
+
+
 def resolve_for_target(recipe: Recipe, opset_given: bool) -> Recipe:
     """The recipe with its opset lowered to the target's highest (unless --opset was given); ConfigError
     when the target cannot run the recipe's precision."""
@@ -29,11 +38,9 @@ def resolve_for_target(recipe: Recipe, opset_given: bool) -> Recipe:
 
     target = get_target(recipe.onnx.target)
     precision = recipe.onnx.precision
-    if precision in CPU_ONLY_PRECISIONS:
-        raise ConfigError(f"target {target.name} cannot run {precision.upper()}: {CPU_ONLY_PRECISIONS[precision]}")
-    if precision not in target.precisions:
-        note = target.precision_notes.get(precision, f"it builds {', '.join(target.precisions)} only")
-        raise ConfigError(f"target {target.name} cannot run {precision.upper()}: {note}")
+    why = precision_problem(target, precision)
+    if why:
+        raise ConfigError(f"target {target.name} cannot run {precision.upper()}: {why}")
     if not opset_given and recipe.onnx.opset > target.max_opset:
         return recipe.override(opset=target.max_opset)
     return recipe
