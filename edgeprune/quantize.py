@@ -2,9 +2,9 @@
 
 Which graph gets which form, per precision (`GRAPH_FORMS`):
 
-    precision  vision                       prefill, step               decode
-    int8       INT8 dynamic, scoring fp32   INT8 dynamic                INT8 dynamic
-    int4       INT8 dynamic, scoring fp32   INT8 dynamic                INT4 weight-only, block-wise (MatMulNBits)
+    precision  vision                       prefill, step, decode (one copy in lm/lm.weights)
+    int8       INT8 dynamic, scoring fp32   INT8 dynamic
+    int4       INT8 dynamic, scoring fp32   INT4 weight-only, block-wise (MatMulNBits)
 
 - INT8 dynamic = `onnxruntime.quantization.quantize_dynamic`: int8 weights per tensor, activations
   quantized at run time (DynamicQuantizeLinear + MatMulInteger). Only MatMuls with a constant weight
@@ -15,14 +15,25 @@ Which graph gets which form, per precision (`GRAPH_FORMS`):
   kept set (measured: README "Speed"); what remains is that the hidden states the scores read come from
   the quantized earlier layers.
 - INT4 = `onnxruntime.quantization.matmul_nbits_quantizer` (MatMulNBits, com.microsoft), symmetric,
-  block 32 along K, accuracy level 4 (int8 activations: VNNI/AMX kernels). Decode reads every weight
-  once per token, so it runs at weight-bytes speed: INT4 reads 1/8 of fp32's.
-- Why prefill is INT8 and decode INT4 under `int4` (measured, ORT 1.32, 2 threads, one 11008x4096
-  MatMul, best of several runs on a shared machine): 704 rows (prefill) fp32 395 ms, INT8 115 ms,
-  INT4 282 ms; 1 row (decode) fp32 18.5 ms, INT8 6.6 ms, INT4 3.5 ms. So the LM's matmul weights are
-  stored twice under `int4` (INT8 + INT4 = 1.5 bytes per weight, against fp32's 4); everything else
-  (embeddings, norms) and every tensor shared by prefill and step is still stored once by
-  `onnx_export.store_weights_once`, which dedups by content. `int8` stores the LM once.
+  block 128 along K (the GPTQ/AWQ group size), accuracy level 4 (int8 activations: VNNI/AMX kernels).
+  Decode reads every weight once per token, so it runs at weight-bytes speed: INT4 reads ~1/7 of fp32's.
+- One INT4 copy serves prefill, step and decode: the quantizer is deterministic, so the three graphs' INT4
+  blocks and scales are byte-identical and `onnx_export.store_weights_once` (dedup by content) stores them
+  once. The block size is what makes INT4 prefill fast enough to share (measured, ORT 1.32, 2 threads, one
+  11008x4096 MatMul, best of 3/20 runs: `.venv/bin/python scripts/matmul_forms.py`):
+
+      form                  704 rows (prefill)   1 row (decode)
+      fp32                  294 ms               7.21 ms
+      INT8 dynamic          112 ms               1.33 ms
+      INT4 block 32, acc 4  247 ms               1.37 ms
+      INT4 block 64, acc 4  219 ms               0.92 ms
+      INT4 block 128, acc 4 161 ms               0.85 ms
+      INT4 block 256, acc 4 137 ms               0.56 ms
+      INT4 block 32, acc 0  318 ms               1.17 ms
+
+  Block 128 costs prefill 1.4x against INT8 and halves the LM's matmul bytes (0.53 against 1 byte per
+  weight, where INT8 prefill + INT4 decode stored 1.53); 256 would be faster still but doubles the
+  weights each scale covers (larger rounding error on outlier-heavy real weights).
 
 Both forms are ONNX Runtime CPU ops (MatMulInteger, DynamicQuantizeLinear, com.microsoft::MatMulNBits):
 TensorRT parses none of them (`trt/forms.py` refuses these precisions for every target).
@@ -37,14 +48,14 @@ from pathlib import Path
 from edgeprune.errors import ExportError, InternalError
 
 QUANTIZED_PRECISIONS = ("int8", "int4")
-INT4_BLOCK = 32  # MatMulNBits block size along K (ORT's CPU kernels: 16..256, powers of two)
+INT4_BLOCK = 128  # MatMulNBits block size along K (ORT's CPU kernels: 16..256, powers of two); table above
 INT4_ACCURACY_LEVEL = 4  # int8 activations in the MatMulNBits kernels
 LM_GRAPHS = ("prefill", "decode", "step")
 
 # precision -> {graph: form}; graphs not listed stay as exported
 GRAPH_FORMS = {
     "int8": {"vision": "int8", **{g: "int8" for g in LM_GRAPHS}},
-    "int4": {"vision": "int8", "prefill": "int8", "step": "int8", "decode": "int4"},
+    "int4": {"vision": "int8", **{g: "int4" for g in LM_GRAPHS}},
 }
 
 
