@@ -217,9 +217,11 @@ def test_sweep_over_precisions_reports_drift_against_fp32(tmp_path, sample_png):
     assert rows["int8"]["timings"]["vision_s"] > 0
 
 
-@pytest.mark.parametrize("precision", ["fp32", "int4"])
-def test_runtime_prepacks_the_lm_sessions_of_quantized_bundles(bundles, precision, monkeypatch):
-    """MatMulNBits without prepacking dequantizes every weight per call; fp32 bundles keep sharing unpacked."""
+@pytest.mark.parametrize("precision", ["fp32", "int8", "int4"])
+def test_runtime_runs_quantized_lms_in_one_prepacked_session(bundles, precision, monkeypatch):
+    """Quantized bundles: prefill and decode both run the step graph in one prepacked session (ORT packs
+    per session: two sessions would hold two packed copies); fp32 bundles keep two unpacked sessions
+    over the shared map."""
     from edgeprune_runtime.engine import Engine
     from edgeprune_runtime.manifest import load_manifest
 
@@ -232,4 +234,57 @@ def test_runtime_prepacks_the_lm_sessions_of_quantized_bundles(bundles, precisio
         except RuntimeError:  # never set: ORT's default, on
             return True
 
-    assert (prepacking(eng.prefill), prepacking(eng.decode)) == ((True, True) if precision == "int4" else (False, False))
+    if precision == "fp32":
+        assert eng.step is None and eng.prefill is not eng.decode
+        assert (prepacking(eng.prefill), prepacking(eng.decode)) == (False, False)
+    else:
+        assert eng.prefill is eng.decode is eng.step and prepacking(eng.step)
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_one_step_session_matches_the_prefill_and_decode_graphs(bundles, sample_png, precision):
+    """The reference is ONNX Runtime on the bundle's own prefill.onnx / decode.onnx (same quantized weights):
+    the step session's prefill logits and K/V and its next decode step agree with them."""
+    import onnxruntime as ort
+
+    from edgeprune_runtime.engine import Engine
+    from edgeprune_runtime.manifest import load_manifest
+    from edgeprune_runtime.kvcache import prefill_slot_valid
+
+    q = bundles(precision)
+    m = load_manifest(q)
+    eng = Engine(m)
+    s = m.shapes
+    rng = np.random.default_rng(1)
+    t = s.text_slots_before_image + s.text_slots_after_image
+    text_ids = rng.integers(3, s.vocab_size, t).astype(np.int64)
+    text_valid = (np.arange(t) < 5).astype(np.float32) + (np.arange(t) >= s.text_slots_before_image) * (
+        np.arange(t) < s.text_slots_before_image + 7)
+    text_valid = text_valid.astype(np.float32)
+    embeds = rng.standard_normal((s.visual_slots, s.hidden_size)).astype(np.float32)
+    visual_valid = np.ones(s.visual_slots, np.float32)
+    visual_valid[-3:] = 0
+    logits, keys, values = eng.run_prefill(text_ids, text_valid, embeds, visual_valid)
+
+    prefill = ort.InferenceSession(str(q / "lm" / "prefill.onnx"))
+    ref = prefill.run(None, {"text_ids": text_ids, "text_valid": text_valid, "visual_embeds": embeds,
+                             "visual_valid": visual_valid})
+    names = [o.name for o in prefill.get_outputs()]
+    ref = dict(zip(names, ref))
+    np.testing.assert_allclose(logits, ref["logits"], atol=2e-3, rtol=1e-3)
+    valid = prefill_slot_valid(text_valid, visual_valid, s.text_slots_before_image) > 0.5
+    for i in range(s.num_layers):  # padding slots' K/V are never read
+        np.testing.assert_allclose(keys[i][:, valid], ref[f"key_{i}"][:, valid], atol=2e-3, rtol=1e-3)
+        np.testing.assert_allclose(values[i][:, valid], ref[f"value_{i}"][:, valid], atol=2e-3, rtol=1e-3)
+
+    cache = eng.new_cache()
+    n = cache.fill_from_prefill(keys, values, valid.astype(np.float32))
+    token = int(np.argmax(logits))
+    decode = ort.InferenceSession(str(q / "lm" / "decode.onnx"))
+    feed = {"token_id": np.array([token], np.int64), "position": np.array([n], np.int64), "cache_valid": cache.valid.copy()}
+    for i in range(s.num_layers):
+        feed[f"past_key_{i}"], feed[f"past_value_{i}"] = cache.keys[i].copy(), cache.values[i].copy()
+    ref = dict(zip([o.name for o in decode.get_outputs()], decode.run(None, feed)))
+    got = eng.decoder(cache).step(token)
+    np.testing.assert_allclose(got, ref["logits"], atol=2e-3, rtol=1e-3)
+    np.testing.assert_allclose(cache.keys[0][:, n], ref["new_key_0"][:, 0], atol=2e-3, rtol=1e-3)

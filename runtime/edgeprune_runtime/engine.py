@@ -23,6 +23,13 @@ with 2 LM layers: lm.weights 2.55 GB, vision.weights 1.25 GB; PSS after one 48-t
     shared map, both prepacked                      8.79 GB   same              same as above
     ORT loads lm.weights itself, prepacking on      6.75 GB   (two private packed copies, no map)
 
+Quantized bundles (--precision int8/int4) run prefill AND decode through the one `step` graph (T slots over
+the cache, T dynamic: T = S for prefill, T = 1 per token; the TensorRT LM's graph), in ONE session. Their
+matmul weights must be prepacked (MatMulNBits unpacked dequantizes every weight on every call: decode 24x
+slower on the tiny twin, measured), and ORT prepacks per session, into private memory: two LM sessions
+would hold two packed copies of the same INT4/INT8 weights that lm.weights stores once. One session, one
+packed copy; its float tensors (embeddings, norms) still come from the shared map.
+
 Paired A/B on the same process: decode 62.0 vs 63.1 ms/token without/with prepacking. ORT 1.32
 also memory-maps external data it loads itself when prepacking is off (same PSS as ours, double
 RSS), but that is loader behaviour of one version; `add_initializer` makes sharing explicit.
@@ -38,7 +45,7 @@ import numpy as np
 from edgeprune_runtime import checks
 from edgeprune_runtime.env import env_flag, env_int
 from edgeprune_runtime.errors import RuntimeStatusError, Status, bundle_invalid
-from edgeprune_runtime.kvcache import KVCache
+from edgeprune_runtime.kvcache import KVCache, prefill_slot_valid
 from edgeprune_runtime.manifest import Manifest, WeightEntry
 
 PROVIDERS = ["CPUExecutionProvider"]
@@ -201,22 +208,27 @@ class Engine:
 
         self.weights = SharedWeights(weights_path, index_path)
         lm_prepack = env_flag("EDGEPRUNE_LM_PREPACK")
-        # Quantized LM graphs (--precision int8/int4) need prepacking in both sessions: MatMulNBits unpacked
-        # dequantizes every weight on every call (decode 24x slower on the tiny twin, measured), and the packed
-        # copies are INT8/INT4-sized, not fp32 (the shared map is then only read while the sessions load).
         onnx_info = manifest.data.get("onnx")
         quantized = isinstance(onnx_info, dict) and onnx_info.get("precision") in ("int8", "int4")
         self.vision = open_session(vision_path, session_options(prepacking=True), "vision")
-        prefill_opts = session_options(prepacking=lm_prepack or quantized)
-        decode_opts = session_options(prepacking=quantized)
         # Quantized matmul weights (int8/uint8) are prepacked into a private copy anyway: ORT reads them itself and
         # frees them after packing, where a shared map would keep them resident too. Float tensors (embeddings,
         # norms) stay shared.
         skip = ("|i1", "|u1") if quantized else ()
-        self.weights.add_to(prefill_opts, skip)
-        self.weights.add_to(decode_opts, skip)
-        self.prefill = open_session(prefill_path, prefill_opts, "prefill")
-        self.decode = open_session(decode_path, decode_opts, "decode")
+        # None: prefill and decode graphs in two sessions; else the one step session doing both (module docstring)
+        self.step = None
+        if quantized and isinstance(graphs.get("step"), dict):
+            step_opts = session_options(prepacking=True)
+            self.weights.add_to(step_opts, skip)
+            self.step = open_session(manifest.path(graphs["step"]["file"], "graphs.step.file"), step_opts, "step")
+            self.prefill = self.decode = self.step
+        else:
+            prefill_opts = session_options(prepacking=lm_prepack or quantized)
+            decode_opts = session_options(prepacking=quantized)
+            self.weights.add_to(prefill_opts, skip)
+            self.weights.add_to(decode_opts, skip)
+            self.prefill = open_session(prefill_path, prefill_opts, "prefill")
+            self.decode = open_session(decode_path, decode_opts, "decode")
         self._check_contract()
 
     def _check_contract(self) -> None:
@@ -240,6 +252,9 @@ class Engine:
                   {"visual_embeds": [V, s.hidden_size], "visual_valid": [V], "visual_source": [V]}, "output")
         self.vision_inputs = tuple(vin)
 
+        if self.step is not None:
+            self._check_step_contract()
+            return
         kv = {}
         for layer, h in enumerate(s.kv_heads):
             kv[f"key_{layer}"] = kv[f"value_{layer}"] = [h, S, s.head_dim]
@@ -255,13 +270,30 @@ class Engine:
         din, dout = _declared(self.decode.get_inputs()), _declared(self.decode.get_outputs())
         _check_io("decode", din, {"token_id": [1], "position": [1], "cache_valid": [C], **past}, "input")
         _check_io("decode", dout, {"logits": [s.vocab_size], **new}, "output")
+        self._check_cache_types(din, dout, past, new)
+
+    def _check_step_contract(self) -> None:
+        """The step graph's inputs/outputs with T (its dynamic slot count) as declared by the exporter."""
+        s = self.shapes
+        C, D = s.cache_capacity, s.hidden_size
+        past, new = {}, {}
+        for layer, h in enumerate(s.kv_heads):
+            past[f"past_key_{layer}"] = past[f"past_value_{layer}"] = [h, C, s.head_dim]
+            new[f"new_key_{layer}"] = new[f"new_value_{layer}"] = [h, "T", s.head_dim]
+        din, dout = _declared(self.step.get_inputs()), _declared(self.step.get_outputs())
+        _check_io("step", din, {"token_ids": ["T"], "visual_embeds": ["T", D], "is_visual": ["T"], "slot_valid": ["T"],
+                                "position": [1], "cache_valid": [C], **past}, "input")
+        _check_io("step", dout, {"logits": [s.vocab_size], **new}, "output")
+        self._check_cache_types(din, dout, past, new, token_input="token_ids")
+
+    def _check_cache_types(self, din: dict, dout: dict, past: dict, new: dict, token_input: str = "token_id") -> None:
         kinds = {din[name][1] for name in past}
         if len(kinds) != 1 or next(iter(kinds)) not in ("tensor(float)", "tensor(float16)"):
             raise bundle_invalid(f"decode graph cache inputs have types {sorted(kinds)}; float or float16 (one type) is required")
         cache_type = next(iter(kinds))
         self.cache_dtype = _ORT_DTYPES[cache_type]
         # the Decoder binds numpy buffers of these types to the decode graph once (engine.Decoder)
-        bound = {"token_id": (din, "tensor(int64)"), "position": (din, "tensor(int64)"), "cache_valid": (din, "tensor(float)"),
+        bound = {token_input: (din, "tensor(int64)"), "position": (din, "tensor(int64)"), "cache_valid": (din, "tensor(float)"),
                  "logits": (dout, "tensor(float)"), **{name: (dout, cache_type) for name in new}}
         for name, (declared, want) in bound.items():
             if declared[name][1] != want:
@@ -281,19 +313,45 @@ class Engine:
     def run_prefill(self, text_ids, text_valid, visual_embeds, visual_valid):
         """-> (logits [vocab], keys, values), keys/values: per layer [Hkv_l, S, Dh]."""
         layers = range(self.shapes.num_layers)
-        names = ["logits"] + [f"key_{i}" for i in layers] + [f"value_{i}" for i in layers]
-        out = _run(self.prefill, "prefill", names, {
-            "text_ids": text_ids, "text_valid": text_valid, "visual_embeds": visual_embeds, "visual_valid": visual_valid,
-        })
+        if self.step is not None:
+            names = ["logits"] + [f"new_key_{i}" for i in layers] + [f"new_value_{i}" for i in layers]
+            out = _run(self.step, "step", names, self._prefill_as_step(text_ids, text_valid, visual_embeds, visual_valid))
+        else:
+            names = ["logits"] + [f"key_{i}" for i in layers] + [f"value_{i}" for i in layers]
+            out = _run(self.prefill, "prefill", names, {
+                "text_ids": text_ids, "text_valid": text_valid, "visual_embeds": visual_embeds, "visual_valid": visual_valid,
+            })
         n = self.shapes.num_layers
         return out[0], out[1:1 + n], out[1 + n:]
+
+    def _prefill_as_step(self, text_ids, text_valid, visual_embeds, visual_valid) -> dict[str, np.ndarray]:
+        """The prefill request as one step of T = S slots (text-before | visual | text-after) over an empty cache."""
+        s = self.shapes
+        t1, v, d = s.text_slots_before_image, s.visual_slots, s.hidden_size
+        t2 = len(text_ids) - t1
+        feeds = {"token_ids": np.concatenate([text_ids[:t1], np.zeros(v, np.int64), text_ids[t1:]]).astype(np.int64),
+                 "visual_embeds": np.concatenate([np.zeros((t1, d), np.float32), visual_embeds,
+                                                  np.zeros((t2, d), np.float32)]).astype(np.float32),
+                 "is_visual": np.concatenate([np.zeros(t1), np.ones(v), np.zeros(t2)]).astype(np.float32),
+                 "slot_valid": prefill_slot_valid(text_valid, visual_valid, t1),
+                 "position": np.zeros(1, np.int64), "cache_valid": np.zeros(s.cache_capacity, np.float32)}
+        for i, h in enumerate(s.kv_heads):
+            for kind in ("key", "value"):
+                # [Hkv_l, C, Dh] all masked out; np.zeros maps zero pages lazily
+                feeds[f"past_{kind}_{i}"] = np.zeros((h, s.cache_capacity, s.head_dim), self.cache_dtype)
+        return feeds
 
     def new_cache(self) -> KVCache:
         s = self.shapes
         return KVCache(s.kv_heads, s.cache_capacity, s.head_dim, self.cache_dtype)
 
     def decoder(self, cache: KVCache) -> "Decoder":
-        return Decoder(self.decode, cache, self.shapes.vocab_size)
+        if self.step is None:
+            return Decoder(self.decode, cache, self.shapes.vocab_size)
+        # one slot: a text token at the next position (is_visual 0, slot_valid 1, its embedding unused)
+        return Decoder(self.step, cache, self.shapes.vocab_size, token_input="token_ids", constant_inputs={
+            "visual_embeds": np.zeros((1, self.shapes.hidden_size), np.float32),
+            "is_visual": np.zeros(1, np.float32), "slot_valid": np.ones(1, np.float32)})
 
 
 def _run(session, what: str, names: list[str], feeds: dict):
@@ -311,7 +369,10 @@ class Decoder:
     copies that slice ([Hkv_l, 1, Dh] per layer) into the cache. No per-token copy of the cache.
     """
 
-    def __init__(self, session, cache: KVCache, vocab: int):
+    def __init__(self, session, cache: KVCache, vocab: int, token_input: str = "token_id",
+                 constant_inputs: dict[str, np.ndarray] | None = None):
+        """`session` runs the decode graph, or the step graph with `token_input="token_ids"` and its per-slot
+        inputs other than the token in `constant_inputs` (bound once, never written)."""
         import onnxruntime as ort
 
         self.session = session
@@ -324,7 +385,9 @@ class Decoder:
         self.new_values = [np.zeros((v.shape[0], 1, v.shape[2]), v.dtype) for v in cache.values]
         self.binding = session.io_binding()
         self._keep = []  # the OrtValues must live as long as the binding
-        for name, buf in [("token_id", self.token_id), ("position", self.position), ("cache_valid", cache.valid)] + \
+        self._constants = dict(constant_inputs or {})
+        for name, buf in [(token_input, self.token_id), ("position", self.position), ("cache_valid", cache.valid)] + \
+                list(self._constants.items()) + \
                 [(f"past_key_{i}", cache.keys[i]) for i in layers] + [(f"past_value_{i}", cache.values[i]) for i in layers]:
             value = ort.OrtValue.ortvalue_from_numpy(buf)  # CPU: shares the numpy memory
             self.binding.bind_ortvalue_input(name, value)
