@@ -129,7 +129,17 @@ def export_bundle(model_name: str, out_dir: str | Path, recipe: Recipe, model_di
         on_stage("quantize graphs")
         from edgeprune.quantize import quantize_bundle_graphs
 
-        quantized = quantize_bundle_graphs(scratch, recipe.onnx.precision, tuple(GRAPH_FILES))  # {} for fp32/fp16
+        def calibration():  # TensorRT INT8 (Q/DQ): activation ranges from the fp32 graphs on synthetic images
+            from edgeprune.qdq import calibration_feeds
+            from edgeprune_runtime.tokenize import PromptTokenizer
+
+            tok = PromptTokenizer(processor.tokenizer.backend_tokenizer, processor.image_token,
+                                  int(model.config.image_token_id), tuple(_eos_ids(model, processor.tokenizer)),
+                                  s.text_slots_before_image, s.text_slots_after_image)
+            return calibration_feeds(scratch, s, preprocess, tok, _prompt_template(processor))
+
+        quantized = quantize_bundle_graphs(scratch, recipe.onnx.precision, tuple(GRAPH_FILES),  # {} for fp32/fp16
+                                           target=recipe.onnx.target, calibration=calibration)
 
         on_stage("store weights once")
         store_weights_once({scratch / "vision" / "vision.onnx": stage_dir / GRAPH_FILES["vision"]},

@@ -36,7 +36,9 @@ Which graph gets which form, per precision (`GRAPH_FORMS`):
   weights each scale covers (larger rounding error on outlier-heavy real weights).
 
 Both forms are ONNX Runtime CPU ops (MatMulInteger, DynamicQuantizeLinear, com.microsoft::MatMulNBits):
-TensorRT parses none of them (`trt/forms.py` refuses these precisions for every target).
+TensorRT parses none of them. With a TensorRT target (`export --target T --precision int8`) every graph gets
+TensorRT's explicit INT8 form instead, Q/DQ pairs calibrated on synthetic images (`TARGET_GRAPH_FORMS`,
+edgeprune/qdq.py); INT4 stays refused for every TensorRT target (`trt/forms.py`).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 from edgeprune.errors import ExportError, InternalError
 
@@ -57,6 +60,13 @@ GRAPH_FORMS = {
     "int8": {"vision": "int8", **{g: "int8" for g in LM_GRAPHS}},
     "int4": {"vision": "int8", **{g: "int4" for g in LM_GRAPHS}},
 }
+# the same, for a TensorRT target (export --target T): TensorRT's explicit INT8, Q/DQ pairs (edgeprune/qdq.py)
+TARGET_GRAPH_FORMS = {"int8": {g: "qdq" for g in ("vision", *LM_GRAPHS)}}
+
+
+def graph_forms(precision: str, target: str | None) -> dict[str, str]:
+    """{graph: form} for an export of `precision`, for ONNX Runtime (no target) or a TensorRT target."""
+    return (TARGET_GRAPH_FORMS if target else GRAPH_FORMS).get(precision, {})
 
 
 def scoring_nodes(model) -> list[str]:
@@ -110,13 +120,21 @@ def quantize_graph(src: Path, dst: Path, form: str, keep_fp32: list[str] = ()) -
               location=f"{dst.stem}.data", size_threshold=1024)
 
 
-def quantize_bundle_graphs(scratch: Path, precision: str, names: tuple[str, ...]) -> dict[str, dict]:
-    """Quantizes the exported graphs `scratch/<name>/<name>.onnx` for `precision`, in place.
+def quantize_bundle_graphs(scratch: Path, precision: str, names: tuple[str, ...], target: str | None = None,
+                           calibration: Callable[[], dict[str, list[dict]]] | None = None) -> dict[str, dict]:
+    """Quantizes the exported graphs `scratch/<name>/<name>.onnx` for `precision` (and TensorRT `target`), in place.
 
+    `calibration` gives {graph: [feed, ...]} from the fp32 graphs (qdq.calibration_feeds); it is called once,
+    before any graph changes, and only when a form needs activation ranges (Q/DQ).
     Returns {graph name: {"form": ..., "fp32_nodes": [...]}}; fp32/fp16 precisions return {} and touch nothing."""
     import onnx
 
-    forms = GRAPH_FORMS.get(precision, {})
+    forms = graph_forms(precision, target)
+    feeds = {}
+    if "qdq" in forms.values():
+        if calibration is None:
+            raise InternalError("Q/DQ quantization needs calibration feeds")
+        feeds = calibration()
     applied = {}
     for name in names:
         form = forms.get(name)
@@ -125,7 +143,12 @@ def quantize_bundle_graphs(scratch: Path, precision: str, names: tuple[str, ...]
         src = scratch / name / f"{name}.onnx"
         keep = scoring_nodes(onnx.load(str(src), load_external_data=False)) if name == "vision" else []
         dst = scratch / f"{name}-{form}" / f"{name}.onnx"
-        quantize_graph(src, dst, form, keep)
+        if form == "qdq":
+            from edgeprune.qdq import quantize_qdq
+
+            quantize_qdq(src, dst, feeds[name], keep)
+        else:
+            quantize_graph(src, dst, form, keep)
         shutil.rmtree(src.parent)
         dst.parent.rename(src.parent)
         applied[name] = {"form": form, "fp32_nodes": keep}

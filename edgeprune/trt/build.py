@@ -76,6 +76,8 @@ def _builder_config(trt, builder, target: Target, precision: str):
     flags = trt.BuilderFlag
     if precision == "fp16" and not target.strongly_typed and hasattr(flags, "FP16"):
         config.set_flag(flags.FP16)  # weakly typed TensorRT may also run other layers in fp16
+    if precision == "int8" and not target.strongly_typed and hasattr(flags, "INT8"):
+        config.set_flag(flags.INT8)  # Q/DQ graphs (explicit quantization): weakly typed TensorRT needs the flag
     if target.library == "tensorrt_rtx":
         # Ahead-of-time build for the target's GPUs; works without a GPU (no timing cache, which would query one).
         config.num_compute_capabilities = len(target.compute_capabilities)
@@ -142,12 +144,13 @@ def build_bundle(bundle_dir: str | Path, target: Target, on_stage: Callable[[str
     from edgeprune_runtime.manifest import MANIFEST_NAME, load_manifest, sha256_file
 
     from edgeprune.trt.check import precision_refusal
+    from edgeprune.trt.forms import is_qdq
 
     trt = import_library(target)  # before touching anything: no TensorRT -> nothing written
     bundle = Path(bundle_dir)
     manifest = load_manifest(bundle)
     precision = manifest.data.get("onnx", {}).get("precision", "fp32")
-    refusal = precision_refusal(target, precision)
+    refusal = precision_refusal(target, precision, is_qdq(manifest.data.get("onnx", {})))
     if refusal:
         raise BuildError(refusal)
     specs = engine_specs(manifest)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeprune.onnx_export import all_nodes, default_opset
-from edgeprune.trt.forms import CPU_ONLY_PRECISIONS, precision_problem
+from edgeprune.trt.forms import CPU_ONLY_PRECISIONS, is_qdq, precision_problem
 from edgeprune.trt.targets import Target, op_refusal, op_table
 
 GRAPHS = ("vision", "prefill", "decode", "step")  # every ONNX graph of a bundle
@@ -67,12 +67,12 @@ class CheckReport:
                 "memory": self.memory.to_dict() if self.memory else None, "parser": self.parser}
 
 
-def precision_refusal(target: Target, precision: str) -> str | None:
-    """The finding's message when `target` cannot run a bundle of `precision`, else None."""
-    why = precision_problem(target, precision)
+def precision_refusal(target: Target, precision: str, qdq: bool = False) -> str | None:
+    """The finding's message when `target` cannot run a bundle of `precision` (`qdq`: its graphs are Q/DQ), else None."""
+    why = precision_problem(target, precision, qdq)
     if why is None:
         return None
-    if precision in CPU_ONLY_PRECISIONS:  # P40's "int8" is TensorRT's, not these ONNX Runtime graphs'
+    if precision in CPU_ONLY_PRECISIONS and not qdq:  # P40's "int8" is TensorRT's, not these ONNX Runtime graphs'
         return f"{precision.upper()} bundles run on ONNX Runtime (CPU) only, not on {target.name}: {why}"
     return f"{precision.upper()} is not allowed on {target.name}: {why}"
 
@@ -93,7 +93,7 @@ def check_bundle(bundle_dir: str | Path, target: Target, memory_gib: float | Non
     data = manifest.data
     onnx_info = data.get("onnx", {})
     precision = onnx_info.get("precision", "fp32")
-    refusal = precision_refusal(target, precision)
+    refusal = precision_refusal(target, precision, is_qdq(onnx_info))
     if refusal:
         add("error", "bundle", "", refusal)
 

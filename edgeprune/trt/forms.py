@@ -9,9 +9,9 @@ from edgeprune.recipe import Recipe
 
 # precisions whose graphs only ONNX Runtime runs (edgeprune/quantize.py) -> why, for every TensorRT target
 CPU_ONLY_PRECISIONS = {
-    "int8": ("edgeprune's INT8 graphs are ONNX Runtime dynamic quantization (MatMulInteger, DynamicQuantizeLinear: "
-             "CPU only, no TensorRT parser takes them; TensorRT INT8 needs Q/DQ graphs, not exported yet); "
-             "export for TensorRT with --precision fp32 or fp16"),
+    "int8": ("this bundle's INT8 graphs are ONNX Runtime dynamic quantization (MatMulInteger, DynamicQuantizeLinear: "
+             "CPU only, no TensorRT parser takes them); export with --target T --precision int8 for TensorRT's "
+             "Q/DQ INT8, or with --precision fp32 or fp16"),
     "int4": ("INT4 weights are ONNX Runtime's com.microsoft::MatMulNBits (CPU only, no TensorRT parser takes it); "
              "export for TensorRT with --precision fp32 or fp16"),
 }
@@ -20,10 +20,18 @@ CPU_ONLY_PRECISIONS = {
 DECOMPOSITIONS = {"LayerNormalization": "decompose_layernorm"}
 
 
-def precision_problem(target, precision: str) -> str | None:
-    """Why `target` (a trt.targets.Target) cannot run graphs of `precision`, or None when it can."""
-    if precision in CPU_ONLY_PRECISIONS:  # before the target's own list: P40's "int8" is TensorRT's, not ours
-        return CPU_ONLY_PRECISIONS[precision]
+def is_qdq(onnx_info: dict) -> bool:
+    """Whether a manifest's `onnx` section says every quantized graph is in TensorRT's Q/DQ form (edgeprune/qdq.py)."""
+    forms = onnx_info.get("quantized") if isinstance(onnx_info, dict) else None
+    return bool(forms) and all(isinstance(f, dict) and f.get("form") == "qdq" for f in forms.values())
+
+
+def precision_problem(target, precision: str, qdq: bool = False) -> str | None:
+    """Why `target` (a trt.targets.Target) cannot run graphs of `precision`, or None when it can.
+
+    `qdq`: the graphs are (or, at export for a target, will be) TensorRT's explicit INT8 form, not ONNX Runtime's."""
+    if precision in CPU_ONLY_PRECISIONS and not (qdq and precision == "int8"):
+        return CPU_ONLY_PRECISIONS[precision]  # before the target's own list: P40's "int8" is TensorRT's
     if precision in target.precisions:
         return None
     return target.precision_notes.get(precision, f"it builds {', '.join(p.upper() for p in target.precisions)} only")
@@ -38,7 +46,7 @@ def resolve_for_target(recipe: Recipe, opset_given: bool) -> Recipe:
 
     target = get_target(recipe.onnx.target)
     precision = recipe.onnx.precision
-    why = precision_problem(target, precision)
+    why = precision_problem(target, precision, qdq=True)  # a target's int8 export is Q/DQ (quantize.py)
     if why:
         raise ConfigError(f"target {target.name} cannot run {precision.upper()}: {why}")
     if not opset_given and recipe.onnx.opset > target.max_opset:
