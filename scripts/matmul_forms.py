@@ -2,15 +2,18 @@
 fp32, INT8 dynamic (quantize_dynamic) and INT4 MatMulNBits at several block sizes / accuracy levels, for a
 prefill-sized M (704 rows) and a decode-sized M (1 row). The table behind `quantize.INT4_BLOCK`.
 
-    .venv/bin/python scripts/matmul_forms.py [--threads 2]
+    .venv/bin/python scripts/matmul_forms.py [--threads 2] [--json]
 
-Prints one line per form: best of 3 runs (704 rows) and of 20 runs (1 row), milliseconds.
+Prints one line per form: best of 3 runs (704 rows) and of 20 runs (1 row), milliseconds; with --json one
+JSON object with provenance instead (docs/results/matmul-forms.json via scripts/record_result.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,6 +24,9 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import QuantType, quantize_dynamic
 from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from edgeprune.provenance import provenance  # noqa: E402
 
 K, N = 4096, 11008  # LLaMA-7B hidden and MLP sizes
 
@@ -66,6 +72,7 @@ def best_ms(model: onnx.ModelProto, rows: int, runs: int, threads: int, rng) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", action="store_true", help="print one JSON object (with provenance)")
     args = parser.parse_args()
     logging.getLogger().setLevel(logging.ERROR)  # the quantizers' pre-processing advice
     rng = np.random.default_rng(0)
@@ -73,11 +80,18 @@ def main() -> None:
     forms = [("fp32", lambda: fp32_model(w)), ("INT8 dynamic", lambda: int8_model(w))]
     forms += [(f"INT4 block {b}, acc {a}", lambda b=b, a=a: int4_model(w, b, a))
               for b, a in [(32, 4), (64, 4), (128, 4), (256, 4), (32, 0)]]
-    print(f"{'form':24s} {'704 rows (prefill)':>20s} {'1 row (decode)':>16s}")
+    rows = []
+    if not args.json:
+        print(f"{'form':24s} {'704 rows (prefill)':>20s} {'1 row (decode)':>16s}")
     for name, make in forms:
         model = make()
-        print(f"{name:24s} {best_ms(model, 704, 3, args.threads, rng):17.0f} ms {best_ms(model, 1, 20, args.threads, rng):13.2f} ms",
-              flush=True)
+        row = {"form": name, "prefill_704_ms": best_ms(model, 704, 3, args.threads, rng),
+               "decode_1_ms": best_ms(model, 1, 20, args.threads, rng)}
+        rows.append(row)
+        if not args.json:
+            print(f"{name:24s} {row['prefill_704_ms']:17.0f} ms {row['decode_1_ms']:13.2f} ms", flush=True)
+    if args.json:
+        print(json.dumps({"matmul": {"k": K, "n": N}, "threads": args.threads, "rows": rows, "provenance": provenance()}))
 
 
 if __name__ == "__main__":
