@@ -19,21 +19,12 @@ Which graph gets which form, per precision (`GRAPH_FORMS`):
   Decode reads every weight once per token, so it runs at weight-bytes speed: INT4 reads ~1/7 of fp32's.
 - One INT4 copy serves prefill, step and decode: the quantizer is deterministic, so the three graphs' INT4
   blocks and scales are byte-identical and `onnx_export.store_weights_once` (dedup by content) stores them
-  once. The block size is what makes INT4 prefill fast enough to share (measured, ORT 1.32, 2 threads, one
-  11008x4096 MatMul, best of 3/20 runs: `.venv/bin/python scripts/matmul_forms.py`):
-
-      form                  704 rows (prefill)   1 row (decode)
-      fp32                  294 ms               7.21 ms
-      INT8 dynamic          112 ms               1.33 ms
-      INT4 block 32, acc 4  247 ms               1.37 ms
-      INT4 block 64, acc 4  219 ms               0.92 ms
-      INT4 block 128, acc 4 161 ms               0.85 ms
-      INT4 block 256, acc 4 137 ms               0.56 ms
-      INT4 block 32, acc 0  318 ms               1.17 ms
-
-  Block 128 costs prefill 1.4x against INT8 and halves the LM's matmul bytes (0.53 against 1 byte per
-  weight, where INT8 prefill + INT4 decode stored 1.53); 256 would be faster still but doubles the
-  weights each scale covers (larger rounding error on outlier-heavy real weights).
+  once. The block size is what makes INT4 prefill fast enough to share: per form, one LLaMA-7B MLP matmul
+  at 704 rows (prefill) and 1 row (decode), `scripts/matmul_forms.py` -> docs/results/matmul-forms.json
+  (README "Speed"). Blocks of 128 (the GPTQ/AWQ group size) take INT4 prefill close to INT8's (blocks of 32,
+  ORT's default, take it past 2x) and decode below INT8's; 256 is faster still but doubles the weights each
+  scale covers (larger rounding error on outlier-heavy real weights). The LM's matmuls then take 0.53 bytes
+  per weight, where INT8 prefill + INT4 decode stored 1.53.
 
 Both forms are ONNX Runtime CPU ops (MatMulInteger, DynamicQuantizeLinear, com.microsoft::MatMulNBits):
 TensorRT parses none of them. With a TensorRT target (`export --target T --precision int8`) every graph gets
