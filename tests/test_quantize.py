@@ -288,3 +288,19 @@ def test_one_step_session_matches_the_prefill_and_decode_graphs(bundles, sample_
     got = eng.decoder(cache).step(token)
     np.testing.assert_allclose(got, ref["logits"], atol=2e-3, rtol=1e-3)
     np.testing.assert_allclose(cache.keys[0][:, n], ref["new_key_0"][:, 0], atol=2e-3, rtol=1e-3)
+
+
+def test_a_step_graph_that_breaks_the_contract_is_refused_in_one_line(bundles):
+    """The one-session path checks the step graph against the manifest's shapes like the two-session path
+    checks prefill/decode: a cache capacity the graph does not have is BUNDLE_INVALID naming the input."""
+    import dataclasses
+
+    from edgeprune_runtime.engine import Engine
+    from edgeprune_runtime.errors import RuntimeStatusError, Status
+    from edgeprune_runtime.manifest import load_manifest
+
+    m = load_manifest(bundles("int4"))
+    m = dataclasses.replace(m, shapes=dataclasses.replace(m.shapes, cache_capacity=m.shapes.cache_capacity + 1))
+    with pytest.raises(RuntimeStatusError) as e:
+        Engine(m)
+    assert e.value.status == Status.BUNDLE_INVALID and "step graph input 'cache_valid'" in str(e.value)

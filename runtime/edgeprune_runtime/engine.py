@@ -270,7 +270,7 @@ class Engine:
         din, dout = _declared(self.decode.get_inputs()), _declared(self.decode.get_outputs())
         _check_io("decode", din, {"token_id": [1], "position": [1], "cache_valid": [C], **past}, "input")
         _check_io("decode", dout, {"logits": [s.vocab_size], **new}, "output")
-        self._check_cache_types(din, dout, past, new)
+        self._check_cache_types("decode", din, dout, past, new)
 
     def _check_step_contract(self) -> None:
         """The step graph's inputs/outputs with T (its dynamic slot count) as declared by the exporter."""
@@ -284,12 +284,13 @@ class Engine:
         _check_io("step", din, {"token_ids": ["T"], "visual_embeds": ["T", D], "is_visual": ["T"], "slot_valid": ["T"],
                                 "position": [1], "cache_valid": [C], **past}, "input")
         _check_io("step", dout, {"logits": [s.vocab_size], **new}, "output")
-        self._check_cache_types(din, dout, past, new, token_input="token_ids")
+        self._check_cache_types("step", din, dout, past, new, token_input="token_ids")
 
-    def _check_cache_types(self, din: dict, dout: dict, past: dict, new: dict, token_input: str = "token_id") -> None:
+    def _check_cache_types(self, what: str, din: dict, dout: dict, past: dict, new: dict, token_input: str = "token_id") -> None:
+        """The cache dtype (float or float16, one for all layers) and the types of what the Decoder binds."""
         kinds = {din[name][1] for name in past}
         if len(kinds) != 1 or next(iter(kinds)) not in ("tensor(float)", "tensor(float16)"):
-            raise bundle_invalid(f"decode graph cache inputs have types {sorted(kinds)}; float or float16 (one type) is required")
+            raise bundle_invalid(f"{what} graph cache inputs have types {sorted(kinds)}; float or float16 (one type) is required")
         cache_type = next(iter(kinds))
         self.cache_dtype = _ORT_DTYPES[cache_type]
         # the Decoder binds numpy buffers of these types to the decode graph once (engine.Decoder)
@@ -297,7 +298,7 @@ class Engine:
                  "logits": (dout, "tensor(float)"), **{name: (dout, cache_type) for name in new}}
         for name, (declared, want) in bound.items():
             if declared[name][1] != want:
-                raise bundle_invalid(f"decode graph {name!r} has type {declared[name][1]}, the runtime binds {want}; re-export")
+                raise bundle_invalid(f"{what} graph {name!r} has type {declared[name][1]}, the runtime binds {want}; re-export")
 
     # --- one call per graph ---
 
