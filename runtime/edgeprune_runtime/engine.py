@@ -149,7 +149,8 @@ class SharedWeights:
 
 
 def session_options(prepacking: bool = True):
-    """ORT session options: default threading unless EDGEPRUNE_THREADS is set."""
+    """ORT session options: default threading unless EDGEPRUNE_THREADS is set, ORT's CPU arena unless
+    EDGEPRUNE_CPU_ARENA=0 (env.py)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -157,6 +158,8 @@ def session_options(prepacking: bool = True):
     if threads is not None:
         so.intra_op_num_threads = threads
     so.log_severity_level = 3  # errors only; ORT's warnings are not the embedding application's business
+    if not env_flag("EDGEPRUNE_CPU_ARENA", default=True):
+        so.enable_cpu_mem_arena = False  # freed activations go back to malloc, for the next session to reuse
     if not prepacking:
         so.add_session_config_entry("session.disable_prepacking", "1")
     return so

@@ -131,3 +131,16 @@ def test_prepacking_is_off_for_the_lm_unless_asked(fake_bundle, monkeypatch):
     monkeypatch.setenv("EDGEPRUNE_LM_PREPACK", "1")
     eng = engine(root)
     assert (prepacking(eng.prefill), prepacking(eng.decode)) == (True, False)
+
+
+def test_cpu_arena_from_the_environment(fake_bundle, monkeypatch):
+    """EDGEPRUNE_CPU_ARENA=0 turns ONNX Runtime's CPU arena off in every session; unset keeps ORT's default (on)."""
+    root, _ = fake_bundle
+    monkeypatch.delenv("EDGEPRUNE_CPU_ARENA", raising=False)
+    eng = engine(root)
+    assert all(s.get_session_options().enable_cpu_mem_arena for s in (eng.vision, eng.prefill, eng.decode))
+    monkeypatch.setenv("EDGEPRUNE_CPU_ARENA", "0")
+    eng = engine(root)
+    assert not any(s.get_session_options().enable_cpu_mem_arena for s in (eng.vision, eng.prefill, eng.decode))
+    monkeypatch.setenv("EDGEPRUNE_CPU_ARENA", "maybe")
+    assert "EDGEPRUNE_CPU_ARENA" in bundle_error(root, Status.INVALID_ARGUMENT)

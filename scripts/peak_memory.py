@@ -1,0 +1,56 @@
+"""Peak resident memory of a bundle's run against its weights plus KV cache, with ONNX Runtime's CPU arena on and off.
+
+    flock /tmp/edgeprune-7b.lock nice -n 5 .venv/bin/python scripts/record_result.py \\
+        docs/results/peak-memory-7b-shape-fast.json -- .venv/bin/python scripts/peak_memory.py export/fast7b
+
+Each setting runs `edgeprune bench`'s bundle worker (edgeprune_runtime only, the built-in sample image and
+prompt, 32 tokens, EOS ignored) in its own process and reads its VmHWM; weights = lm.weights + vision.weights,
+cache = every layer's K and V at full capacity (as `bench` reports them). Prints one JSON object with provenance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("bundle")
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    args = ap.parse_args(argv)
+
+    from edgeprune.provenance import provenance
+    from edgeprune.sample_image import SAMPLE_PROMPT, write_sample_image
+
+    if not (Path(args.bundle) / "manifest.json").is_file():
+        print(f"error: {args.bundle} is not a bundle (no manifest.json); export one with `edgeprune export`", file=sys.stderr)
+        return 2
+    runs = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        image = str(write_sample_image(Path(tmp) / "sample.png"))
+        for arena in ("1", "0"):
+            env = {**os.environ, "EDGEPRUNE_CPU_ARENA": arena}
+            proc = subprocess.run([sys.executable, "-m", "edgeprune.bench", "bundle", args.bundle, image, SAMPLE_PROMPT,
+                                   str(args.max_new_tokens)], capture_output=True, text=True, env=env)
+            if proc.returncode != 0:
+                tail = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
+                print(f"error: the bundle run failed: {tail}", file=sys.stderr)
+                return 2
+            r = json.loads(proc.stdout.strip().splitlines()[-1])
+            r["peak_rss_vs_weights_plus_cache"] = r["peak_rss_bytes"] / (r["weights_bytes"] + r["cache_bytes"])
+            runs["arena_on" if arena == "1" else "arena_off"] = r
+    print(json.dumps({"bundle": args.bundle, "prompt": SAMPLE_PROMPT, **runs, "provenance": provenance()}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
