@@ -15,13 +15,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgeprune_runtime import budget, checks, ortlib
+from edgeprune_runtime import budget, byteprobs, checks, ortlib
 from edgeprune_runtime.engine import Engine
 from edgeprune_runtime.errors import RuntimeStatusError, Status
 from edgeprune_runtime.kvcache import prefill_slot_valid
 from edgeprune_runtime.layout import layout_for, max_newline_rows
 from edgeprune_runtime.manifest import Manifest, load_manifest
 from edgeprune_runtime.sampling import Sampler, check_sampling
+from edgeprune_runtime.step import append_slots, step_runner
 from edgeprune_runtime.tokenize import PromptTokenizer, text_slots
 
 STOP_EOS = "eos"
@@ -76,6 +77,7 @@ class GeneratorParams:
     top_p: float = 1.0
     seed: int = 0
     ignore_eos: bool = False  # benchmarks: always generate max_new_tokens (EOS is still sampled, not a stop)
+    exact_boundary: bool = False  # the prompt's last word is continued byte by byte (byteprobs.py) before tokens
 
     def check(self) -> None:
         if not (isinstance(self.max_new_tokens, (int, np.integer)) and not isinstance(self.max_new_tokens, (bool, np.bool_))
@@ -83,8 +85,9 @@ class GeneratorParams:
             raise RuntimeStatusError(Status.INVALID_ARGUMENT,
                                      f"max_new_tokens must be an integer >= 0 (0 = until EOS or cache full), got {checks.show(self.max_new_tokens)}")
         check_sampling(self.temperature, self.top_p, self.seed)
-        if not isinstance(self.ignore_eos, (bool, np.bool_)):
-            raise RuntimeStatusError(Status.INVALID_ARGUMENT, f"ignore_eos must be a bool, got {checks.show(self.ignore_eos)}")
+        for name in ("ignore_eos", "exact_boundary"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise RuntimeStatusError(Status.INVALID_ARGUMENT, f"{name} must be a bool, got {checks.show(getattr(self, name))}")
 
 
 @dataclass
@@ -130,6 +133,16 @@ class Generator:
         text = tok.prompt_text(prompt, bundle.prompt_template, raw_prompt)
         before, after = tok.encode_prompt(text)  # prompt errors surface before any heavy work
         self.prompt_token_ids = before + [tok.image_token_id] + after
+        self.tail = ""  # exact boundary: the prompt's last pre-token, left out of the prefill (byteprobs.py)
+        self.boundary_text = ""  # exact boundary: the text chosen byte by byte before the first token
+        tail_tokens = 0
+        if self.params.exact_boundary:
+            table = byteprobs.token_bytes(bundle)  # INVALID_ARGUMENT for a tokenizer that is not byte-level
+            self._step = step_runner(bundle)  # INVALID_ARGUMENT for a bundle without a step graph
+            head, self.tail = byteprobs.split_tail(tok.tokenizer, text, tok.image_token)
+            head_before, head_after = tok.encode_prompt(head)
+            tail_tokens = len(before) + len(after) - len(head_before) - len(head_after)
+            before, after = head_before, head_after
 
         self.timings = Timings()
         # what is left of the budget for the image once the bundle's own buffers are counted
@@ -159,7 +172,7 @@ class Generator:
         t1, t2 = s.text_slots_before_image, s.text_slots_after_image
         text_ids, text_valid = text_slots(before, after, t1, t2)
         slot_valid = prefill_slot_valid(text_valid, visual_valid, t1)
-        self.prompt_slots = int((slot_valid > 0.5).sum())
+        self.prompt_slots = int((slot_valid > 0.5).sum()) + tail_tokens
         m = self.params.max_new_tokens
         if m and self.prompt_slots + m > s.cache_capacity:
             raise RuntimeStatusError(
@@ -176,6 +189,11 @@ class Generator:
         self.timings.prefill_s = time.perf_counter() - t
 
         self.logits = logits  # [vocab], of the last prompt token until the first decode step
+        self._byte_model = None
+        if self.params.exact_boundary:
+            head_logits = self._head_logits = logits.copy()
+            self._byte_model = byteprobs.ByteModel(
+                table, lambda seq: head_logits if not seq else self._step.run(seq, self.cache)[0])
         self.sampler = Sampler(self.params.temperature, self.params.top_p, self.params.seed)
         self.token_ids: list[int] = []
         self.stop_reason: str | None = None
@@ -201,6 +219,8 @@ class Generator:
         t = time.perf_counter()
         if self.token_ids:
             self.logits = self.decoder.step(self.token_ids[-1])
+        elif self._byte_model is not None:
+            self._finish_boundary()
         token = self.sampler(self.logits)
         self.token_ids.append(token)
         self.timings.tokens = len(self.token_ids)
@@ -216,6 +236,65 @@ class Generator:
         else:
             self.timings.decode_s += dt
         return token
+
+    def next_byte_probs(self, continuation: bytes = b"") -> np.ndarray:
+        """P(next byte | prompt + continuation), float64 [256] summing to 1, exact over the tokenizations of the
+        prompt's last word (byteprobs.py). Only for a generator made with exact_boundary, before its first token."""
+        return self._boundary_model().next_byte_probs(self.tail.encode("utf-8") + _as_bytes(continuation))
+
+    def byte_probability(self, continuation: bytes) -> float:
+        """P(the answer starts with the bytes `continuation` | prompt), summed over all their tokenizations."""
+        model, tail = self._boundary_model(), self.tail.encode("utf-8")
+        return model.prefix_probability(tail + _as_bytes(continuation)) / model.prefix_probability(tail)
+
+    def _boundary_model(self) -> byteprobs.ByteModel:
+        if self._byte_model is None:
+            raise RuntimeStatusError(Status.INVALID_ARGUMENT, "next-byte probabilities need a generator made with "
+                                     "exact_boundary=True (--exact-boundary)")
+        if self.token_ids:
+            raise RuntimeStatusError(Status.INVALID_ARGUMENT, "next-byte probabilities are for the prompt: ask "
+                                     "before the first GenerateNextToken")
+        return self._byte_model
+
+    def _finish_boundary(self) -> None:
+        """Chooses the bytes that finish the prompt's last word from the exact next-byte probabilities, until a
+        byte would start a new pre-token (or MAX_BOUNDARY_BYTES); then writes the canonical tokens of that word
+        into the cache with one step, so token-by-token decoding goes on from a pre-token boundary, where the
+        one canonical tokenization is the right condition."""
+        tok = self.bundle.tokenizer.tokenizer
+        tail = self.tail.encode("utf-8")
+        chosen = b""
+        while len(tail + chosen) < byteprobs.MAX_BOUNDARY_BYTES or not byteprobs.is_utf8_prefix_complete(tail + chosen):
+            probs = self._byte_model.next_byte_probs(tail + chosen)
+            byte = self.sampler(np.log(np.maximum(probs, 1e-300)))  # finite log-probabilities: bytes of mass 0 never win
+            word = tail + chosen + bytes([byte])
+            if byteprobs.is_utf8_prefix_complete(word) and len(tok.pre_tokenizer.pre_tokenize_str(word.decode("utf-8"))) > 1:
+                break  # `byte` starts the next pre-token: the word is complete, tokens take over
+            chosen += bytes([byte])
+        else:
+            byte = None  # the word reached MAX_BOUNDARY_BYTES: the first token is free
+        self.boundary_text = chosen.decode("utf-8", errors="replace")
+        table, self._byte_model = self._byte_model.table, None
+        word = (tail + chosen).decode("utf-8", errors="replace")
+        ids = tok.encode(word, add_special_tokens=False).ids if word else []
+        if ids:
+            logits, keys, values = self._step.run(ids, self.cache)
+            append_slots(self.cache, keys, values)
+            self.logits = logits
+        if byte is not None:
+            # The first token must start with the byte chosen above: P(token | word, first byte) is the token
+            # distribution restricted to those tokens (every cover of one byte is one token).
+            keep = np.array(table.by_first[byte], np.int64)
+            self.logits = np.full_like(self.logits, -1e30)  # finite: the sampler refuses -inf as a broken graph
+            self.logits[keep] = logits[keep] if ids else self._head_logits[keep]
+
+
+def _as_bytes(value) -> bytes:
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    raise RuntimeStatusError(Status.INVALID_ARGUMENT, f"a continuation must be bytes or str, got {type(value).__name__}")
 
 
 def _load(image, channels: str | None, max_pixels: int, max_bytes: int):
