@@ -36,7 +36,7 @@ def _call(fn, *args):
 @dataclass(frozen=True)
 class Result:
     token_ids: tuple[int, ...]  # generated ids (the EOS id included when generation stopped on it)
-    text: str  # their text, special tokens skipped
+    text: str  # the answer: boundary_text followed by the text of token_ids (special tokens skipped)
     stop_reason: str  # "eos" | "max_new_tokens" | "cache_full"
     visual_tokens: int  # valid visual slots the language model saw
     prompt_tokens: int  # text tokens of the prompt (BOS included, image token excluded)
@@ -44,6 +44,7 @@ class Result:
     ttft_s: float  # image load -> first token id (time inside the runtime)
     decode_tokens_per_s: float | None  # (tokens - 1) / time after the first token; None below 2 tokens
     timings: dict  # per stage seconds: image_s, preprocess_s, vision_s, prefill_s, ttft_s, decode_s
+    boundary_text: str = ""  # exact_boundary: the bytes that finished the prompt's last word, chosen before token_ids
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -56,7 +57,7 @@ class Generator:
 
     def __init__(self, bundle: "Bundle", image, prompt: str, *, max_new_tokens: int = 32, raw_prompt: bool = False,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, ignore_eos: bool = False,
-                 channels: str | None = None):
+                 exact_boundary: bool = False, channels: str | None = None):
         params = _call(capi.GeneratorParams_Create)
         try:
             _check(capi.GeneratorParams_SetMaxNewTokens(params, max_new_tokens))
@@ -64,6 +65,7 @@ class Generator:
             _check(capi.GeneratorParams_SetTopP(params, top_p))
             _check(capi.GeneratorParams_SetSeed(params, seed))
             _check(capi.GeneratorParams_SetIgnoreEos(params, ignore_eos))
+            _check(capi.GeneratorParams_SetExactBoundary(params, exact_boundary))
             out = capi.Out()
             _check(capi.Generator_Create(bundle._live(), params, image, prompt, raw_prompt, out, channels=channels))
             self._handle = out.value
@@ -102,6 +104,20 @@ class Generator:
     @property
     def stop_reason(self) -> str | None:
         return _call(capi.Generator_GetStopReason, self._live())
+
+    @property
+    def boundary_text(self) -> str:
+        """exact_boundary: the text chosen byte by byte to finish the prompt's last word (after the first token)."""
+        return _call(capi.Generator_GetBoundaryText, self._live())
+
+    def next_byte_probs(self, continuation: bytes | str = b""):
+        """float64 [256]: P(next byte | prompt + continuation), exact over all tokenizations (exact_boundary
+        generators, before the first token)."""
+        return _call(capi.Generator_GetNextByteProbs, self._live(), continuation)
+
+    def byte_probability(self, continuation: bytes | str) -> float:
+        """P(the answer starts with `continuation` | prompt), summed over all its tokenizations."""
+        return _call(capi.Generator_GetByteProbability, self._live(), continuation)
 
     @property
     def visual_tokens(self) -> int:
@@ -183,23 +199,35 @@ class Bundle:
         """A step-by-step generator; options as in `generate` (without on_text)."""
         return Generator(self, image, prompt, **options)
 
+    def next_byte_probs(self, image, prompt: str, continuation: bytes | str = b"", raw_prompt: bool = False,
+                        channels: str | None = None):
+        """float64 [256]: P(next byte | prompt + continuation) about `image`, marginalised over every tokenization
+        of the prompt's last word and the continuation (README "Exact prompt boundaries")."""
+        with Generator(self, image, prompt, raw_prompt=raw_prompt, exact_boundary=True, channels=channels) as gen:
+            return gen.next_byte_probs(continuation)
+
     def generate(self, image, prompt: str, max_new_tokens: int = 32, raw_prompt: bool = False,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, ignore_eos: bool = False,
-                 on_text: Callable[[str], None] | None = None, channels: str | None = None) -> Result:
+                 exact_boundary: bool = False, on_text: Callable[[str], None] | None = None,
+                 channels: str | None = None) -> Result:
         """Answers `prompt` about `image`: a file path, encoded image bytes, a PIL image, or a camera frame
         (numpy uint8 [H, W, 3]) with `channels="rgb"` or `channels="bgr"` (OpenCV's order; required for a frame).
 
         `prompt` goes into the bundle's chat template unless `raw_prompt` (then it must contain
         "<image>" once). temperature 0 is greedy; otherwise seeded top-p sampling. `on_text` receives
-        the text as it is produced. max_new_tokens 0 generates until EOS or a full cache.
+        the text as it is produced. max_new_tokens 0 generates until EOS or a full cache; `ignore_eos` goes on past
+        EOS until max_new_tokens or a full cache. `exact_boundary` finishes the prompt's last word from exact
+        next-byte probabilities before generating tokens (a prompt ending mid-word or with a space).
         Raises RuntimeStatusError (IMAGE_INVALID, PROMPT_TOO_LONG, INVALID_ARGUMENT, INFERENCE_FAILED).
         """
         with Generator(self, image, prompt, max_new_tokens=max_new_tokens, raw_prompt=raw_prompt,
                        temperature=temperature, top_p=top_p, seed=seed, ignore_eos=ignore_eos,
-                       channels=channels) as gen:
+                       exact_boundary=exact_boundary, channels=channels) as gen:
             stream = _call(capi.TokenizerStream_Create, self._live()) if on_text else None
             try:
                 for token in gen:
+                    if stream is not None and len(gen.token_ids) == 1 and gen.boundary_text:
+                        on_text(gen.boundary_text)
                     if stream is not None:
                         delta = _call(capi.TokenizerStream_Decode, stream, token)
                         if delta:
@@ -213,9 +241,10 @@ class Bundle:
                     capi.TokenizerStream_Destroy(stream)
             ids = gen.token_ids
             timings = gen.timings
+            boundary = gen.boundary_text
             return Result(
                 token_ids=ids,
-                text=self.decode(ids),
+                text=boundary + self.decode(ids),
                 stop_reason=gen.stop_reason,
                 visual_tokens=gen.visual_tokens,
                 prompt_tokens=len(gen.prompt_token_ids) - 1,
@@ -223,6 +252,7 @@ class Bundle:
                 ttft_s=timings["ttft_s"],
                 decode_tokens_per_s=timings["decode_tokens_per_s"],
                 timings=timings,
+                boundary_text=boundary,
             )
 
     def close(self) -> None:

@@ -22,7 +22,7 @@ EXIT_USER_ERROR = 2
 
 def run(bundle_path, image, prompt: str, *, max_new_tokens: int = 32, raw_prompt: bool = False,
         temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, as_json: bool = False,
-        verify_hashes: bool = True, stdout: TextIO | None = None, stderr: TextIO | None = None) -> Result:
+        verify_hashes: bool = True, ignore_eos: bool = False, exact_boundary: bool = False, stdout: TextIO | None = None, stderr: TextIO | None = None) -> Result:
     """Loads the bundle, generates, and prints: the text as it comes (plus a summary line on stderr),
     or with `as_json` one JSON object with the Result's fields. Raises RuntimeStatusError."""
     stdout = stdout or sys.stdout
@@ -33,8 +33,8 @@ def run(bundle_path, image, prompt: str, *, max_new_tokens: int = 32, raw_prompt
 
     with Bundle(bundle_path, verify_hashes=verify_hashes) as bundle:
         result = bundle.generate(image, prompt, max_new_tokens=max_new_tokens, raw_prompt=raw_prompt,
-                                 temperature=temperature, top_p=top_p, seed=seed,
-                                 on_text=None if as_json else stream)
+                                 temperature=temperature, top_p=top_p, seed=seed, ignore_eos=ignore_eos,
+                                 exact_boundary=exact_boundary, on_text=None if as_json else stream)
     if as_json:
         _write(stdout, json.dumps(result.to_dict()) + "\n")
     else:
@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1.0)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--ignore-eos", action="store_true", help="go on past EOS until --max-new-tokens or a full cache")
+    p.add_argument("--exact-boundary", action="store_true",
+                   help="finish a prompt that ends mid-word or with a space from exact next-byte probabilities")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     p.add_argument("--skip-hash-check", action="store_true", help="do not verify the bundle files' sha256 (faster start)")
     p.add_argument("--version", action=VersionAction)
@@ -120,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(args.bundle, args.image, args.prompt, max_new_tokens=args.max_new_tokens, raw_prompt=args.raw_prompt,
             temperature=args.temperature, top_p=args.top_p, seed=args.seed, as_json=args.json,
-            verify_hashes=not args.skip_hash_check)
+            verify_hashes=not args.skip_hash_check, ignore_eos=args.ignore_eos, exact_boundary=args.exact_boundary)
     except RuntimeStatusError as e:
         _report(f"error: {e.message}")
         return EXIT_USER_ERROR

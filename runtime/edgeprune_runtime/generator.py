@@ -248,10 +248,10 @@ class Generator:
         return model.prefix_probability(tail + _as_bytes(continuation)) / model.prefix_probability(tail)
 
     def _boundary_model(self) -> byteprobs.ByteModel:
-        if self._byte_model is None:
+        if not self.params.exact_boundary:
             raise RuntimeStatusError(Status.INVALID_ARGUMENT, "next-byte probabilities need a generator made with "
                                      "exact_boundary=True (--exact-boundary)")
-        if self.token_ids:
+        if self._byte_model is None:
             raise RuntimeStatusError(Status.INVALID_ARGUMENT, "next-byte probabilities are for the prompt: ask "
                                      "before the first GenerateNextToken")
         return self._byte_model
