@@ -175,3 +175,18 @@ def test_api_and_json(tiny_bundles, image):
             plain.next_byte_probs()
         assert e.value.status == Status.INVALID_ARGUMENT and "exact_boundary" in e.value.message
         plain.close()
+
+
+def test_both_command_lines(tiny_bundles, image):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    args = [str(tiny_bundles[0.2]), "--image", str(image), "--prompt", HEAD + " ta", "--raw-prompt", "--json",
+            "--exact-boundary", "--ignore-eos", "--max-new-tokens", "6"]
+    ours = subprocess.run([str(Path(sys.executable).parent / "edgeprune"), "run", *args], capture_output=True, text=True)
+    alone = subprocess.run([sys.executable, "-m", "edgeprune_runtime", *args], capture_output=True, text=True)
+    assert ours.returncode == alone.returncode == 0, ours.stderr + alone.stderr
+    a, b = json.loads(ours.stdout), json.loads(alone.stdout)
+    assert a["token_ids"] == b["token_ids"] and a["boundary_text"] == b["boundary_text"] != ""
+    assert len(a["token_ids"]) == 6 and a["stop_reason"] == "max_new_tokens"
