@@ -190,3 +190,19 @@ def test_both_command_lines(tiny_bundles, image):
     a, b = json.loads(ours.stdout), json.loads(alone.stdout)
     assert a["token_ids"] == b["token_ids"] and a["boundary_text"] == b["boundary_text"] != ""
     assert len(a["token_ids"]) == 6 and a["stop_reason"] == "max_new_tokens"
+
+
+def test_token_healing_baseline(loaded, image):
+    """Token healing equals the exact distribution when the tail is one one-byte token (its covers are exactly
+    the tokens starting with that byte), and differs from it for a tail of several tokens."""
+    from edgeprune_runtime.byteprobs import naive_next_byte_probs, token_healing_next_byte_probs
+
+    tok = loaded.tokenizer.tokenizer
+    for tail, same in ((" ", True), (" ta", False)):
+        gen = exact_generator(loaded, image, HEAD + tail)
+        exact = gen.next_byte_probs()
+        ids = tuple(tok.encode(tail, add_special_tokens=False).ids)
+        healed = token_healing_next_byte_probs(gen._byte_model, ids)
+        naive = naive_next_byte_probs(gen._byte_model, ids)
+        assert abs(healed.sum() - 1) < 1e-9 and abs(naive.sum() - 1) < 1e-9
+        assert np.allclose(healed, exact, atol=1e-12) == same

@@ -193,3 +193,35 @@ def is_utf8_prefix_complete(data: bytes) -> bool:
     except UnicodeDecodeError:
         return False
     return True
+
+
+# --- the baselines the README compares with (next-byte distributions after the tail's canonical tokens) ---
+
+
+def naive_next_byte_probs(model: ByteModel, tail_ids: tuple) -> np.ndarray:
+    """What plain generation does: the tail in its one canonical tokenization `tail_ids`, then the next token's
+    first byte. float64 [256]."""
+    probs = model.token_probs(tuple(tail_ids))
+    t = model.table
+    return np.bincount(t.first, weights=probs[t.ids], minlength=256)
+
+
+def token_healing_next_byte_probs(model: ByteModel, tail_ids: tuple) -> np.ndarray:
+    """Token healing (guidance's): back up the last canonical token r and let the next token be any token whose
+    bytes start with r's, renormalised. The byte after r comes from that token, or, when it is r itself, from
+    the token after it. float64 [256]; `tail_ids` must not be empty."""
+    t = model.table
+    *kept, r = tuple(tail_ids)
+    prefix = t.of[r]
+    probs = model.token_probs(tuple(kept))
+    mass = np.zeros(256, np.float64)
+    total = 0.0
+    for v in t.by_first[prefix[0]]:
+        b = t.of[v]
+        if b.startswith(prefix) and probs[v] > 0:
+            total += probs[v]
+            if len(b) > len(prefix):
+                mass[b[len(prefix)]] += probs[v]
+            else:
+                mass += probs[v] * naive_next_byte_probs(model, tuple(kept) + (v,))
+    return mass / total
