@@ -218,7 +218,32 @@ def render_trt_memory(first: dict) -> str:
                       *[where(r, f) for r, f in zip(reports, TRT_FILES)]])
 
 
+def render_boundary(r: dict) -> str:
+    rows = ["| prompt ends | last pre-token: canonical tokens | exact: top next byte | plain tokens: TV / same top | "
+            "token healing: TV / same top | exact: step calls, time |", "|---|---|---|---|---|---|"]
+    yes = lambda ok: "yes" if ok else "no"  # noqa: E731
+    for x in r["rows"]:
+        rows.append(f"| `…{x['prompt_end']}` | `{x['tail']!r}`: {len(x['tail_tokens'])} | `{x['exact_top_byte']!r}` "
+                    f"{x['exact_top_p']:.2f} | {x['naive_tv']:.2f} / {yes(x['naive_top_is_exact'])} | "
+                    f"{x['healing_tv']:.2f} / {yes(x['healing_top_is_exact'])} | {x['exact_step_calls']}, "
+                    f"{1000 * x['exact_s']:.0f} ms |")
+    mean = (f"Mean total-variation distance from the exact next-byte distribution: plain tokens "
+            f"{r['mean_naive_tv']:.2f}, token healing {r['mean_healing_tv']:.2f}.")
+    return "\n".join([command(r, "boundary-tiny.json"), "", *rows, "", mean, "", where(r, "boundary-tiny.json")])
+
+
+def render_concurrency(r: dict) -> str:
+    rows = ["| concurrent requests | requests/s | tokens/s (all requests) | mean time to first token |", "|---|---|---|---|"]
+    for x in r["rows"]:
+        rows.append(f"| {x['concurrency']} | {x['requests_per_s']:.1f} | {x['tokens_per_s']:.0f} | {secs(x['mean_ttft_s'])} |")
+    note = (f"One `Bundle`, {r['requests_per_thread']} greedy requests of {r['max_new_tokens']} tokens per thread "
+            f"(EOS ignored), median of {r['rounds']} rounds; every answer equals the single-threaded one.")
+    return "\n".join([command(r, "concurrency-tiny.json"), "", *rows, "", note, "", where(r, "concurrency-tiny.json")])
+
+
 SECTIONS = {
+    "boundary": ("boundary-tiny.json", render_boundary),
+    "concurrency": ("concurrency-tiny.json", render_concurrency),
     "trt-build": (TRT_FILES[0], render_trt_build),
     "trt-memory": (TRT_FILES[0], render_trt_memory),
     "bench": ("bench-7b-shape.json", render_bench),
