@@ -73,10 +73,31 @@ class Generator:
             capi.GeneratorParams_Destroy(params)
         self._finalize = weakref.finalize(self, capi.Generator_Destroy, self._handle)
 
+    @classmethod
+    def _wrap(cls, handle: int) -> "Generator":
+        gen = cls.__new__(cls)
+        gen._handle = handle
+        gen._finalize = weakref.finalize(gen, capi.Generator_Destroy, handle)
+        return gen
+
     def _live(self) -> int:
         if not self._finalize.alive:
             raise RuntimeStatusError(Status.INVALID_ARGUMENT, "this generator is closed")
         return self._handle
+
+    def follow_up(self, prompt: str, *, max_new_tokens: int = 32, raw_prompt: bool = False, temperature: float = 0.0,
+                  top_p: float = 1.0, seed: int = 0, ignore_eos: bool = False) -> "Generator":
+        """The next turn of this conversation (this generator must be done; it hands its cache over)."""
+        params = _call(capi.GeneratorParams_Create)
+        try:
+            _check(capi.GeneratorParams_SetMaxNewTokens(params, max_new_tokens))
+            _check(capi.GeneratorParams_SetTemperature(params, temperature))
+            _check(capi.GeneratorParams_SetTopP(params, top_p))
+            _check(capi.GeneratorParams_SetSeed(params, seed))
+            _check(capi.GeneratorParams_SetIgnoreEos(params, ignore_eos))
+            return Generator._wrap(_call(capi.Generator_CreateFollowUp, self._live(), params, prompt, raw_prompt))
+        finally:
+            capi.GeneratorParams_Destroy(params)
 
     @property
     def done(self) -> bool:
@@ -223,42 +244,89 @@ class Bundle:
         with Generator(self, image, prompt, max_new_tokens=max_new_tokens, raw_prompt=raw_prompt,
                        temperature=temperature, top_p=top_p, seed=seed, ignore_eos=ignore_eos,
                        exact_boundary=exact_boundary, channels=channels) as gen:
-            stream = _call(capi.TokenizerStream_Create, self._live()) if on_text else None
-            try:
-                for token in gen:
-                    if stream is not None and len(gen.token_ids) == 1 and gen.boundary_text:
-                        on_text(gen.boundary_text)
-                    if stream is not None:
-                        delta = _call(capi.TokenizerStream_Decode, stream, token)
-                        if delta:
-                            on_text(delta)
+            return self._drive(gen, on_text)
+
+    def chat(self, image, channels: str | None = None) -> "Chat":
+        """A conversation about `image`: `chat.ask(question)` answers; later questions are follow-ups that append to
+        the KV cache without running the image through the vision graph again."""
+        return Chat(self, image, channels)
+
+    def _drive(self, gen: Generator, on_text) -> Result:
+        """Runs `gen` to its end, streaming text to `on_text`; its Result."""
+        stream = _call(capi.TokenizerStream_Create, self._live()) if on_text else None
+        try:
+            for token in gen:
+                if stream is not None and len(gen.token_ids) == 1 and gen.boundary_text:
+                    on_text(gen.boundary_text)
                 if stream is not None:
-                    rest = _call(capi.TokenizerStream_Flush, stream)
-                    if rest:
-                        on_text(rest)
-            finally:
-                if stream is not None:
-                    capi.TokenizerStream_Destroy(stream)
-            ids = gen.token_ids
-            timings = gen.timings
-            boundary = gen.boundary_text
-            return Result(
-                token_ids=ids,
-                text=boundary + self.decode(ids),
-                stop_reason=gen.stop_reason,
-                visual_tokens=gen.visual_tokens,
-                prompt_tokens=len(gen.prompt_token_ids) - 1,
-                cache_slots_used=gen.cache_length,
-                ttft_s=timings["ttft_s"],
-                decode_tokens_per_s=timings["decode_tokens_per_s"],
-                timings=timings,
-                boundary_text=boundary,
-            )
+                    delta = _call(capi.TokenizerStream_Decode, stream, token)
+                    if delta:
+                        on_text(delta)
+            if stream is not None:
+                rest = _call(capi.TokenizerStream_Flush, stream)
+                if rest:
+                    on_text(rest)
+        finally:
+            if stream is not None:
+                capi.TokenizerStream_Destroy(stream)
+        ids = gen.token_ids
+        timings = gen.timings
+        boundary = gen.boundary_text
+        return Result(
+            token_ids=ids,
+            text=boundary + self.decode(ids),
+            stop_reason=gen.stop_reason,
+            visual_tokens=gen.visual_tokens,
+            prompt_tokens=len(gen.prompt_token_ids) - 1,
+            cache_slots_used=gen.cache_length,
+            ttft_s=timings["ttft_s"],
+            decode_tokens_per_s=timings["decode_tokens_per_s"],
+            timings=timings,
+            boundary_text=boundary,
+        )
 
     def close(self) -> None:
         self._finalize()
 
     def __enter__(self) -> "Bundle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Chat:
+    """A conversation about one image (Bundle.chat). The first `ask` runs vision and prefill; each later `ask`
+    appends its question to the same KV cache (Generator.follow_up). A new image needs a new Chat."""
+
+    def __init__(self, bundle: Bundle, image, channels: str | None = None):
+        self._bundle, self._image, self._channels = bundle, image, channels
+        self._gen: Generator | None = None
+        self.turns: list[Result] = []
+
+    def ask(self, prompt: str, *, max_new_tokens: int = 32, raw_prompt: bool = False, temperature: float = 0.0,
+            top_p: float = 1.0, seed: int = 0, ignore_eos: bool = False,
+            on_text: Callable[[str], None] | None = None) -> Result:
+        """The answer to `prompt` (the chat template applied, unless `raw_prompt`); options as in Bundle.generate.
+        Raises RuntimeStatusError (CACHE_FULL when the conversation no longer fits: start a new Chat)."""
+        options = dict(max_new_tokens=max_new_tokens, raw_prompt=raw_prompt, temperature=temperature, top_p=top_p,
+                       seed=seed, ignore_eos=ignore_eos)
+        if self._gen is None:
+            gen = Generator(self._bundle, self._image, prompt, channels=self._channels, **options)
+        else:
+            gen = self._gen.follow_up(prompt, **options)
+            self._gen.close()
+        self._gen = gen
+        result = self._bundle._drive(gen, on_text)
+        self.turns.append(result)
+        return result
+
+    def close(self) -> None:
+        if self._gen is not None:
+            self._gen.close()
+            self._gen = None
+
+    def __enter__(self) -> "Chat":
         return self
 
     def __exit__(self, *exc) -> None:

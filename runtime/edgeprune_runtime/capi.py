@@ -294,6 +294,26 @@ def Generator_Create(bundle: int, params: int, image, prompt: str, raw_prompt: b
 
 
 @_api
+def Generator_CreateFollowUp(generator: int, params: int, prompt: str, raw_prompt: bool, out: Out) -> Status:
+    """The next turn of `generator`'s conversation (multi-turn): `prompt` goes into the bundle's follow-up template
+    (" USER: {prompt} ASSISTANT:" for LLaVA's vicuna template; verbatim when `raw_prompt`) and is appended to the
+    generator's KV cache with one step-graph call: no image, vision or prefill of earlier turns. The answer so far
+    stays in the cache (a final EOS does not, as the chat template writes none).
+
+    `generator` must be done; it hands its cache to the new one and can then be read but not stepped
+    (INVALID_ARGUMENT), and it may be destroyed independently. out.value: a Generator handle owned by the caller.
+    Fails with INVALID_ARGUMENT (not done, already followed up, an image token in the prompt, exact_boundary),
+    PROMPT_TOO_LONG, CACHE_FULL (the conversation and max_new_tokens do not fit: start a new one), INFERENCE_FAILED.
+    """
+    p = _get(params, GeneratorParams, "GeneratorParams")
+    _check_out(out)
+    with _using(generator, Generator, "Generator") as g:
+        if not isinstance(raw_prompt, (bool,)):
+            raise RuntimeStatusError(Status.INVALID_ARGUMENT, f"raw_prompt must be a bool, got {type(raw_prompt).__name__}")
+        _put(out, _new(g.follow_up(prompt, p, raw_prompt)))
+
+
+@_api
 def Generator_IsDone(generator: int, out: Out) -> Status:
     """out.value: True once generation stopped (see Generator_GetStopReason)."""
     with _using(generator, Generator, "Generator") as g:

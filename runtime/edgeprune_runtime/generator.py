@@ -198,6 +198,7 @@ class Generator:
         self.token_ids: list[int] = []
         self.stop_reason: str | None = None
         self._eos = set(tok.eos_token_ids)
+        self._handed_over = False  # a follow-up turn took the cache (follow_up)
         self.timings.ttft_s = time.perf_counter() - t0
 
     @property
@@ -210,6 +211,8 @@ class Generator:
         Raises RuntimeStatusError(CACHE_FULL) when generation stopped at a full cache, INVALID_ARGUMENT
         when it stopped for another reason.
         """
+        if self._handed_over:
+            raise RuntimeStatusError(Status.INVALID_ARGUMENT, "this turn has a follow-up, which owns the cache now")
         if self.stop_reason == STOP_CACHE_FULL:
             raise RuntimeStatusError(Status.CACHE_FULL, f"the KV cache is full ({self.cache.capacity} slots); "
                                      "raise `shapes.new_token_slots` in the recipe and re-export for longer answers")
@@ -236,6 +239,57 @@ class Generator:
         else:
             self.timings.decode_s += dt
         return token
+
+    def follow_up(self, prompt: str, params: GeneratorParams, raw_prompt: bool = False) -> "Generator":
+        """The next turn of this conversation: a new Generator that owns this one's KV cache, with the follow-up
+        question appended by one step-graph call (no vision graph, no prefill of earlier turns).
+
+        What the cache then holds is the conversation as the chat template writes it: this turn's prompt, its
+        answer (without a final EOS, which the template does not write) and `follow_up_text(prompt)`. This
+        generator must be done; afterwards it can still be read but not stepped (its cache moved on).
+        Raises RuntimeStatusError: INVALID_ARGUMENT (not done, handed over already, bad prompt or params),
+        PROMPT_TOO_LONG, CACHE_FULL (the follow-up does not fit), INFERENCE_FAILED."""
+        t0 = time.perf_counter()
+        params.check()
+        if not self.done:
+            raise RuntimeStatusError(Status.INVALID_ARGUMENT, "finish this turn (until the generator is done) before a follow-up")
+        if self._handed_over:
+            raise RuntimeStatusError(Status.INVALID_ARGUMENT, "this turn already has a follow-up; ask the latest turn")
+        if params.exact_boundary:
+            raise RuntimeStatusError(Status.INVALID_ARGUMENT, "exact_boundary applies to a conversation's first turn only")
+        bundle, tok = self.bundle, self.bundle.tokenizer
+        text = follow_up_text(tok, bundle.prompt_template, prompt, raw_prompt)
+        ids = _encode_follow_up(tok, text)
+        # the answer's last token was sampled, never run: its K/V is not in the cache yet (a final EOS stays out)
+        pending = self.token_ids[-1:] if self.stop_reason != STOP_EOS else []
+        runner = step_runner(bundle)
+        new = pending + ids
+        if len(new) > runner.max_slots:
+            raise RuntimeStatusError(Status.PROMPT_TOO_LONG, f"the follow-up needs {len(new)} slots, a step takes at most "
+                                     f"{runner.max_slots}; shorten it")
+        if self.cache.length + len(new) + params.max_new_tokens > self.cache.capacity:
+            raise RuntimeStatusError(Status.CACHE_FULL, f"the conversation needs {self.cache.length + len(new)} cache "
+                                     f"slots + {params.max_new_tokens} new, the bundle has {self.cache.capacity}; "
+                                     "start a new conversation or raise `shapes.new_token_slots` and re-export")
+        turn = Generator.__new__(Generator)
+        turn.bundle, turn.params = bundle, GeneratorParams(**params.__dict__)
+        turn.prompt_token_ids = self.prompt_token_ids + self.token_ids[:len(self.token_ids) - 1] + new
+        turn.tail, turn.boundary_text, turn._byte_model = "", "", None
+        turn.visual_tokens, turn.visual_source = self.visual_tokens, self.visual_source
+        turn.timings = Timings()
+        t = time.perf_counter()
+        logits, keys, values = runner.run(new, self.cache)
+        append_slots(self.cache, keys, values)
+        turn.timings.prefill_s = time.perf_counter() - t  # vision_s stays 0: the image is in the cache already
+        turn.cache, turn.decoder = self.cache, self.decoder
+        turn.prompt_slots = self.cache.length
+        turn.logits = logits
+        turn.sampler = Sampler(turn.params.temperature, turn.params.top_p, turn.params.seed)
+        turn.token_ids, turn.stop_reason, turn._eos = [], None, self._eos
+        turn._handed_over = False
+        self._handed_over = True
+        turn.timings.ttft_s = time.perf_counter() - t0
+        return turn
 
     def next_byte_probs(self, continuation: bytes = b"") -> np.ndarray:
         """P(next byte | prompt + continuation), float64 [256] summing to 1, exact over the tokenizations of the
@@ -287,6 +341,45 @@ class Generator:
             keep = np.array(table.by_first[byte], np.int64)
             self.logits = np.full_like(self.logits, -1e30)  # finite: the sampler refuses -inf as a broken graph
             self.logits[keep] = logits[keep] if ids else self._head_logits[keep]
+
+
+def follow_up_template(prompt_template: str, image_token: str) -> str:
+    """The text a follow-up question adds after an answer: " " + the prompt template without its image.
+
+    LLaVA's vicuna chat template (the twins', LLaVA-1.6-vicuna's) writes an assistant turn as
+    "ASSISTANT: " + answer + " " and a user turn as "USER: " + text + " ", then "ASSISTANT:"; the bundle's
+    template is the first user turn with "<image>\n" in it (tests/test_multi_turn.py checks this against
+    transformers' apply_chat_template)."""
+    return " " + prompt_template.replace(image_token + "\n", "").replace(image_token, "")
+
+
+def follow_up_text(tok, prompt_template: str, prompt: str, raw: bool) -> str:
+    """The follow-up's text: the template around `prompt`, or `prompt` itself when `raw` (then without an image token)."""
+    from edgeprune_runtime.tokenize import apply_template
+
+    if not isinstance(prompt, str):
+        raise RuntimeStatusError(Status.INVALID_ARGUMENT, f"prompt must be a str, got {type(prompt).__name__}")
+    if tok.image_token in prompt:
+        raise RuntimeStatusError(Status.INVALID_ARGUMENT, f"a follow-up cannot contain {tok.image_token!r}: the "
+                                 "conversation's image is in the cache already; start a new conversation for a new image")
+    return prompt if raw else apply_template(follow_up_template(prompt_template, tok.image_token), prompt)
+
+
+def _encode_follow_up(tok, text: str) -> list[int]:
+    """Token ids of a follow-up's text, without BOS (the conversation has one)."""
+    if len(text) > MAX_FOLLOW_UP_CHARS:
+        raise RuntimeStatusError(Status.PROMPT_TOO_LONG, f"the follow-up has {len(text)} characters; shorten it")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise RuntimeStatusError(Status.INVALID_ARGUMENT, "the follow-up is not valid UTF-8 text") from None
+    ids = tok.tokenizer.encode(text, add_special_tokens=False).ids
+    if not ids:
+        raise RuntimeStatusError(Status.INVALID_ARGUMENT, "the follow-up is empty")
+    return ids
+
+
+MAX_FOLLOW_UP_CHARS = 1 << 16
 
 
 def _as_bytes(value) -> bytes:
