@@ -163,3 +163,45 @@ def test_chat_api(tiny_bundles, image):
         assert again.ask("What color is it?", max_new_tokens=3).token_ids == b.token_ids
         chat.close()
         again.close()
+
+
+def _cli(args, stdin=""):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    edgeprune = [str(Path(sys.executable).parent / "edgeprune"), "run"]
+    runtime = [sys.executable, "-m", "edgeprune_runtime"]
+    return [subprocess.run(cmd + [str(a) for a in args], input=stdin, capture_output=True, text=True, timeout=300)
+            for cmd in (edgeprune, runtime)]
+
+
+def test_turns_file_and_interactive(tiny_bundles, image, tmp_path):
+    import json
+
+    turns = tmp_path / "turns.jsonl"
+    turns.write_text('{"prompt": "What color is it?"}\n\n{"prompt": "Is it big?"}\n')
+    base = [tiny_bundles[0.2], "--image", image, "--prompt", "What is on the table?", "--max-new-tokens", 3]
+    with Bundle(tiny_bundles[0.2]) as bundle, bundle.chat(image) as chat:
+        expected = [chat.ask(q, max_new_tokens=3).token_ids for q in ("What is on the table?", "What color is it?",
+                                                                        "Is it big?")]
+    for result in _cli(base + ["--turns", turns, "--json"]) + _cli(base + ["--interactive", "--json"],
+                                                                      stdin="What color is it?\n\nIs it big?\n"):
+        assert result.returncode == 0, result.stderr
+        answers = [json.loads(line) for line in result.stdout.splitlines()]
+        assert [tuple(a["token_ids"]) for a in answers] == expected
+        assert answers[1]["timings"]["vision_s"] == 0.0
+
+
+@pytest.mark.parametrize("content,message", [
+    ("What color is it?\n", "line 1 is not JSON"),
+    ('{"prompt": "ok"}\n{"question": "x"}\n', 'line 2 must be an object with one string key "prompt"'),
+    ('{"prompt": 3}\n', 'line 1 must be an object'),
+])
+def test_a_turns_file_that_is_not_jsonl_is_one_error_line(tiny_bundles, image, tmp_path, content, message):
+    turns = tmp_path / "turns.jsonl"
+    turns.write_text(content)
+    for result in _cli([tiny_bundles[0.2], "--image", image, "--prompt", "Hi", "--turns", turns]):
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
+        assert result.stdout == ""  # refused before any answer

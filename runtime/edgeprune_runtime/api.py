@@ -305,16 +305,21 @@ class Chat:
         self.turns: list[Result] = []
 
     def ask(self, prompt: str, *, max_new_tokens: int = 32, raw_prompt: bool = False, temperature: float = 0.0,
-            top_p: float = 1.0, seed: int = 0, ignore_eos: bool = False,
+            top_p: float = 1.0, seed: int = 0, ignore_eos: bool = False, exact_boundary: bool = False,
             on_text: Callable[[str], None] | None = None) -> Result:
-        """The answer to `prompt` (the chat template applied, unless `raw_prompt`); options as in Bundle.generate.
-        Raises RuntimeStatusError (CACHE_FULL when the conversation no longer fits: start a new Chat)."""
+        """The answer to `prompt` (the chat template applied, unless `raw_prompt`); options as in Bundle.generate
+        (`exact_boundary` on the first question only). Raises RuntimeStatusError (CACHE_FULL when the conversation
+        no longer fits: start a new Chat)."""
         options = dict(max_new_tokens=max_new_tokens, raw_prompt=raw_prompt, temperature=temperature, top_p=top_p,
                        seed=seed, ignore_eos=ignore_eos)
         if self._gen is None:
-            gen = Generator(self._bundle, self._image, prompt, channels=self._channels, **options)
+            gen = Generator(self._bundle, self._image, prompt, channels=self._channels, exact_boundary=exact_boundary,
+                            **options)
+        elif exact_boundary:
+            raise RuntimeStatusError(Status.INVALID_ARGUMENT, "exact_boundary applies to a conversation's first question only")
         else:
             gen = self._gen.follow_up(prompt, **options)
+        if self._gen is not None:
             self._gen.close()
         self._gen = gen
         result = self._bundle._drive(gen, on_text)
