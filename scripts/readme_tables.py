@@ -241,7 +241,19 @@ def render_concurrency(r: dict) -> str:
     return "\n".join([command(r, "concurrency-tiny.json"), "", *rows, "", note, "", where(r, "concurrency-tiny.json")])
 
 
+def render_multiturn(r: dict) -> str:
+    f, n = r["follow_up"], r["fresh"]
+    rows = ["| request | image | preprocess | vision | prefill / follow-up step | time to first token |", "|---|---|---|---|---|---|"]
+    for name, x in (("fresh request (same question, new image load)", n), ("follow-up turn (Bundle.chat)", f)):
+        rows.append(f"| {name} | " + " | ".join(f"{1000 * x[k]:.1f} ms" for k in
+                                                ("image_s", "preprocess_s", "vision_s", "prefill_s", "ttft_s")) + " |")
+    note = (f"Medians over {r['rounds']} conversations of {len(r['questions'])} questions "
+            f"({', '.join(repr(q) for q in r['questions'])}), {r['max_new_tokens']} tokens per answer.")
+    return "\n".join([command(r, "multiturn-tiny.json"), "", *rows, "", note, "", where(r, "multiturn-tiny.json")])
+
+
 SECTIONS = {
+    "multiturn": ("multiturn-tiny.json", render_multiturn),
     "boundary": ("boundary-tiny.json", render_boundary),
     "concurrency": ("concurrency-tiny.json", render_concurrency),
     "trt-build": (TRT_FILES[0], render_trt_build),
