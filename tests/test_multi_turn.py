@@ -205,3 +205,17 @@ def test_a_turns_file_that_is_not_jsonl_is_one_error_line(tiny_bundles, image, t
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
         assert result.stdout == ""  # refused before any answer
+
+
+def test_follow_up_after_an_exact_boundary_turn(loaded, image):
+    """The first turn finished its last word byte by byte; the cache holds that word's canonical tokens, and the
+    follow-up's conversation ids say so."""
+    first = run(Generator(loaded, GeneratorParams(max_new_tokens=2, exact_boundary=True), image,
+                          "USER: <image>\nThe cat sits on the ta", raw_prompt=True))
+    second = run(first.follow_up("What color?", GeneratorParams(max_new_tokens=3)))
+    tok = loaded.tokenizer.tokenizer
+    word = tok.encode(" ta" + first.boundary_text, add_special_tokens=False).ids
+    assert second.prompt_token_ids[:len(first.prompt_token_ids) - 2] == first.prompt_token_ids[:-2]  # " ta" is 2 ids
+    assert word == second.prompt_token_ids[len(first.prompt_token_ids) - 2:][:len(word)]
+    before, after = conversation_ids(loaded, [second])
+    assert second.token_ids == single_request(loaded, image, before, after, 3)

@@ -143,6 +143,7 @@ class Generator:
             head_before, head_after = tok.encode_prompt(head)
             tail_tokens = len(before) + len(after) - len(head_before) - len(head_after)
             before, after = head_before, head_after
+        self._context_ids = before + [tok.image_token_id] + after  # what the cache holds, in order (follow_up)
 
         self.timings = Timings()
         # what is left of the budget for the image once the bundle's own buffers are counted
@@ -273,7 +274,8 @@ class Generator:
                                      "start a new conversation or raise `shapes.new_token_slots` and re-export")
         turn = Generator.__new__(Generator)
         turn.bundle, turn.params = bundle, GeneratorParams(**params.__dict__)
-        turn.prompt_token_ids = self.prompt_token_ids + self.token_ids[:len(self.token_ids) - 1] + new
+        # the conversation's ids as the cache holds them; the image token stands for the visual slots
+        turn._context_ids = turn.prompt_token_ids = self._context_ids + self.token_ids[:len(self.token_ids) - 1] + new
         turn.tail, turn.boundary_text, turn._byte_model = "", "", None
         turn.visual_tokens, turn.visual_source = self.visual_tokens, self.visual_source
         turn.timings = Timings()
@@ -334,6 +336,7 @@ class Generator:
         if ids:
             logits, keys, values = self._step.run(ids, self.cache)
             append_slots(self.cache, keys, values)
+            self._context_ids = self._context_ids + ids
             self.logits = logits
         if byte is not None:
             # The first token must start with the byte chosen above: P(token | word, first byte) is the token
