@@ -64,7 +64,7 @@ class TokenBytes:
         """`tokenizer`: a tokenizers.Tokenizer with a ByteLevel decoder. Raises RuntimeStatusError(INVALID_ARGUMENT)
         for another kind (a SentencePiece vocabulary's bytes are not implemented)."""
         decoder = json.loads(tokenizer.to_str()).get("decoder") or {}
-        if decoder.get("type") != "ByteLevel":
+        if decoder.get("type") != "ByteLevel" or tokenizer.pre_tokenizer is None:
             raise RuntimeStatusError(Status.INVALID_ARGUMENT, "exact prompt boundaries need a byte-level BPE tokenizer; "
                                      f"this bundle's decoder is {decoder.get('type')!r}; run without --exact-boundary")
         to_byte = {c: b for b, c in _bytes_to_unicode().items()}
