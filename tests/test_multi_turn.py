@@ -26,13 +26,14 @@ from tiny_inputs import random_image
 @pytest.fixture(scope="module")
 def long_bundle(tmp_path_factory, tiny):
     """The tiny twin with 64 text slots after the image, so a three-turn conversation fits one prefill."""
-    from conftest import TINY_RECIPE
+    from pathlib import Path
+
     from edgeprune.export import export_bundle
     from edgeprune.recipe import load_recipe
 
     root = tmp_path_factory.mktemp("long")
     recipe = root / "recipe.toml"
-    text = TINY_RECIPE.read_text()
+    text = (Path(__file__).resolve().parents[1] / "edgeprune" / "recipes" / "llava-next-tiny.toml").read_text()
     assert "text_slots_after_image = 32" in text
     recipe.write_text(text.replace("text_slots_after_image = 32", "text_slots_after_image = 64"))
     return export_bundle("llava-next-tiny", root / "bundle", load_recipe(recipe), loaded=tiny)
