@@ -232,28 +232,30 @@ def render_boundary(r: dict) -> str:
     return "\n".join([command(r, "boundary-tiny.json"), "", *rows, "", mean, "", where(r, "boundary-tiny.json")])
 
 
-def render_concurrency(r: dict) -> str:
+def render_concurrency(r: dict, file: str = "concurrency-tiny.json") -> str:
     rows = ["| concurrent requests | requests/s | tokens/s (all requests) | mean time to first token |", "|---|---|---|---|"]
     for x in r["rows"]:
-        rows.append(f"| {x['concurrency']} | {x['requests_per_s']:.1f} | {x['tokens_per_s']:.0f} | {secs(x['mean_ttft_s'])} |")
-    note = (f"One `Bundle`, {r['requests_per_thread']} greedy requests of {r['max_new_tokens']} tokens per thread "
-            f"(EOS ignored), median of {r['rounds']} rounds; every answer equals the single-threaded one.")
-    return "\n".join([command(r, "concurrency-tiny.json"), "", *rows, "", note, "", where(r, "concurrency-tiny.json")])
+        rows.append(f"| {x['concurrency']} | {x['requests_per_s']:.3g} | {x['tokens_per_s']:.3g} | {secs(x['mean_ttft_s'])} |")
+    note = (f"One `Bundle`; per thread {r['requests_per_thread']} greedy request(s) of {r['max_new_tokens']} tokens "
+            f"(EOS ignored); median of {r['rounds']} round(s); every answer equals the single-threaded one.")
+    return "\n".join([command(r, file), "", *rows, "", note, "", where(r, file)])
 
 
-def render_multiturn(r: dict) -> str:
+def render_multiturn(r: dict, file: str = "multiturn-tiny.json") -> str:
     f, n = r["follow_up"], r["fresh"]
     rows = ["| request | image | preprocess | vision | prefill / follow-up step | time to first token |", "|---|---|---|---|---|---|"]
     for name, x in (("fresh request (same question, new image load)", n), ("follow-up turn (Bundle.chat)", f)):
-        rows.append(f"| {name} | " + " | ".join(f"{1000 * x[k]:.1f} ms" for k in
+        rows.append(f"| {name} | " + " | ".join(f"{1000 * x[k]:.1f} ms" if x[k] < 1 else secs(x[k]) for k in
                                                 ("image_s", "preprocess_s", "vision_s", "prefill_s", "ttft_s")) + " |")
     note = (f"Medians over {r['rounds']} conversations of {len(r['questions'])} questions "
             f"({', '.join(repr(q) for q in r['questions'])}), {r['max_new_tokens']} tokens per answer.")
-    return "\n".join([command(r, "multiturn-tiny.json"), "", *rows, "", note, "", where(r, "multiturn-tiny.json")])
+    return "\n".join([command(r, file), "", *rows, "", note, "", where(r, file)])
 
 
 SECTIONS = {
     "multiturn": ("multiturn-tiny.json", render_multiturn),
+    "multiturn-llava-shape": ("multiturn-7b-shape.json", lambda r: render_multiturn(r, "multiturn-7b-shape.json")),
+    "concurrency-llava-shape": ("concurrency-7b-shape.json", lambda r: render_concurrency(r, "concurrency-7b-shape.json")),
     "boundary": ("boundary-tiny.json", render_boundary),
     "concurrency": ("concurrency-tiny.json", render_concurrency),
     "trt-build": (TRT_FILES[0], render_trt_build),
