@@ -220,3 +220,24 @@ def test_follow_up_after_an_exact_boundary_turn(loaded, image):
     assert word == second.prompt_token_ids[len(first.prompt_token_ids) - 2:][:len(word)]
     before, after = conversation_ids(loaded, [second])
     assert second.token_ids == single_request(loaded, image, before, after, 3)
+
+
+def test_a_new_image_reuses_the_buffers(tiny_bundles, image, tmp_path):
+    """Chat.new_image: the next question runs vision and prefill on the same cache arrays, with the tokens of a
+    fresh conversation about that image."""
+    other = tmp_path / "other.png"
+    random_image((100, 100), 9).save(other)
+    with Bundle(tiny_bundles[0.2]) as bundle:
+        with bundle.chat(other) as fresh:
+            expected = [fresh.ask(q, max_new_tokens=4).token_ids for q in ("What is here?", "And?")]
+        with bundle.chat(image) as chat:
+            chat.ask("What is on the table?", max_new_tokens=6)
+            from edgeprune_runtime import capi
+
+            cache = capi._objects[chat._gen._handle].cache
+            keys = cache.keys[0]
+            chat.new_image(other)
+            got = [chat.ask(q, max_new_tokens=4) for q in ("What is here?", "And?")]
+            assert capi._objects[chat._gen._handle].cache.keys[0] is keys  # the same buffer, not a new one
+    assert [r.token_ids for r in got] == expected
+    assert got[0].timings["vision_s"] > 0 and got[1].timings["vision_s"] == 0

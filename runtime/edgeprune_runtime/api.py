@@ -52,6 +52,16 @@ class Result:
         return d
 
 
+def _set_params(params: int, max_new_tokens: int = 32, raw_prompt: bool = False, temperature: float = 0.0,
+                top_p: float = 1.0, seed: int = 0, ignore_eos: bool = False, exact_boundary: bool = False) -> None:
+    _check(capi.GeneratorParams_SetMaxNewTokens(params, max_new_tokens))
+    _check(capi.GeneratorParams_SetTemperature(params, temperature))
+    _check(capi.GeneratorParams_SetTopP(params, top_p))
+    _check(capi.GeneratorParams_SetSeed(params, seed))
+    _check(capi.GeneratorParams_SetIgnoreEos(params, ignore_eos))
+    _check(capi.GeneratorParams_SetExactBoundary(params, exact_boundary))
+
+
 class Generator:
     """One request, step by step (Bundle.generator). Iterating yields token ids until generation stops."""
 
@@ -60,12 +70,8 @@ class Generator:
                  exact_boundary: bool = False, channels: str | None = None):
         params = _call(capi.GeneratorParams_Create)
         try:
-            _check(capi.GeneratorParams_SetMaxNewTokens(params, max_new_tokens))
-            _check(capi.GeneratorParams_SetTemperature(params, temperature))
-            _check(capi.GeneratorParams_SetTopP(params, top_p))
-            _check(capi.GeneratorParams_SetSeed(params, seed))
-            _check(capi.GeneratorParams_SetIgnoreEos(params, ignore_eos))
-            _check(capi.GeneratorParams_SetExactBoundary(params, exact_boundary))
+            _set_params(params, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                        ignore_eos=ignore_eos, exact_boundary=exact_boundary)
             out = capi.Out()
             _check(capi.Generator_Create(bundle._live(), params, image, prompt, raw_prompt, out, channels=channels))
             self._handle = out.value
@@ -85,16 +91,25 @@ class Generator:
             raise RuntimeStatusError(Status.INVALID_ARGUMENT, "this generator is closed")
         return self._handle
 
+    def new_conversation(self, image, prompt: str, *, channels: str | None = None, **options) -> "Generator":
+        """A new request (options as in Bundle.generator) on this done generator's cache and buffers."""
+        params = _call(capi.GeneratorParams_Create)
+        try:
+            _set_params(params, **options)
+            out = capi.Out()
+            _check(capi.Generator_CreateOnCache(self._live(), params, image, prompt, options.get("raw_prompt", False),
+                                                out, channels=channels))
+            return Generator._wrap(out.value)
+        finally:
+            capi.GeneratorParams_Destroy(params)
+
     def follow_up(self, prompt: str, *, max_new_tokens: int = 32, raw_prompt: bool = False, temperature: float = 0.0,
                   top_p: float = 1.0, seed: int = 0, ignore_eos: bool = False) -> "Generator":
         """The next turn of this conversation (this generator must be done; it hands its cache over)."""
         params = _call(capi.GeneratorParams_Create)
         try:
-            _check(capi.GeneratorParams_SetMaxNewTokens(params, max_new_tokens))
-            _check(capi.GeneratorParams_SetTemperature(params, temperature))
-            _check(capi.GeneratorParams_SetTopP(params, top_p))
-            _check(capi.GeneratorParams_SetSeed(params, seed))
-            _check(capi.GeneratorParams_SetIgnoreEos(params, ignore_eos))
+            _set_params(params, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                        ignore_eos=ignore_eos)
             return Generator._wrap(_call(capi.Generator_CreateFollowUp, self._live(), params, prompt, raw_prompt))
         finally:
             capi.GeneratorParams_Destroy(params)
@@ -302,6 +317,7 @@ class Chat:
     def __init__(self, bundle: Bundle, image, channels: str | None = None):
         self._bundle, self._image, self._channels = bundle, image, channels
         self._gen: Generator | None = None
+        self._fresh = False  # new_image was called: the next ask starts over on the same cache
         self.turns: list[Result] = []
 
     def ask(self, prompt: str, *, max_new_tokens: int = 32, raw_prompt: bool = False, temperature: float = 0.0,
@@ -315,16 +331,25 @@ class Chat:
         if self._gen is None:
             gen = Generator(self._bundle, self._image, prompt, channels=self._channels, exact_boundary=exact_boundary,
                             **options)
+        elif self._fresh:  # a new image on the previous turn's cache
+            gen = self._gen.new_conversation(self._image, prompt, channels=self._channels,
+                                             exact_boundary=exact_boundary, **options)
         elif exact_boundary:
             raise RuntimeStatusError(Status.INVALID_ARGUMENT, "exact_boundary applies to a conversation's first question only")
         else:
             gen = self._gen.follow_up(prompt, **options)
         if self._gen is not None:
             self._gen.close()
-        self._gen = gen
+        self._gen, self._fresh = gen, False
         result = self._bundle._drive(gen, on_text)
         self.turns.append(result)
         return result
+
+    def new_image(self, image, channels: str | None = None) -> None:
+        """Starts a new conversation about `image` on the same KV cache and buffers: the next `ask` runs the
+        vision graph and prefill again, and the earlier turns are forgotten."""
+        self._image, self._channels = image, channels
+        self._fresh = True
 
     def close(self) -> None:
         if self._gen is not None:

@@ -314,6 +314,19 @@ def Generator_CreateFollowUp(generator: int, params: int, prompt: str, raw_promp
 
 
 @_api
+def Generator_CreateOnCache(generator: int, params: int, image, prompt: str, raw_prompt: bool, out: Out,
+                            channels: str | None = None) -> Status:
+    """A new conversation (a new image) on the KV cache and decode buffers of `generator`, which must be done: as
+    Generator_Create, without allocating a cache. `generator` hands them over and can then be read but not stepped
+    (INVALID_ARGUMENT). out.value: a Generator handle owned by the caller. Fails as Generator_Create, and with
+    INVALID_ARGUMENT when `generator` is not done or was handed over already."""
+    p = _get(params, GeneratorParams, "GeneratorParams")
+    _check_out(out)
+    with _using(generator, Generator, "Generator") as g:
+        _put(out, _new(Generator(g.bundle, p, image, prompt, raw_prompt, channels, reuse=g)))
+
+
+@_api
 def Generator_IsDone(generator: int, out: Out) -> Status:
     """out.value: True once generation stopped (see Generator_GetStopReason)."""
     with _using(generator, Generator, "Generator") as g:

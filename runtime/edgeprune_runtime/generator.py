@@ -118,13 +118,18 @@ class Generator:
     """Runs vision and prefill at construction; each `generate_next_token` then yields one token id."""
 
     def __init__(self, bundle: LoadedBundle, params: GeneratorParams, image, prompt: str, raw_prompt: bool = False,
-                 channels: str | None = None):
+                 channels: str | None = None, reuse: "Generator | None" = None):
         """`image`: a path, encoded bytes, a PIL image, or a numpy uint8 [H, W, 3] frame with `channels`
-        ("rgb" or "bgr"; required for frames, refused otherwise). See `_load`."""
+        ("rgb" or "bgr"; required for frames, refused otherwise). See `_load`.
+
+        `reuse`: a done generator of the same bundle whose KV cache and decode binding this one takes over (a new
+        conversation without allocating buffers); it can then be read but not stepped."""
         t0 = time.perf_counter()
         if not isinstance(raw_prompt, (bool, np.bool_)):
             raise RuntimeStatusError(Status.INVALID_ARGUMENT, f"raw_prompt must be a bool, got {type(raw_prompt).__name__}")
         params.check()
+        if reuse is not None:
+            reuse._check_hand_over(bundle)
         self.bundle = bundle
         self.params = GeneratorParams(**params.__dict__)  # a snapshot: later changes to params do not leak in
         s = bundle.shapes
@@ -184,9 +189,14 @@ class Generator:
 
         t = time.perf_counter()
         logits, keys, values = engine.run_prefill(text_ids, text_valid, embeds, visual_valid)
-        self.cache = engine.new_cache()
-        self.cache.fill_from_prefill(keys, values, slot_valid)
-        self.decoder = engine.decoder(self.cache)
+        if reuse is None:
+            self.cache = engine.new_cache()
+            self.cache.fill_from_prefill(keys, values, slot_valid)
+            self.decoder = engine.decoder(self.cache)
+        else:  # the same buffers: the prefill overwrites slots 0..n-1 and marks the rest invalid
+            self.cache, self.decoder = reuse.cache, reuse.decoder
+            reuse._handed_over = True
+            self.cache.fill_from_prefill(keys, values, slot_valid)
         self.timings.prefill_s = time.perf_counter() - t
 
         self.logits = logits  # [vocab], of the last prompt token until the first decode step
@@ -252,10 +262,7 @@ class Generator:
         PROMPT_TOO_LONG, CACHE_FULL (the follow-up does not fit), INFERENCE_FAILED."""
         t0 = time.perf_counter()
         params.check()
-        if not self.done:
-            raise RuntimeStatusError(Status.INVALID_ARGUMENT, "finish this turn (until the generator is done) before a follow-up")
-        if self._handed_over:
-            raise RuntimeStatusError(Status.INVALID_ARGUMENT, "this turn already has a follow-up; ask the latest turn")
+        self._check_hand_over(self.bundle)
         if params.exact_boundary:
             raise RuntimeStatusError(Status.INVALID_ARGUMENT, "exact_boundary applies to a conversation's first turn only")
         bundle, tok = self.bundle, self.bundle.tokenizer
@@ -292,6 +299,16 @@ class Generator:
         self._handed_over = True
         turn.timings.ttft_s = time.perf_counter() - t0
         return turn
+
+    def _check_hand_over(self, bundle: LoadedBundle) -> None:
+        """INVALID_ARGUMENT unless this generator may give its cache to a follow-up or a new conversation."""
+        if bundle is not self.bundle:
+            raise RuntimeStatusError(Status.INVALID_ARGUMENT, "a generator's cache can only be reused by its own bundle")
+        if not self.done:
+            raise RuntimeStatusError(Status.INVALID_ARGUMENT, "finish this turn (until the generator is done) before a "
+                                     "follow-up or a new conversation on its cache")
+        if self._handed_over:
+            raise RuntimeStatusError(Status.INVALID_ARGUMENT, "this turn's cache was handed over already; use the latest turn")
 
     def next_byte_probs(self, continuation: bytes = b"") -> np.ndarray:
         """P(next byte | prompt + continuation), float64 [256] summing to 1, exact over the tokenizations of the
