@@ -81,3 +81,20 @@ def test_static_sizes_are_ints():
     for pinpoints, crop in ((TINY_PINPOINTS, TINY_IMAGE), (LLAVA_16_PINPOINTS, 336)):
         assert type(max_newline_rows(pinpoints, crop, crop // 14)) is int
         assert type(max_partitions(pinpoints, crop)) is int
+
+
+@pytest.mark.parametrize("hw", [(50, 500), (225, 113), (1, 1)])
+def test_layout_for_reads_a_bundles_static_sizes(hw):
+    """The runtime's entry point: the sizes come from the manifest's Shapes by name (distinct values, so a
+    swapped or wrong field changes the arrays or raises)."""
+    from types import SimpleNamespace
+
+    from edgeprune_runtime.layout import layout_for
+
+    shapes = SimpleNamespace(crop_size=TINY_IMAGE, patch_grid=TINY_IMAGE // 14, partitions=6, newline_slots=17)
+    got = layout_for(hw, TINY_PINPOINTS, shapes)
+    want = compute_layout(hw, TINY_PINPOINTS, TINY_IMAGE, TINY_IMAGE // 14, 6, 17)
+    assert got.grid == want.grid and got.unpadded == want.unpadded
+    for key, value in want.feeds().items():
+        assert np.array_equal(got.feeds()[key], value), key
+    assert got.patch_valid.shape == (6, (TINY_IMAGE // 14) ** 2) and got.newline_valid.shape == (17,)
