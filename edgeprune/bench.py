@@ -89,7 +89,7 @@ def measure_bundle(bundle: str, image_path: str, prompt: str, max_new_tokens: in
     s = manifest.shapes
     weights = (manifest.path(manifest.graphs["lm_weights"]).stat().st_size
                + manifest.path(manifest.graphs["vision"]["weights"]).stat().st_size)
-    cache = 2 * sum(h * s.cache_capacity * s.head_dim * 4 for h in s.kv_heads)
+    cache = 2 * sum(h * s.cache_slots_at(i) * s.head_dim * 4 for i, h in enumerate(s.kv_heads))
     return {"ttft_s": result.ttft_s, "decode_tokens_per_s": result.decode_tokens_per_s,
             "peak_rss_bytes": _peak_rss_bytes(), "generated_tokens": len(result.token_ids),
             "visual_tokens": result.visual_tokens, "weights_bytes": weights, "cache_bytes": cache,
