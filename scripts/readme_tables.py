@@ -218,7 +218,19 @@ def render_trt_memory(first: dict) -> str:
                       *[where(r, f) for r, f in zip(reports, TRT_FILES)]])
 
 
+def render_rewrites_quality(r: dict) -> str:
+    rows = ["| rewrite | what it changed | KL mean | KL max | same greedy tokens |", "|---|---|---|---|---|"]
+    for name, v in r["variants"].items():
+        changed = "; ".join(v["rewrites"]) or "nothing"
+        rows.append(f"| `{name}` | {changed} | {v['kl_mean']:.4f} | {v['kl_max']:.4f} | {v['greedy_agreement']:.2f} |")
+    note = (f"{r['requests']} requests, {r['steps']} greedy tokens each, against the unrewritten `{r['model']}`; KL of "
+            "the next-token distributions at the prompt's end (SkipDecode changes only later tokens: KL 0 there).")
+    return "\n".join([command(r, "rewrites-quality-tiny.json"), "", *rows, "", note, "",
+                      where(r, "rewrites-quality-tiny.json")])
+
+
 SECTIONS = {
+    "rewrites-quality": ("rewrites-quality-tiny.json", render_rewrites_quality),
     "trt-build": (TRT_FILES[0], render_trt_build),
     "trt-memory": (TRT_FILES[0], render_trt_memory),
     "bench": ("bench-7b-shape.json", render_bench),
