@@ -39,7 +39,7 @@ def rewrite_quality(loaded, variants: dict, samples, steps: int = 8,
     requests = [loaded.processor(images=s.image, text=template.replace("{prompt}", s.prompt), return_tensors="pt")
                 for s in samples]
 
-    from edgeprune.rewrites import reference
+    from edgeprune.rewrites import reference as torch_reference
     from edgeprune.rewrites.schedules import parse_drop_visual, parse_skip_decode
 
     def run(model, rewrites=None):
@@ -48,7 +48,7 @@ def rewrite_quality(loaded, variants: dict, samples, steps: int = 8,
         out = []
         for inputs in requests:
             if drops or (schedule and schedule.stages):
-                ref = reference.generate(model, inputs, steps, drops, schedule.skip_at)
+                ref = torch_reference.generate(model, inputs, steps, drops, schedule.skip_at)
                 out.append((torch.log_softmax(ref.logits[0].double(), dim=-1), ref.tokens))
                 continue
             with torch.no_grad():
