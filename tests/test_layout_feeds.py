@@ -50,10 +50,11 @@ def test_every_layout_input_a_vision_graph_declares_is_fed_as_float32(name, crop
 
 
 @pytest.mark.parametrize("name,crop,pinpoints,hw", CASES, ids=lambda v: str(v))
-def test_padding_keys_sort_after_every_real_token(name, crop, pinpoints, hw):
+def test_masks_are_0_or_1_and_padding_keys_sort_after_every_real_token(name, crop, pinpoints, hw):
     layout = _layout(crop, pinpoints, hw)
     for valid, key in ((layout.patch_valid, layout.patch_key), (layout.released_valid, layout.released_key),
                        (layout.newline_valid, layout.newline_key)):
+        assert set(np.unique(valid).tolist()) <= {0.0, 1.0}  # masks multiply features: 1 means "real", nothing else
         assert np.all(key[valid == 0] == INVALID_KEY)
         assert np.all(key[valid > 0] < INVALID_KEY)
 
