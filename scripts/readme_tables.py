@@ -12,6 +12,7 @@ Text outside the markers is left as it is.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import re
 import sys
@@ -140,13 +141,15 @@ def render_mutation(r: dict) -> str:
     for module, m in r["modules"].items():
         v = m["verdicts"]
         score = f"**{100 * m['score']:.1f}%**" if m["mutants"] else "-"
-        run = m.get("run") or {"only": r.get("only") or [], "commit": r["provenance"].get("commit")}
-        at = f"`{run['commit'][:10]}`" if m["mutants"] and run.get("commit") else "-"
+        runs = m.get("runs") or [{"only": r.get("only") or [], "commit": r["provenance"].get("commit")}]
+        at = ", ".join(dict.fromkeys(f"`{x['commit'][:10]}`" for x in runs if x.get("commit"))) if m["mutants"] else "-"
+        if m["mutants"] and m.get("file_sha256") != _sha256(ROOT / m["file"]):
+            at += " (file changed since: rerun)"
         rows.append(f"| `{m['file']}` | {m['mutants']} | {v.get('killed', 0)} | {v.get('timeout', 0)} | "
                     f"{v.get('survived', 0)} | {v.get('no tests', 0)} | {score} | {m.get('not_run', 0)} | {at} |")
         survivors += m["survivors"]
-        if m["mutants"]:
-            only = run.get("only") or []
+        for x in runs if m["mutants"] else []:
+            only = x.get("only") or []
             cmd = ".venv/bin/python scripts/mutation.py --only " + " ".join(f"'{g}'" for g in only) if only else r["command"]
             if cmd not in commands:
                 commands.append(cmd)
@@ -165,6 +168,10 @@ def render_mutation(r: dict) -> str:
         out.append("")
     out.append(where(r, "mutation.json"))
     return "\n".join(out)
+
+
+def _sha256(path: Path) -> str | None:
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
 
 
 def _survivor_reasons() -> dict[str, str]:
