@@ -52,7 +52,7 @@ class BruteForce:
         if seq not in self._memo:
             s = self.bundle.shapes
             ids, valid = text_slots(self.before, self.after + list(seq), s.text_slots_before_image, s.text_slots_after_image)
-            logits, _, _ = self.bundle.engine.run_prefill(ids, valid, self.embeds, self.visual_valid)
+            logits, *_ = self.bundle.engine.run_prefill(ids, valid, self.embeds, self.visual_valid)
             z = logits.astype(np.float64)[self.byte_ids]
             p = np.zeros(len(logits))
             p[self.byte_ids] = np.exp(z - z.max()) / np.exp(z - z.max()).sum()

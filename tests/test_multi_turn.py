@@ -16,7 +16,6 @@ import pytest
 
 from edgeprune_runtime import Bundle, RuntimeStatusError, Status
 from edgeprune_runtime.generator import Generator, GeneratorParams, LoadedBundle, follow_up_template
-from edgeprune_runtime.kvcache import prefill_slot_valid
 from edgeprune_runtime.layout import layout_for
 from edgeprune_runtime.preprocess import load_image, preprocess
 from edgeprune_runtime.tokenize import text_slots
@@ -57,9 +56,9 @@ def single_request(bundle: LoadedBundle, image, before: list[int], after: list[i
     pv, hw = preprocess(load_image(image), bundle.preprocess_params)
     embeds, valid, _ = engine.run_vision(pv, layout_for(hw, bundle.preprocess_params.image_grid_pinpoints, s).feeds())
     ids, text_valid = text_slots(before, after, s.text_slots_before_image, s.text_slots_after_image)
-    logits, keys, values = engine.run_prefill(ids, text_valid, embeds, valid)
+    logits, keys, values, layer_valid = engine.run_prefill(ids, text_valid, embeds, valid)
     cache = engine.new_cache()
-    cache.fill_from_prefill(keys, values, prefill_slot_valid(text_valid, valid, s.text_slots_before_image))
+    cache.fill_from_prefill(keys, values, layer_valid)
     decoder = engine.decoder(cache)
     out = [int(np.argmax(logits))]
     while len(out) < n:

@@ -180,23 +180,28 @@ class Generator:
         slot_valid = prefill_slot_valid(text_valid, visual_valid, t1)
         self.prompt_slots = int((slot_valid > 0.5).sum()) + tail_tokens
         m = self.params.max_new_tokens
-        if m and self.prompt_slots + m > s.cache_capacity:
+        # Layer l holds the text tokens and at most V_l visual ones (the valid visual slots win the drop's TopK).
+        visual = int((visual_valid > 0.5).sum())
+        held = [self.prompt_slots - visual + min(visual, s.visual_slots_at(i)) for i in range(s.num_layers)]
+        worst = max(range(s.num_layers), key=lambda i: held[i] - s.cache_slots_at(i))
+        if m and held[worst] + m > s.cache_slots_at(worst):
+            where = f" in layer {worst}" if s.drops_visual else ""
             raise RuntimeStatusError(
                 Status.INVALID_ARGUMENT,
-                f"--max-new-tokens {m} needs {self.prompt_slots + m} cache slots ({self.prompt_slots} prompt + {m} new), "
-                f"the bundle has {s.cache_capacity}; lower it or raise `shapes.new_token_slots` in the recipe and re-export",
+                f"--max-new-tokens {m} needs {held[worst] + m} cache slots{where} ({held[worst]} prompt + {m} new), "
+                f"the bundle has {s.cache_slots_at(worst)}; lower it or raise `shapes.new_token_slots` in the recipe "
+                "and re-export",
             )
 
         t = time.perf_counter()
-        logits, keys, values = engine.run_prefill(text_ids, text_valid, embeds, visual_valid)
+        logits, keys, values, layer_valid = engine.run_prefill(text_ids, text_valid, embeds, visual_valid)
         if reuse is None:
             self.cache = engine.new_cache()
-            self.cache.fill_from_prefill(keys, values, slot_valid)
-            self.decoder = engine.decoder(self.cache)
-        else:  # the same buffers: the prefill overwrites slots 0..n-1 and marks the rest invalid
-            self.cache, self.decoder = reuse.cache, reuse.decoder
+        else:  # the same cache buffers: the prefill overwrites each layer's slots 0..n-1 and marks the rest invalid
+            self.cache = reuse.cache
             reuse._handed_over = True
-            self.cache.fill_from_prefill(keys, values, slot_valid)
+        self.cache.fill_from_prefill(keys, values, layer_valid)
+        self.decoder = engine.decoder(self.cache)  # small: logits and one slot's K/V; its decode count starts at 0
         self.timings.prefill_s = time.perf_counter() - t
 
         self.logits = logits  # [vocab], of the last prompt token until the first decode step
@@ -275,10 +280,11 @@ class Generator:
         if len(new) > runner.max_slots:
             raise RuntimeStatusError(Status.PROMPT_TOO_LONG, f"the follow-up needs {len(new)} slots, a step takes at most "
                                      f"{runner.max_slots}; shorten it")
-        if self.cache.length + len(new) + params.max_new_tokens > self.cache.capacity:
-            raise RuntimeStatusError(Status.CACHE_FULL, f"the conversation needs {self.cache.length + len(new)} cache "
-                                     f"slots + {params.max_new_tokens} new, the bundle has {self.cache.capacity}; "
-                                     "start a new conversation or raise `shapes.new_token_slots` and re-export")
+        if len(new) + params.max_new_tokens > self.cache.room():
+            raise RuntimeStatusError(Status.CACHE_FULL, f"the follow-up needs {len(new)} cache slots + "
+                                     f"{params.max_new_tokens} new, {self.cache.room()} are left of "
+                                     f"{self.cache.capacity}; start a new conversation or raise `shapes.new_token_slots` "
+                                     "and re-export")
         turn = Generator.__new__(Generator)
         turn.bundle, turn.params = bundle, GeneratorParams(**params.__dict__)
         # the conversation's ids as the cache holds them; the image token stands for the visual slots

@@ -39,11 +39,12 @@ class StepRunner:
         engine.weights.add_to(options, ("|i1", "|u1") if quantized else ())
         self.session = open_session(m.path(m.graphs["step"]["file"], "graphs.step.file"), options, "step")
         self.shapes = engine.shapes
+        self.per_layer_valid = engine.per_layer_valid  # cache_valid_<l> per layer, or layer 0's mask as cache_valid
         self.cache_dtype = engine.cache_dtype
         self.max_slots = engine.shapes.prefill_slots  # the exported range of T
 
     def run(self, token_ids, cache: KVCache):
-        """ids (a sequence of T >= 1 token ids) after the cache's `length` valid slots
+        """ids (a sequence of T >= 1 token ids) after the `position` tokens the cache holds
         -> (logits [vocab] f32 after the last id, keys, values: per layer [Hkv_l, T, Dh]). The cache is only read.
 
         Raises RuntimeStatusError(INVALID_ARGUMENT) when T is outside [1, prefill_slots], INFERENCE_FAILED when ORT fails."""
@@ -57,8 +58,9 @@ class StepRunner:
             "visual_embeds": np.zeros((t, s.hidden_size), np.float32),  # [T, D], unused: no slot is visual
             "is_visual": np.zeros(t, np.float32),
             "slot_valid": np.ones(t, np.float32),
-            "position": np.array([cache.length], np.int64),  # compacted cache: the next position is its length
-            "cache_valid": cache.valid,
+            "position": np.array([cache.position], np.int64),  # tokens seen so far: the first new slot's position
+            **({f"cache_valid_{i}": cache.valid[i] for i in layers} if self.per_layer_valid
+               else {"cache_valid": cache.valid[0]}),
             **{f"past_key_{i}": cache.keys[i] for i in layers},
             **{f"past_value_{i}": cache.values[i] for i in layers},
         }
@@ -73,9 +75,9 @@ def append_slots(cache: KVCache, keys, values) -> None:
 
     The only place where step outputs enter a cache. Raises RuntimeStatusError(CACHE_FULL) when they do not fit."""
     t = keys[0].shape[1]
-    if cache.length + t > cache.capacity:
-        raise RuntimeStatusError(Status.CACHE_FULL, f"the prompt's last word needs {t} more cache slots, "
-                                 f"{cache.capacity - cache.length} are left of {cache.capacity}")
+    if t > cache.room():
+        raise RuntimeStatusError(Status.CACHE_FULL, f"{t} more tokens need cache slots, {cache.room()} are left "
+                                 f"of {cache.capacity}")
     for i in range(t):
         cache.append([k[:, i:i + 1] for k in keys], [v[:, i:i + 1] for v in values])
 
