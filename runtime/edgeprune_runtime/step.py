@@ -32,7 +32,8 @@ class StepRunner:
         m = engine.manifest
         if "step" not in m.graphs:
             raise RuntimeStatusError(Status.INVALID_ARGUMENT, "this bundle has no step graph (lm/step.onnx), which "
-                                     "exact prompt boundaries need; re-export it with this edgeprune version")
+                                     "follow-up questions and exact prompt boundaries need; re-export it with this "
+                                     "edgeprune version")
         onnx_info = m.data.get("onnx")
         quantized = isinstance(onnx_info, dict) and onnx_info.get("precision") in ("int8", "int4")
         options = session_options(prepacking=quantized)  # the same rule as the prefill/decode sessions (engine.py)
