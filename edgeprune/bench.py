@@ -10,6 +10,7 @@ preprocessing, vision, prefill); decode_tokens_per_s = (generated - 1) / (time a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import resource
@@ -89,11 +90,12 @@ def measure_bundle(bundle: str, image_path: str, prompt: str, max_new_tokens: in
     s = manifest.shapes
     weights = (manifest.path(manifest.graphs["lm_weights"]).stat().st_size
                + manifest.path(manifest.graphs["vision"]["weights"]).stat().st_size)
-    cache = 2 * sum(h * s.cache_capacity * s.head_dim * 4 for h in s.kv_heads)
+    cache = 2 * sum(h * s.cache_slots_at(i) * s.head_dim * 4 for i, h in enumerate(s.kv_heads))
     return {"ttft_s": result.ttft_s, "decode_tokens_per_s": result.decode_tokens_per_s,
             "peak_rss_bytes": _peak_rss_bytes(), "generated_tokens": len(result.token_ids),
             "visual_tokens": result.visual_tokens, "weights_bytes": weights, "cache_bytes": cache,
             "prefill_slots": s.prefill_slots, "visual_slots": s.visual_slots, "cache_slots": s.cache_capacity,
+            "lm_layers": s.num_layers, "kv_heads": list(s.kv_heads), "layer_visual_slots": list(s.layer_visual_slots),
             "timings": dict(result.timings)}
 
 
@@ -134,9 +136,11 @@ def run_bench(model_name: str, budget_recipe, model_dir: str | None, layers: int
         strategy = manifest.data["recipe"].get("strategy")
         precision = manifest.data.get("onnx", {}).get("precision", "fp32")
         vision_keep = manifest.data["recipe"].get("vision_keep", "")
+        rewrites = manifest.data["recipe"].get("rewrites", {})
     else:
         strategy, precision = budget_recipe.strategy, budget_recipe.onnx.precision
         vision_keep = budget_recipe.vision_keep
+        rewrites = dataclasses.asdict(budget_recipe.rewrites)
     with tempfile.TemporaryDirectory(prefix="edgeprune-bench-") as tmp:
         image = image_path or str(write_sample_image(Path(tmp) / "sample.png"))
         bundle = bundle_dir or str(Path(tmp) / "bundle")
@@ -158,6 +162,8 @@ def run_bench(model_name: str, budget_recipe, model_dir: str | None, layers: int
 
     return {"model": model_name, "budget": budget, "strategy": strategy, "precision": precision,
             "vision_keep": vision_keep, "max_new_tokens": max_new_tokens,
+            # the recipe's [rewrites] keys that are on (the stats file's path says nothing about the bundle)
+            "rewrites": {k: v for k, v in rewrites.items() if v and k not in ("stats", "head_criterion")},
             "threads": os.cpu_count(), "transformers": hf, "edgeprune": ours, "ratios": ratios,
             "provenance": provenance()}
 

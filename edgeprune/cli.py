@@ -122,13 +122,17 @@ def _recipe(model_name: str, recipe_file: str | None, **flags):
               "exactly layers i,j,... (one layer: 'i,').")
 @click.option("--stats", "stats_file", type=click.Path(), help="Calibration stats (`edgeprune calibrate`) for the "
               "rewrites [default: calibrate on built-in samples].")
+@click.option("--drop-visual-after", help="In-LLM visual-token dropping: after LM layer L keep the KEEP visual slots "
+              "the last text token attends to most, L:KEEP[,L2:KEEP2...] (FastV/PyramidDrop; KEEP 0 = YOPO).")
+@click.option("--skip-decode", help="SkipDecode: from decode position POS on skip the lowest K LM layers, "
+              "POS:K[,POS2:K2...] (monotone), e.g. 32:1,64:2.")
 @click.option("--report", is_flag=True, help="Print parameters, FLOPs per stage and KV-cache bytes before and after "
               "the rewrites (with --json: a `report` key).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (bundle path, K, slots, sizes, timings).")
 @user_errors
 def export(model_name, budget, model_dir, out_dir, recipe_file, strategy, newlines, alpha, vision_keep, layers, target, opset,
            precision, force, prune_heads, prune_vision_heads, fold_pruned_heads, head_criterion, skip_layers,
-           skip_vision_layers, stats_file, report, as_json):
+           skip_vision_layers, stats_file, drop_visual_after, skip_decode, report, as_json):
     """Trace NAME into a static-shape ONNX bundle (vision, prefill, decode, step graphs + manifest)."""
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -140,7 +144,8 @@ def export(model_name, budget, model_dir, out_dir, recipe_file, strategy, newlin
                      vision_keep=vision_keep, target=target, opset=opset, precision=precision, prune_heads=prune_heads,
                      prune_vision_heads=prune_vision_heads, fold_pruned_heads=fold_pruned_heads,
                      head_criterion=head_criterion, stats=stats_file, **_skip_layers_flag(skip_layers),
-                     **_skip_layers_flag(skip_vision_layers, "skip_vision_layers", "--skip-vision-layers"))
+                     **_skip_layers_flag(skip_vision_layers, "skip_vision_layers", "--skip-vision-layers"),
+                     drop_visual_after=drop_visual_after, skip_decode=skip_decode)
     recipe = resolve_for_target(recipe, opset_given=opset is not None)
     out = Path(out_dir or Path("export") / model_name)
     console = Console(stderr=True)
@@ -329,14 +334,24 @@ def tiny(model_name, out_dir, layers, as_json):
 @click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
 @click.option("--skip-hash-check", is_flag=True, help="Do not verify the bundle files' sha256 (faster start).")
+@click.option("--ignore-eos", is_flag=True, help="Go on past EOS until --max-new-tokens or a full cache.")
+@click.option("--exact-boundary", is_flag=True,
+              help="Finish a prompt that ends mid-word or with a space from exact next-byte probabilities.")
+@click.option("--turns", "turns_file", type=click.Path(), help='Follow-up questions, JSON Lines {"prompt": "..."}, '
+              "asked after --prompt in one conversation (the image is seen once).")
+@click.option("--interactive", is_flag=True, help="After the answer(s), read follow-up questions from stdin.")
 @user_errors
-def run(bundle, image, prompt, max_new_tokens, raw_prompt, temperature, top_p, seed, as_json, skip_hash_check):
+def run(bundle, image, prompt, max_new_tokens, raw_prompt, temperature, top_p, seed, as_json, skip_hash_check,
+        ignore_eos, exact_boundary, turns_file, interactive):
     """Answer PROMPT about IMAGE with BUNDLE on ONNX Runtime, streaming tokens as they come."""
+    from edgeprune_runtime.cli import read_turns
     from edgeprune_runtime.cli import run as runtime_run
 
+    turns = read_turns(turns_file) if turns_file is not None else None
     runtime_run(bundle, image, prompt, max_new_tokens=max_new_tokens, raw_prompt=raw_prompt,
                 temperature=temperature, top_p=top_p, seed=seed, as_json=as_json,
-                verify_hashes=not skip_hash_check)
+                verify_hashes=not skip_hash_check, ignore_eos=ignore_eos, exact_boundary=exact_boundary,
+                turns=turns, interactive=interactive)
 
 
 @cli.command()
@@ -402,19 +417,27 @@ def compare(bundle, image, prompt, raw_prompt, model_dir, atol, rtol, save_dir, 
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8", "int4"]),
               help="Bundle precision (recipe onnx.precision); int8/int4 are ONNX Runtime CPU quantization.")
 @click.option("--vision-keep", help="Token pruning inside the vision tower, as in export (recipe vision_keep).")
+@click.option("--prune-heads", type=float, help="Rewrite, as in export: prune this fraction of each LM layer's KV groups.")
+@click.option("--skip-layers", help="Rewrite, as in export: skip N LM layers or exactly layers i,j,...")
+@click.option("--drop-visual-after", help="Rewrite, as in export: L:KEEP[,...] in-LLM visual-token dropping.")
+@click.option("--skip-decode", help="Rewrite, as in export: POS:K[,...] SkipDecode schedule.")
+@click.option("--stats", "stats_file", type=click.Path(), help="Calibration stats for the rewrites, as in export.")
 @click.option("--selection-cost", "selection_strategies",
               help="Instead: time the vision graph of each listed strategy (comma-separated) against the "
                    "same graph without selection.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @user_errors
 def bench(model_name, budget, layers, model_dir, recipe_file, bundle_dir, image, prompt, max_new_tokens,
-          precision, vision_keep, selection_strategies, as_json):
+          precision, vision_keep, prune_heads, skip_layers, drop_visual_after, skip_decode, stats_file,
+          selection_strategies, as_json):
     """Time-to-first-token, decode tokens/s and peak memory: transformers (full) vs the bundle (budget)."""
     import json
 
     from edgeprune.bench import run_bench, selection_cost
 
-    recipe = _recipe(model_name, recipe_file, budget=budget, precision=precision, vision_keep=vision_keep)
+    recipe = _recipe(model_name, recipe_file, budget=budget, precision=precision, vision_keep=vision_keep,
+                     prune_heads=prune_heads, **_skip_layers_flag(skip_layers), drop_visual_after=drop_visual_after,
+                     skip_decode=skip_decode, stats=stats_file)
     log = _stage_logger()
     if selection_strategies:
         from edgeprune.sweep import parse_list

@@ -51,15 +51,15 @@ def calibration_feeds(scratch: Path, shapes, preprocess_params, prompt_tokenizer
     so.log_severity_level = 3
     session = lambda name: ort.InferenceSession(str(scratch / name / f"{name}.onnx"), so)  # noqa: E731
     vision, prefill = session("vision"), session("prefill")
-    vision_inputs = {i.name for i in vision.get_inputs()}
+    declared = {name: _graph_inputs(scratch / name / f"{name}.onnx") for name in ("vision", "decode", "step")}
     feeds: dict[str, list[dict]] = {"vision": [], "prefill": [], "decode": [], "step": []}
     t1, t2 = s.text_slots_before_image, s.text_slots_after_image
     layers = range(s.num_layers)
+    pick = lambda graph, pool: {name: pool[name] for name in declared[graph]}  # noqa: E731 (the graph's own inputs)
     for width, height in CALIBRATION_IMAGES:
         pixel_values, image_hw = preprocess(make_sample_image(width, height), preprocess_params)
         layout = layout_for(image_hw, preprocess_params.image_grid_pinpoints, s)
-        feed = {"pixel_values": pixel_values, **layout.feeds()}
-        feed = {k: v for k, v in feed.items() if k in vision_inputs}
+        feed = pick("vision", {"pixel_values": pixel_values, **layout.feeds()})
         feeds["vision"].append(feed)
         embeds, visual_valid, _ = vision.run(["visual_embeds", "visual_valid", "visual_source"], feed)
         for prompt in CALIBRATION_PROMPTS:
@@ -68,26 +68,38 @@ def calibration_feeds(scratch: Path, shapes, preprocess_params, prompt_tokenizer
             p_feed = {"text_ids": text_ids, "text_valid": text_valid, "visual_embeds": embeds, "visual_valid": visual_valid}
             feeds["prefill"].append(p_feed)
             out = dict(zip([o.name for o in prefill.get_outputs()], prefill.run(None, p_feed)))
-            slot_valid = prefill_slot_valid(text_valid, visual_valid, t1)
-            cache = KVCache(s.kv_heads, s.cache_capacity, s.head_dim)
-            n = cache.fill_from_prefill([out[f"key_{i}"] for i in layers], [out[f"value_{i}"] for i in layers], slot_valid)
-            d_feed = {"token_id": np.array([int(np.argmax(out["logits"]))], np.int64), "position": np.array([n], np.int64),
-                      "cache_valid": cache.valid.copy()}
+            full = prefill_slot_valid(text_valid, visual_valid, t1)
+            # the cache as the runtime fills it (per-layer sizes and validity where rewrites made them differ)
+            cache = KVCache(s.kv_heads, [s.cache_slots_at(i) for i in layers], s.head_dim)
+            n = cache.fill_from_prefill([out[f"key_{i}"] for i in layers], [out[f"value_{i}"] for i in layers],
+                                        [out.get(f"slot_valid_{i}", full) for i in layers])
+            pool = {"token_id": np.array([int(np.argmax(out["logits"]))], np.int64), "position": np.array([n], np.int64),
+                    "cache_valid": cache.valid[0].copy()}
             for i in layers:
-                d_feed[f"past_key_{i}"], d_feed[f"past_value_{i}"] = cache.keys[i].copy(), cache.values[i].copy()
-            feeds["decode"].append(d_feed)
+                pool[f"cache_valid_{i}"] = cache.valid[i].copy()
+                pool[f"past_key_{i}"], pool[f"past_value_{i}"] = cache.keys[i].copy(), cache.values[i].copy()
+            feeds["decode"].append(pick("decode", pool))
             v = s.visual_slots
             step = {"token_ids": np.concatenate([text_ids[:t1], np.zeros(v, np.int64), text_ids[t1:]]),
                     "visual_embeds": np.concatenate([np.zeros((t1, s.hidden_size), np.float32), embeds,
                                                      np.zeros((t2, s.hidden_size), np.float32)]),
                     "is_visual": np.concatenate([np.zeros(t1), np.ones(v), np.zeros(t2)]).astype(np.float32),
-                    "slot_valid": slot_valid, "position": np.zeros(1, np.int64),
+                    "slot_valid": full, "position": np.zeros(1, np.int64),
                     "cache_valid": np.zeros(s.cache_capacity, np.float32)}
-            for i, h in enumerate(s.kv_heads):
+            for i, h in enumerate(s.kv_heads):  # an empty cache
+                step[f"cache_valid_{i}"] = np.zeros(s.cache_slots_at(i), np.float32)
                 for kind in ("key", "value"):
-                    step[f"past_{kind}_{i}"] = np.zeros((h, s.cache_capacity, s.head_dim), np.float32)
-            feeds["step"].append(step)
+                    step[f"past_{kind}_{i}"] = np.zeros((h, s.cache_slots_at(i), s.head_dim), np.float32)
+            feeds["step"].append(pick("step", step))
     return feeds
+
+
+def _graph_inputs(path: Path) -> set[str]:
+    """The runtime inputs a graph declares (its weights not loaded)."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return {i.name for i in graph.input} - {t.name for t in graph.initializer}
 
 
 def quantize_qdq(src: Path, dst: Path, feeds: list[dict], keep_fp32: list[str] = ()) -> None:

@@ -12,6 +12,7 @@ Text outside the markers is left as it is.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import re
 import sys
@@ -135,19 +136,28 @@ def render_sweep(r: dict) -> str:
 
 
 def render_mutation(r: dict) -> str:
+    """One row per module, each from the run named in its "run" (modules are run one `--only` at a time)."""
     reasons = _survivor_reasons()
-    rows = ["| module | mutants run | killed | timeout | survived | no tests | score | not run |",
-            "|---|---|---|---|---|---|---|---|"]
-    survivors = []
+    rows = ["| module | mutants run | killed | timeout | survived | no tests | score | not run | run at |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    survivors, commands = [], []
     for module, m in r["modules"].items():
         v = m["verdicts"]
         score = f"**{100 * m['score']:.1f}%**" if m["mutants"] else "-"
+        runs = m.get("runs") or [{"only": r.get("only") or [], "commit": r["provenance"].get("commit")}]
+        at = ", ".join(dict.fromkeys(f"`{x['commit'][:10]}`" for x in runs if x.get("commit"))) if m["mutants"] else "-"
+        if m["mutants"] and m.get("file_sha256") != _sha256(ROOT / m["file"]):
+            at += " (file changed since: rerun)"
         rows.append(f"| `{m['file']}` | {m['mutants']} | {v.get('killed', 0)} | {v.get('timeout', 0)} | "
-                    f"{v.get('survived', 0)} | {v.get('no tests', 0)} | {score} | {m.get('not_run', 0)} |")
+                    f"{v.get('survived', 0)} | {v.get('no tests', 0)} | {score} | {m.get('not_run', 0)} | {at} |")
         survivors += m["survivors"]
-    only = r.get("only") or []
-    cmd = ".venv/bin/python scripts/mutation.py --only " + " ".join(f"'{g}'" for g in only) if only else r["command"]
-    out = [f"```\n{cmd}\n```", "", *rows, ""]
+        for x in runs if m["mutants"] else []:
+            only = x.get("only") or []
+            flags = (["--survivors"] if x.get("survivors") else []) + (["--only", *(f"'{g}'" for g in only)] if only else [])
+            cmd = " ".join([".venv/bin/python scripts/mutation.py", *flags]) if flags else r["command"]
+            if cmd not in commands:
+                commands.append(cmd)
+    out = ["```\n" + "\n".join(commands) + "\n```", "", *rows, ""]
     if survivors:
         missing = [s["name"] for s in survivors if s["name"] not in reasons]
         if missing:
@@ -162,6 +172,10 @@ def render_mutation(r: dict) -> str:
         out.append("")
     out.append(where(r, "mutation.json"))
     return "\n".join(out)
+
+
+def _sha256(path: Path) -> str | None:
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
 
 
 def _survivor_reasons() -> dict[str, str]:
@@ -259,11 +273,89 @@ def render_fidelity(r: dict) -> str:
                       where(r, "fidelity-7b-shape-fast.json")])
 
 
+def render_boundary(r: dict) -> str:
+    rows = ["| prompt ends | last pre-token: canonical tokens | exact: top next byte | plain tokens: TV / same top | "
+            "token healing: TV / same top | exact: step calls, time |", "|---|---|---|---|---|---|"]
+    yes = lambda ok: "yes" if ok else "no"  # noqa: E731
+    for x in r["rows"]:
+        rows.append(f"| `…{x['prompt_end']}` | `{x['tail']!r}`: {len(x['tail_tokens'])} | `{x['exact_top_byte']!r}` "
+                    f"{x['exact_top_p']:.2f} | {x['naive_tv']:.2f} / {yes(x['naive_top_is_exact'])} | "
+                    f"{x['healing_tv']:.2f} / {yes(x['healing_top_is_exact'])} | {x['exact_step_calls']}, "
+                    f"{1000 * x['exact_s']:.0f} ms |")
+    mean = (f"Mean total-variation distance from the exact next-byte distribution: plain tokens "
+            f"{r['mean_naive_tv']:.2f}, token healing {r['mean_healing_tv']:.2f}.")
+    return "\n".join([command(r, "boundary-tiny.json"), "", *rows, "", mean, "", where(r, "boundary-tiny.json")])
+
+
+def render_concurrency(r: dict, file: str = "concurrency-tiny.json") -> str:
+    rows = ["| concurrent requests | requests/s | tokens/s (all requests) | mean time to first token |", "|---|---|---|---|"]
+    for x in r["rows"]:
+        rows.append(f"| {x['concurrency']} | {x['requests_per_s']:.3g} | {x['tokens_per_s']:.3g} | {secs(x['mean_ttft_s'])} |")
+    note = (f"One `Bundle`; per thread {r['requests_per_thread']} greedy request(s) of {r['max_new_tokens']} tokens "
+            f"(EOS ignored); median of {r['rounds']} round(s); every answer equals the single-threaded one.")
+    return "\n".join([command(r, file), "", *rows, "", note, "", where(r, file)])
+
+
+def render_multiturn(r: dict, file: str = "multiturn-tiny.json") -> str:
+    f, n = r["follow_up"], r["fresh"]
+    rows = ["| request | image | preprocess | vision | prefill / follow-up step | time to first token |", "|---|---|---|---|---|---|"]
+    for name, x in (("fresh request (same question, new image load)", n), ("follow-up turn (Bundle.chat)", f)):
+        rows.append(f"| {name} | " + " | ".join(f"{1000 * x[k]:.1f} ms" if x[k] < 1 else secs(x[k]) for k in
+                                                ("image_s", "preprocess_s", "vision_s", "prefill_s", "ttft_s")) + " |")
+    note = (f"Medians over {r['rounds']} conversations of {len(r['questions'])} questions "
+            f"({', '.join(repr(q) for q in r['questions'])}), {r['max_new_tokens']} tokens per answer.")
+    return "\n".join([command(r, file), "", *rows, "", note, "", where(r, file)])
+
+
+def render_rewrites_quality(r: dict) -> str:
+    rows = ["| rewrite | what it changed | KL mean | KL max | same greedy tokens |", "|---|---|---|---|---|"]
+    for name, v in r["variants"].items():
+        changed = "; ".join(v["rewrites"]) or "nothing"
+        rows.append(f"| `{name}` | {changed} | {v['kl_mean']:.4f} | {v['kl_max']:.4f} | {v['greedy_agreement']:.2f} |")
+    note = (f"{r['requests']} requests, {r['steps']} greedy tokens each, against the unrewritten `{r['model']}`; KL of "
+            "the next-token distributions at the prompt's end (SkipDecode changes only later tokens: KL 0 there).")
+    return "\n".join([command(r, "rewrites-quality-tiny.json"), "", *rows, "", note, "",
+                      where(r, "rewrites-quality-tiny.json")])
+
+
+REWRITE_BENCH = ("unpruned", "heads-25", "heads-50", "skip-1-layer", "drop-visual-after-1")
+REWRITE_BENCH_FILES = tuple(f"rewrites-bench-7b-shape-{name}.json" for name in REWRITE_BENCH)
+
+
+def render_rewrites_bench(first: dict) -> str:
+    """One bench per rewrite of the same model, the unpruned bundle first: TTFT (and its prefill part) and decode."""
+    reports = [first] + [load(f) for f in REWRITE_BENCH_FILES[1:]]
+    base = reports[0]["edgeprune"]
+    rows = ["| bundle | rewrites | LM layers / KV heads | visual slots per layer | time to first token (prefill) "
+            "| decode | vs unpruned: TTFT, prefill, decode |", "|---|---|---|---|---|---|---|"]
+    for name, r in zip(REWRITE_BENCH, reports):
+        e, t = r["edgeprune"], r["edgeprune"]["timings"]
+        rw = ", ".join(f"{k} {v}" for k, v in r.get("rewrites", {}).items()) or "none"
+        visual = e.get("layer_visual_slots") or [e["visual_slots"]] * e["lm_layers"]
+        rows.append(f"| {name} | {rw} | {e['lm_layers']} / {sum(e['kv_heads'])} | {', '.join(map(str, visual))} | "
+                    f"{secs(e['ttft_s'])} ({secs(t['prefill_s'])}) | {e['decode_tokens_per_s']:.1f} tokens/s | "
+                    f"{base['ttft_s'] / e['ttft_s']:.2f}x, {base['timings']['prefill_s'] / t['prefill_s']:.2f}x, "
+                    f"{e['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}x |")
+    cmds = "\n".join(f".venv/bin/python scripts/record_result.py docs/results/{f} -- \\\n    {r['recorded_command']}"
+                     for f, r in zip(REWRITE_BENCH_FILES, reports))
+    note = (f"{first['max_new_tokens']} new tokens, budget {first['budget']:g} ({base['visual_slots']} visual slots), "
+            "speed-ups over the unpruned bundle of the same run; random weights: no quality figure here.")
+    return "\n".join(["```\n" + cmds + "\n```", "", *rows, "", note, "",
+                      *[where(r, f) for r, f in zip(reports, REWRITE_BENCH_FILES)]])
+
+
 SECTIONS = {
     "bench-fast": (FAST_BENCH, lambda r: render_bench(r, FAST_BENCH, FAST_TARGETS)),
     "matmul-forms": ("matmul-forms.json", render_matmul_forms),
     "genai": ("genai-side-by-side-7b-shape.json", render_genai),
     "fidelity-fast": ("fidelity-7b-shape-fast.json", render_fidelity),
+    "rewrites-bench": (REWRITE_BENCH_FILES[0], render_rewrites_bench),
+    "rewrites-quality": ("rewrites-quality-tiny.json", render_rewrites_quality),
+    "multiturn": ("multiturn-tiny.json", render_multiturn),
+    "multiturn-llava-shape": ("multiturn-7b-shape.json", lambda r: render_multiturn(r, "multiturn-7b-shape.json")),
+    "concurrency-llava-shape": ("concurrency-7b-shape.json", lambda r: render_concurrency(r, "concurrency-7b-shape.json")),
+    "boundary": ("boundary-tiny.json", render_boundary),
+    "concurrency": ("concurrency-tiny.json", render_concurrency),
     "trt-build": (TRT_FILES[0], render_trt_build),
     "trt-memory": (TRT_FILES[0], render_trt_memory),
     "bench": ("bench-7b-shape.json", render_bench),

@@ -264,7 +264,7 @@ def test_one_step_session_matches_the_prefill_and_decode_graphs(bundles, sample_
     embeds = rng.standard_normal((s.visual_slots, s.hidden_size)).astype(np.float32)
     visual_valid = np.ones(s.visual_slots, np.float32)
     visual_valid[-3:] = 0
-    logits, keys, values = eng.run_prefill(text_ids, text_valid, embeds, visual_valid)
+    logits, keys, values, slot_valid = eng.run_prefill(text_ids, text_valid, embeds, visual_valid)
 
     prefill = ort.InferenceSession(str(q / "lm" / "prefill.onnx"))
     ref = prefill.run(None, {"text_ids": text_ids, "text_valid": text_valid, "visual_embeds": embeds,
@@ -273,6 +273,7 @@ def test_one_step_session_matches_the_prefill_and_decode_graphs(bundles, sample_
     ref = dict(zip(names, ref))
     np.testing.assert_allclose(logits, ref["logits"], atol=2e-3, rtol=1e-3)
     valid = prefill_slot_valid(text_valid, visual_valid, s.text_slots_before_image) > 0.5
+    assert all(np.array_equal(v > 0.5, valid) for v in slot_valid)
     for i in range(s.num_layers):  # padding slots' K/V are never read
         np.testing.assert_allclose(keys[i][:, valid], ref[f"key_{i}"][:, valid], atol=2e-3, rtol=1e-3)
         np.testing.assert_allclose(values[i][:, valid], ref[f"value_{i}"][:, valid], atol=2e-3, rtol=1e-3)
@@ -281,7 +282,7 @@ def test_one_step_session_matches_the_prefill_and_decode_graphs(bundles, sample_
     n = cache.fill_from_prefill(keys, values, valid.astype(np.float32))
     token = int(np.argmax(logits))
     decode = ort.InferenceSession(str(q / "lm" / "decode.onnx"))
-    feed = {"token_id": np.array([token], np.int64), "position": np.array([n], np.int64), "cache_valid": cache.valid.copy()}
+    feed = {"token_id": np.array([token], np.int64), "position": np.array([n], np.int64), "cache_valid": cache.valid[0].copy()}
     for i in range(s.num_layers):
         feed[f"past_key_{i}"], feed[f"past_value_{i}"] = cache.keys[i].copy(), cache.values[i].copy()
     ref = dict(zip([o.name for o in decode.get_outputs()], decode.run(None, feed)))

@@ -46,7 +46,7 @@ from edgeprune_runtime import checks
 from edgeprune_runtime.env import env_flag, env_int
 from edgeprune_runtime.errors import RuntimeStatusError, Status, bundle_invalid
 from edgeprune_runtime.kvcache import KVCache, prefill_slot_valid
-from edgeprune_runtime.manifest import Manifest, WeightEntry
+from edgeprune_runtime.manifest import Manifest, WeightEntry, per_layer_validity
 
 PROVIDERS = ["CPUExecutionProvider"]
 
@@ -211,28 +211,49 @@ class Engine:
 
         self.weights = SharedWeights(weights_path, index_path)
         lm_prepack = env_flag("EDGEPRUNE_LM_PREPACK")
+        # Quantized LM graphs (--precision int8/int4) need prepacking in both sessions: MatMulNBits unpacked
+        # dequantizes every weight on every call (decode 24x slower on the tiny twin, measured), and the packed
+        # copies are INT8/INT4-sized, not fp32 (the shared map is then only read while the sessions load).
         onnx_info = manifest.data.get("onnx")
         quantized = isinstance(onnx_info, dict) and onnx_info.get("precision") in ("int8", "int4")
         self.vision = open_session(vision_path, session_options(prepacking=True), "vision")
+        prefill_opts = session_options(prepacking=lm_prepack or quantized)
+        decode_opts = session_options(prepacking=quantized)
         # Quantized matmul weights (int8/uint8) are prepacked into a private copy anyway: ORT reads them itself and
         # frees them after packing, where a shared map would keep them resident too. Float tensors (embeddings,
         # norms) stay shared.
         skip = ("|i1", "|u1") if quantized else ()
-        # None: prefill and decode graphs in two sessions; else the one step session doing both (module docstring)
+        # SkipDecode: one decode graph per skip count (the lowest k layers skipped), the same shared weights
+        self.skip_decode = manifest.skip_decode
+        self.per_layer_valid = per_layer_validity(self.shapes, self.skip_decode)
+        self.decode_skip = {}
+        # None: prefill and decode graphs in their own sessions; else the one step session doing both (module
+        # docstring), for quantized bundles whose layers all hold the same slots (the step graph's form)
         self.step = None
-        if quantized and isinstance(graphs.get("step"), dict):
+        if quantized and isinstance(graphs.get("step"), dict) and self._uniform_layers():
             step_opts = session_options(prepacking=True)
             self.weights.add_to(step_opts, skip)
             self.step = open_session(manifest.path(graphs["step"]["file"], "graphs.step.file"), step_opts, "step")
             self.prefill = self.decode = self.step
-        else:
-            prefill_opts = session_options(prepacking=lm_prepack or quantized)
-            decode_opts = session_options(prepacking=quantized)
-            self.weights.add_to(prefill_opts, skip)
-            self.weights.add_to(decode_opts, skip)
-            self.prefill = open_session(prefill_path, prefill_opts, "prefill")
-            self.decode = open_session(decode_path, decode_opts, "decode")
+            self._check_contract()
+            return
+        self.weights.add_to(prefill_opts, skip)
+        self.weights.add_to(decode_opts, skip)
+        self.prefill = open_session(prefill_path, prefill_opts, "prefill")
+        self.decode = open_session(decode_path, decode_opts, "decode")
+        for k in self.skip_decode.skips[1:]:
+            rel = graphs["decode_skip"][str(k)]["file"]
+            opts = session_options(prepacking=quantized)
+            self.weights.add_to(opts, skip)
+            self.decode_skip[k] = open_session(manifest.path(rel, f"graphs.decode_skip.{k}.file"), opts, f"decode (skip {k})")
         self._check_contract()
+
+    def _uniform_layers(self) -> bool:
+        """Every layer holds all S prefill slots and C cache slots, with one validity and no SkipDecode graphs."""
+        s = self.shapes
+        return (not self.per_layer_valid and len(self.skip_decode.skips) <= 1
+                and all(s.prefill_slots_at(i) == s.prefill_slots and s.cache_slots_at(i) == s.cache_capacity
+                        for i in range(s.num_layers)))
 
     def _check_contract(self) -> None:
         """Every input/output the runtime feeds or reads is declared with the manifest's static shape
@@ -258,22 +279,37 @@ class Engine:
         if self.step is not None:
             self._check_step_contract()
             return
+        # prefill: layer l outputs K/V of its S_l slots; a layer on fewer slots (visual tokens dropped) also their validity
         kv = {}
         for layer, h in enumerate(s.kv_heads):
-            kv[f"key_{layer}"] = kv[f"value_{layer}"] = [h, S, s.head_dim]
+            kv[f"key_{layer}"] = kv[f"value_{layer}"] = [h, s.prefill_slots_at(layer), s.head_dim]
+            if s.visual_slots_at(layer) < V:
+                kv[f"slot_valid_{layer}"] = [s.prefill_slots_at(layer)]
         _check_io("prefill", _declared(self.prefill.get_inputs()), {
             "text_ids": [T], "text_valid": [T], "visual_embeds": [V, s.hidden_size], "visual_valid": [V],
         }, "input")
         _check_io("prefill", _declared(self.prefill.get_outputs()), {"logits": [s.vocab_size], **kv}, "output")
+        self.cache_dtype = None
+        for k, session in {0: self.decode, **self.decode_skip}.items():
+            self._check_decode(session, "decode" if not k else f"decode (skip {k})", k)
 
+    def _check_decode(self, session, what: str, skip: int) -> None:
+        """A decode graph running layers skip.. reads their caches [Hkv_l, C_l, Dh] and validity (per layer
+        or one shared [C]) and writes their new K/V slices; every decode graph has one cache dtype."""
+        s = self.shapes
+        run = range(skip, s.num_layers)
         past, new = {}, {}
-        for layer, h in enumerate(s.kv_heads):
-            past[f"past_key_{layer}"] = past[f"past_value_{layer}"] = [h, C, s.head_dim]
+        for layer in run:
+            h = s.kv_heads[layer]
+            past[f"past_key_{layer}"] = past[f"past_value_{layer}"] = [h, s.cache_slots_at(layer), s.head_dim]
             new[f"new_key_{layer}"] = new[f"new_value_{layer}"] = [h, 1, s.head_dim]
-        din, dout = _declared(self.decode.get_inputs()), _declared(self.decode.get_outputs())
-        _check_io("decode", din, {"token_id": [1], "position": [1], "cache_valid": [C], **past}, "input")
-        _check_io("decode", dout, {"logits": [s.vocab_size], **new}, "output")
-        self._check_cache_types("decode", din, dout, past, new)
+        valid = ({f"cache_valid_{layer}": [s.cache_slots_at(layer)] for layer in run} if self.per_layer_valid
+                 else {"cache_valid": [s.cache_capacity]})
+        din, dout = _declared(session.get_inputs()), _declared(session.get_outputs())
+        _check_io(what, din, {"token_id": [1], "position": [1], **valid, **past}, "input")
+        _check_io(what, dout, {"logits": [s.vocab_size], **new}, "output")
+        self._check_cache_types(what, din, dout, past, new, {"token_id": "tensor(int64)", "position": "tensor(int64)",
+                                                             **{name: "tensor(float)" for name in valid}})
 
     def _check_step_contract(self) -> None:
         """The step graph's inputs/outputs with T (its dynamic slot count) as declared by the exporter."""
@@ -287,17 +323,23 @@ class Engine:
         _check_io("step", din, {"token_ids": ["T"], "visual_embeds": ["T", D], "is_visual": ["T"], "slot_valid": ["T"],
                                 "position": [1], "cache_valid": [C], **past}, "input")
         _check_io("step", dout, {"logits": [s.vocab_size], **new}, "output")
-        self._check_cache_types("step", din, dout, past, new, token_input="token_ids")
+        self.cache_dtype = None
+        self._check_cache_types("step", din, dout, past, new, {
+            "token_ids": "tensor(int64)", "position": "tensor(int64)", "cache_valid": "tensor(float)",
+            "visual_embeds": "tensor(float)", "is_visual": "tensor(float)", "slot_valid": "tensor(float)"})
 
-    def _check_cache_types(self, what: str, din: dict, dout: dict, past: dict, new: dict, token_input: str = "token_id") -> None:
-        """The cache dtype (float or float16, one for all layers) and the types of what the Decoder binds."""
+    def _check_cache_types(self, what: str, din: dict, dout: dict, past: dict, new: dict, inputs: dict[str, str]) -> None:
+        """One cache dtype (float or float16) for every graph, and the types of what the Decoder binds:
+        `inputs` {name: ORT type}, the logits and the new K/V slices."""
         kinds = {din[name][1] for name in past}
         if len(kinds) != 1 or next(iter(kinds)) not in ("tensor(float)", "tensor(float16)"):
             raise bundle_invalid(f"{what} graph cache inputs have types {sorted(kinds)}; float or float16 (one type) is required")
         cache_type = next(iter(kinds))
+        if self.cache_dtype is not None and _ORT_DTYPES[cache_type] != self.cache_dtype:
+            raise bundle_invalid(f"{what} graph caches are {cache_type}, the decode graph's are not; re-export")
         self.cache_dtype = _ORT_DTYPES[cache_type]
         # the Decoder binds numpy buffers of these types to the decode graph once (engine.Decoder)
-        bound = {token_input: (din, "tensor(int64)"), "position": (din, "tensor(int64)"), "cache_valid": (din, "tensor(float)"),
+        bound = {**{name: (din, want) for name, want in inputs.items()},
                  "logits": (dout, "tensor(float)"), **{name: (dout, cache_type) for name in new}}
         for name, (declared, want) in bound.items():
             if declared[name][1] != want:
@@ -315,18 +357,26 @@ class Engine:
         return tuple(_run(self.vision, "vision", ["visual_embeds", "visual_valid", "visual_source"], feeds))
 
     def run_prefill(self, text_ids, text_valid, visual_embeds, visual_valid):
-        """-> (logits [vocab], keys, values), keys/values: per layer [Hkv_l, S, Dh]."""
-        layers = range(self.shapes.num_layers)
-        if self.step is not None:
+        """-> (logits [vocab], keys, values, slot_valid): keys/values per layer [Hkv_l, S_l, Dh]; slot_valid per
+        layer [S_l] (the prefill sequence's validity, `kvcache.prefill_slot_valid`, for a layer on every slot;
+        the graph's `slot_valid_<l>` for a layer after a visual-token drop)."""
+        s = self.shapes
+        layers = range(s.num_layers)
+        full = prefill_slot_valid(text_valid, visual_valid, s.text_slots_before_image)
+        if self.step is not None:  # every layer on all S slots (Engine._uniform_layers)
             names = ["logits"] + [f"new_key_{i}" for i in layers] + [f"new_value_{i}" for i in layers]
             out = _run(self.step, "step", names, self._prefill_as_step(text_ids, text_valid, visual_embeds, visual_valid))
-        else:
-            names = ["logits"] + [f"key_{i}" for i in layers] + [f"value_{i}" for i in layers]
-            out = _run(self.prefill, "prefill", names, {
-                "text_ids": text_ids, "text_valid": text_valid, "visual_embeds": visual_embeds, "visual_valid": visual_valid,
-            })
-        n = self.shapes.num_layers
-        return out[0], out[1:1 + n], out[1 + n:]
+            n = s.num_layers
+            return out[0], out[1:1 + n], out[1 + n:], [full] * n
+        dropped = [i for i in layers if s.visual_slots_at(i) < s.visual_slots]
+        names = ["logits"] + [f"key_{i}" for i in layers] + [f"value_{i}" for i in layers] + \
+            [f"slot_valid_{i}" for i in dropped]
+        out = _run(self.prefill, "prefill", names, {
+            "text_ids": text_ids, "text_valid": text_valid, "visual_embeds": visual_embeds, "visual_valid": visual_valid,
+        })
+        n = s.num_layers
+        given = dict(zip(dropped, out[1 + 2 * n:]))
+        return out[0], out[1:1 + n], out[1 + n:1 + 2 * n], [given.get(i, full) for i in layers]
 
     def _prefill_as_step(self, text_ids, text_valid, visual_embeds, visual_valid) -> dict[str, np.ndarray]:
         """The prefill request as one step of T = S slots (text-before | visual | text-after) over an empty cache."""
@@ -347,13 +397,14 @@ class Engine:
 
     def new_cache(self) -> KVCache:
         s = self.shapes
-        return KVCache(s.kv_heads, s.cache_capacity, s.head_dim, self.cache_dtype)
+        return KVCache(s.kv_heads, [s.cache_slots_at(i) for i in range(s.num_layers)], s.head_dim, self.cache_dtype)
 
     def decoder(self, cache: KVCache) -> "Decoder":
         if self.step is None:
-            return Decoder(self.decode, cache, self.shapes.vocab_size)
+            return Decoder({0: self.decode, **self.decode_skip}, cache, self.shapes.vocab_size, self.per_layer_valid,
+                           self.skip_decode)
         # one slot: a text token at the next position (is_visual 0, slot_valid 1, its embedding unused)
-        return Decoder(self.step, cache, self.shapes.vocab_size, token_input="token_ids", constant_inputs={
+        return Decoder({0: self.step}, cache, self.shapes.vocab_size, token_input="token_ids", constant_inputs={
             "visual_embeds": np.zeros((1, self.shapes.hidden_size), np.float32),
             "is_visual": np.zeros(1, np.float32), "slot_valid": np.ones(1, np.float32)})
 
@@ -366,41 +417,53 @@ def _run(session, what: str, names: list[str], feeds: dict):
 
 
 class Decoder:
-    """The decode session bound once to one cache: every input and output wraps a numpy buffer.
+    """The decode sessions bound once to one cache: every input and output wraps a numpy buffer.
 
     Per step only `token_id`/`position` are written (in place), ORT reads the cache buffers where
     they are and writes logits and the new K/V slice into preallocated buffers; the runtime then
     copies that slice ([Hkv_l, 1, Dh] per layer) into the cache. No per-token copy of the cache.
+
+    SkipDecode: `sessions` {skip count k: decode session running layers k..}; each step runs the one the
+    schedule names for its decode position, and only layers k.. get the token's K/V. Validity is bound per
+    layer (`cache_valid_<l>`) or, when every layer holds the same tokens, layer 0's mask as `cache_valid`.
     """
 
-    def __init__(self, session, cache: KVCache, vocab: int, token_input: str = "token_id",
-                 constant_inputs: dict[str, np.ndarray] | None = None):
-        """`session` runs the decode graph, or the step graph with `token_input="token_ids"` and its per-slot
+    def __init__(self, sessions: dict, cache: KVCache, vocab: int, per_layer_valid: bool = False, schedule=None,
+                 token_input: str = "token_id", constant_inputs: dict[str, np.ndarray] | None = None):
+        """`sessions` run decode graphs, or {0: the step graph} with `token_input="token_ids"` and its per-slot
         inputs other than the token in `constant_inputs` (bound once, never written)."""
         import onnxruntime as ort
 
-        self.session = session
+        from edgeprune_runtime.manifest import SkipDecode
+
+        self.sessions = sessions
         self.cache = cache
-        layers = range(len(cache.keys))
+        self.schedule = schedule or SkipDecode()
+        self.steps = 0  # decode position of the next step
         self.token_id = np.zeros(1, np.int64)
         self.position = np.zeros(1, np.int64)
         self.logits = np.zeros(vocab, np.float32)
         self.new_keys = [np.zeros((k.shape[0], 1, k.shape[2]), k.dtype) for k in cache.keys]  # [Hkv_l, 1, Dh]
         self.new_values = [np.zeros((v.shape[0], 1, v.shape[2]), v.dtype) for v in cache.values]
-        self.binding = session.io_binding()
-        self._keep = []  # the OrtValues must live as long as the binding
+        self.bindings = {}
         self._constants = dict(constant_inputs or {})
-        for name, buf in [(token_input, self.token_id), ("position", self.position), ("cache_valid", cache.valid)] + \
-                list(self._constants.items()) + \
-                [(f"past_key_{i}", cache.keys[i]) for i in layers] + [(f"past_value_{i}", cache.values[i]) for i in layers]:
-            value = ort.OrtValue.ortvalue_from_numpy(buf)  # CPU: shares the numpy memory
-            self.binding.bind_ortvalue_input(name, value)
-            self._keep.append(value)
-        for name, buf in [("logits", self.logits)] + \
-                [(f"new_key_{i}", self.new_keys[i]) for i in layers] + [(f"new_value_{i}", self.new_values[i]) for i in layers]:
-            value = ort.OrtValue.ortvalue_from_numpy(buf)
-            self.binding.bind_ortvalue_output(name, value)
-            self._keep.append(value)
+        self._keep = []  # the OrtValues must live as long as the bindings
+        for skip, session in sessions.items():
+            run = range(skip, len(cache.keys))
+            valid = [(f"cache_valid_{i}", cache.valid[i]) for i in run] if per_layer_valid else [("cache_valid", cache.valid[0])]
+            binding = session.io_binding()
+            for name, buf in [(token_input, self.token_id), ("position", self.position), *valid] + \
+                    list(self._constants.items()) + \
+                    [(f"past_key_{i}", cache.keys[i]) for i in run] + [(f"past_value_{i}", cache.values[i]) for i in run]:
+                value = ort.OrtValue.ortvalue_from_numpy(buf)  # CPU: shares the numpy memory
+                binding.bind_ortvalue_input(name, value)
+                self._keep.append(value)
+            for name, buf in [("logits", self.logits)] + \
+                    [(f"new_key_{i}", self.new_keys[i]) for i in run] + [(f"new_value_{i}", self.new_values[i]) for i in run]:
+                value = ort.OrtValue.ortvalue_from_numpy(buf)
+                binding.bind_ortvalue_output(name, value)
+                self._keep.append(value)
+            self.bindings[skip] = binding
 
     def step(self, token_id: int) -> np.ndarray:
         """Runs `token_id` at the next position, appends its K/V to the cache; returns the logits buffer.
@@ -408,13 +471,15 @@ class Decoder:
         The returned array is overwritten by the next step. Raises RuntimeStatusError(CACHE_FULL)
         when no slot is left and INFERENCE_FAILED when ORT fails.
         """
-        if self.cache.full:
+        skip = self.schedule.skip_at(self.steps)
+        if self.cache.room(range(skip, len(self.cache.keys))) <= 0:
             raise RuntimeStatusError(Status.CACHE_FULL, f"the KV cache is full ({self.cache.capacity} slots)")
         self.token_id[0] = token_id
-        self.position[0] = self.cache.length  # compacted cache: slot index == position
+        self.position[0] = self.cache.position  # the token's position; each layer's slots are compacted apart
         try:
-            self.session.run_with_iobinding(self.binding)
+            self.sessions[skip].run_with_iobinding(self.bindings[skip])
         except Exception as e:
             raise RuntimeStatusError(Status.INFERENCE_FAILED, f"ONNX Runtime failed running the decode graph: {_one_line(e)}") from None
-        self.cache.append(self.new_keys, self.new_values)
+        self.cache.append(self.new_keys[skip:], self.new_values[skip:], first_layer=skip)
+        self.steps += 1
         return self.logits
