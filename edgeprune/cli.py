@@ -329,14 +329,16 @@ def tiny(model_name, out_dir, layers, as_json):
 @click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
 @click.option("--skip-hash-check", is_flag=True, help="Do not verify the bundle files' sha256 (faster start).")
+@click.option("--backend", type=click.Choice(["auto", "cpu", "cuda", "trt"]), default="auto", show_default=True,
+              help="Where to run: the bundle's TensorRT engines, a CUDA GPU, or the CPU (auto: the first that can run here).")
 @user_errors
-def run(bundle, image, prompt, max_new_tokens, raw_prompt, temperature, top_p, seed, as_json, skip_hash_check):
+def run(bundle, image, prompt, max_new_tokens, raw_prompt, temperature, top_p, seed, as_json, skip_hash_check, backend):
     """Answer PROMPT about IMAGE with BUNDLE on ONNX Runtime, streaming tokens as they come."""
     from edgeprune_runtime.cli import run as runtime_run
 
     runtime_run(bundle, image, prompt, max_new_tokens=max_new_tokens, raw_prompt=raw_prompt,
                 temperature=temperature, top_p=top_p, seed=seed, as_json=as_json,
-                verify_hashes=not skip_hash_check)
+                verify_hashes=not skip_hash_check, backend=backend)
 
 
 @cli.command()

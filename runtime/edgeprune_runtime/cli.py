@@ -15,6 +15,7 @@ import sys
 from typing import TextIO
 
 from edgeprune_runtime.api import Bundle, Result
+from edgeprune_runtime.backends.select import BACKENDS
 from edgeprune_runtime.errors import RuntimeStatusError, Status
 
 EXIT_USER_ERROR = 2
@@ -22,7 +23,8 @@ EXIT_USER_ERROR = 2
 
 def run(bundle_path, image, prompt: str, *, max_new_tokens: int = 32, raw_prompt: bool = False,
         temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, as_json: bool = False,
-        verify_hashes: bool = True, stdout: TextIO | None = None, stderr: TextIO | None = None) -> Result:
+        verify_hashes: bool = True, backend: str = "auto", stdout: TextIO | None = None,
+        stderr: TextIO | None = None) -> Result:
     """Loads the bundle, generates, and prints: the text as it comes (plus a summary line on stderr),
     or with `as_json` one JSON object with the Result's fields. Raises RuntimeStatusError."""
     stdout = stdout or sys.stdout
@@ -31,7 +33,7 @@ def run(bundle_path, image, prompt: str, *, max_new_tokens: int = 32, raw_prompt
     def stream(text: str) -> None:
         _write(stdout, text)
 
-    with Bundle(bundle_path, verify_hashes=verify_hashes) as bundle:
+    with Bundle(bundle_path, verify_hashes=verify_hashes, backend=backend) as bundle:
         result = bundle.generate(image, prompt, max_new_tokens=max_new_tokens, raw_prompt=raw_prompt,
                                  temperature=temperature, top_p=top_p, seed=seed,
                                  on_text=None if as_json else stream)
@@ -40,7 +42,8 @@ def run(bundle_path, image, prompt: str, *, max_new_tokens: int = 32, raw_prompt
     else:
         _write(stdout, "\n")  # flushed: the answer before the summary line when both go to one terminal
         rate = f"{result.decode_tokens_per_s:.1f} tokens/s" if result.decode_tokens_per_s is not None else "- tokens/s"
-        _write(stderr, f"[{len(result.token_ids)} tokens, stop: {result.stop_reason}, {result.visual_tokens} visual tokens, "
+        _write(stderr, f"[{result.backend}: {len(result.token_ids)} tokens, stop: {result.stop_reason}, "
+                       f"{result.visual_tokens} visual tokens, "
                        f"ttft {result.ttft_s:.3f} s, {rate}]\n")
     return result
 
@@ -106,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1.0)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="where to run: auto (engines, else a CUDA GPU, else CPU; default), cpu, cuda, trt")
     p.add_argument("--skip-hash-check", action="store_true", help="do not verify the bundle files' sha256 (faster start)")
     p.add_argument("--version", action=VersionAction)
     return p
@@ -120,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(args.bundle, args.image, args.prompt, max_new_tokens=args.max_new_tokens, raw_prompt=args.raw_prompt,
             temperature=args.temperature, top_p=args.top_p, seed=args.seed, as_json=args.json,
-            verify_hashes=not args.skip_hash_check)
+            verify_hashes=not args.skip_hash_check, backend=args.backend)
     except RuntimeStatusError as e:
         _report(f"error: {e.message}")
         return EXIT_USER_ERROR

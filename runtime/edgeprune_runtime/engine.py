@@ -36,12 +36,11 @@ from pathlib import Path
 import numpy as np
 
 from edgeprune_runtime import checks
+from edgeprune_runtime.backends.select import CPU, Backend
 from edgeprune_runtime.env import env_flag, env_int
 from edgeprune_runtime.errors import RuntimeStatusError, Status, bundle_invalid
 from edgeprune_runtime.kvcache import KVCache
 from edgeprune_runtime.manifest import Manifest, WeightEntry
-
-PROVIDERS = ["CPUExecutionProvider"]
 
 _ORT_DTYPES = {
     "tensor(float)": np.float32,
@@ -155,15 +154,24 @@ def session_options(prepacking: bool = True):
     return so
 
 
-def open_session(path: Path, options, what: str):
-    """Raises RuntimeStatusError(BUNDLE_INVALID) when ORT cannot load the graph."""
+def open_session(path: Path, options, what: str, backend: Backend = CPU):
+    """A session of `backend`'s providers. On a GPU backend no node may fall back to the CPU (a silent
+    fallback would move the cache through the host on every step): ORT then refuses the graph instead.
+
+    Raises RuntimeStatusError(BUNDLE_INVALID) when ORT cannot load the graph, DEVICE_UNSUPPORTED when the
+    GPU backend's provider cannot run one of its nodes."""
     import onnxruntime as ort
 
     if not path.is_file():
         raise bundle_invalid(f"{what} graph {path} is missing; re-export the bundle")
+    if backend.device != "cpu":
+        options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
     try:
-        return ort.InferenceSession(str(path), options, providers=PROVIDERS)
+        return ort.InferenceSession(str(path), options, providers=list(backend.providers))
     except Exception as e:  # ORT raises its own pybind exception types (Fail, InvalidGraph, ...)
+        if backend.device != "cpu":
+            raise RuntimeStatusError(Status.DEVICE_UNSUPPORTED, f"the {backend.name} backend cannot run the {what} graph "
+                                     f"{path.name}: {_one_line(e)}; use --backend cpu") from None
         raise bundle_invalid(f"ONNX Runtime cannot load {what} graph {path.name}: {_one_line(e)}") from None
 
 
@@ -189,9 +197,12 @@ def _check_io(what: str, declared: dict, expected: dict[str, list[int]], kind: s
 class Engine:
     """The three sessions of one bundle; stateless between requests (the cache lives in a Decoder)."""
 
-    def __init__(self, manifest: Manifest):
+    def __init__(self, manifest: Manifest, backend: Backend = CPU):
+        """Sessions of `backend` (backends.select): its providers run every graph, its device holds the cache."""
         self.manifest = manifest
         self.shapes = manifest.shapes
+        self.backend = backend
+        self.device = backend.make_device()
         graphs = manifest.graphs  # their presence and paths were checked by load_manifest
         vision_path = manifest.path(graphs["vision"]["file"], "graphs.vision.file")
         prefill_path = manifest.path(graphs["prefill"]["file"], "graphs.prefill.file")
@@ -206,7 +217,7 @@ class Engine:
         # copies are INT8/INT4-sized, not fp32 (the shared map is then only read while the sessions load).
         onnx_info = manifest.data.get("onnx")
         quantized = isinstance(onnx_info, dict) and onnx_info.get("precision") in ("int8", "int4")
-        self.vision = open_session(vision_path, session_options(prepacking=True), "vision")
+        self.vision = open_session(vision_path, session_options(prepacking=True), "vision", backend)
         prefill_opts = session_options(prepacking=lm_prepack or quantized)
         decode_opts = session_options(prepacking=quantized)
         # Quantized matmul weights (int8/uint8) are prepacked into a private copy anyway: ORT reads them itself and
@@ -215,8 +226,8 @@ class Engine:
         skip = ("|i1", "|u1") if quantized else ()
         self.weights.add_to(prefill_opts, skip)
         self.weights.add_to(decode_opts, skip)
-        self.prefill = open_session(prefill_path, prefill_opts, "prefill")
-        self.decode = open_session(decode_path, decode_opts, "decode")
+        self.prefill = open_session(prefill_path, prefill_opts, "prefill", backend)
+        self.decode = open_session(decode_path, decode_opts, "decode", backend)
         self._check_contract()
 
     def _check_contract(self) -> None:
@@ -279,18 +290,31 @@ class Engine:
         return tuple(_run(self.vision, "vision", ["visual_embeds", "visual_valid", "visual_source"], feeds))
 
     def run_prefill(self, text_ids, text_valid, visual_embeds, visual_valid):
-        """-> (logits [vocab], keys, values), keys/values: per layer [Hkv_l, S, Dh]."""
-        layers = range(self.shapes.num_layers)
-        names = ["logits"] + [f"key_{i}" for i in layers] + [f"value_{i}" for i in layers]
-        out = _run(self.prefill, "prefill", names, {
-            "text_ids": text_ids, "text_valid": text_valid, "visual_embeds": visual_embeds, "visual_valid": visual_valid,
-        })
+        """-> (logits [vocab] on the host, keys, values): per layer [Hkv_l, S, Dh] Buffers on the backend's device.
+
+        The K/V outputs stay where the graph computed them (ORT allocates them on the device); only the
+        logits come back to the host. KVCache.fill_from_prefill then copies the valid slots on the device.
+        """
         n = self.shapes.num_layers
-        return out[0], out[1:1 + n], out[1 + n:]
+        binding = self.prefill.io_binding()
+        for name, array in (("text_ids", text_ids), ("text_valid", text_valid), ("visual_embeds", visual_embeds),
+                            ("visual_valid", visual_valid)):
+            binding.bind_cpu_input(name, np.ascontiguousarray(array))
+        binding.bind_output("logits", "cpu")
+        kv_names = [f"key_{i}" for i in range(n)] + [f"value_{i}" for i in range(n)]
+        for name in kv_names:
+            binding.bind_output(name, self.device.name, self.device.device_id)
+        try:
+            self.prefill.run_with_iobinding(binding)
+        except Exception as e:  # ORT's pybind exceptions
+            raise RuntimeStatusError(Status.INFERENCE_FAILED, f"ONNX Runtime failed running the prefill graph: {_one_line(e)}") from None
+        out = binding.get_outputs()  # OrtValues, in binding order
+        kv = [self.device.wrap(v) for v in out[1:]]
+        return out[0].numpy(), kv[:n], kv[n:]
 
     def new_cache(self) -> KVCache:
         s = self.shapes
-        return KVCache(s.kv_heads, s.cache_capacity, s.head_dim, self.cache_dtype)
+        return KVCache(s.kv_heads, s.cache_capacity, s.head_dim, self.cache_dtype, self.device)
 
     def decoder(self, cache: KVCache) -> "Decoder":
         return Decoder(self.decode, cache, self.shapes.vocab_size)
@@ -304,11 +328,18 @@ def _run(session, what: str, names: list[str], feeds: dict):
 
 
 class Decoder:
-    """The decode session bound once to one cache: every input and output wraps a numpy buffer.
+    """The decode session bound once to one cache; only the three small host inputs are bound again per step.
 
-    Per step only `token_id`/`position` are written (in place), ORT reads the cache buffers where
-    they are and writes logits and the new K/V slice into preallocated buffers; the runtime then
-    copies that slice ([Hkv_l, 1, Dh] per layer) into the cache. No per-token copy of the cache.
+    Buffers (backends/device.py), all allocated once:
+        past_key_l / past_value_l   the cache's [Hkv_l, C, Dh] buffers, on the backend's device (read in place)
+        new_key_l / new_value_l     [Hkv_l, 1, Dh] staging buffers on the same device; after each run the cache
+                                    copies them into slot `length` (KVCache.append: a 2-D copy on the device)
+        logits                      [vocab] host numpy buffer: the only output that comes back per token
+        token_id, position [1], cache_valid [C]: host arrays, bound again before every run, because ORT copies
+                                    a host input to the device when it is bound, not when the graph runs
+    The graph cannot write its new slice straight into the cache: the slot is Hkv_l strided rows of a
+    [Hkv_l, C, Dh] buffer, and ORT binds contiguous tensors only; a slot-major cache would need the decode
+    graph to transpose the whole cache every step instead.
     """
 
     def __init__(self, session, cache: KVCache, vocab: int):
@@ -316,24 +347,22 @@ class Decoder:
 
         self.session = session
         self.cache = cache
-        layers = range(len(cache.keys))
+        device = cache.device
+        layers = range(len(cache.key_buffers))
         self.token_id = np.zeros(1, np.int64)
         self.position = np.zeros(1, np.int64)
         self.logits = np.zeros(vocab, np.float32)
-        self.new_keys = [np.zeros((k.shape[0], 1, k.shape[2]), k.dtype) for k in cache.keys]  # [Hkv_l, 1, Dh]
-        self.new_values = [np.zeros((v.shape[0], 1, v.shape[2]), v.dtype) for v in cache.values]
+        self.new_keys = [device.zeros((k.shape[0], 1, k.shape[2]), k.dtype) for k in cache.key_buffers]  # [Hkv_l, 1, Dh]
+        self.new_values = [device.zeros((v.shape[0], 1, v.shape[2]), v.dtype) for v in cache.value_buffers]
         self.binding = session.io_binding()
-        self._keep = []  # the OrtValues must live as long as the binding
-        for name, buf in [("token_id", self.token_id), ("position", self.position), ("cache_valid", cache.valid)] + \
-                [(f"past_key_{i}", cache.keys[i]) for i in layers] + [(f"past_value_{i}", cache.values[i]) for i in layers]:
-            value = ort.OrtValue.ortvalue_from_numpy(buf)  # CPU: shares the numpy memory
-            self.binding.bind_ortvalue_input(name, value)
-            self._keep.append(value)
-        for name, buf in [("logits", self.logits)] + \
-                [(f"new_key_{i}", self.new_keys[i]) for i in layers] + [(f"new_value_{i}", self.new_values[i]) for i in layers]:
-            value = ort.OrtValue.ortvalue_from_numpy(buf)
-            self.binding.bind_ortvalue_output(name, value)
-            self._keep.append(value)
+        self._keep = [ort.OrtValue.ortvalue_from_numpy(self.logits)]  # the OrtValues must live as long as the binding
+        for i in layers:
+            self.binding.bind_ortvalue_input(f"past_key_{i}", cache.key_buffers[i].value)
+            self.binding.bind_ortvalue_input(f"past_value_{i}", cache.value_buffers[i].value)
+        self.binding.bind_ortvalue_output("logits", self._keep[0])
+        for i in layers:
+            self.binding.bind_ortvalue_output(f"new_key_{i}", self.new_keys[i].value)
+            self.binding.bind_ortvalue_output(f"new_value_{i}", self.new_values[i].value)
 
     def step(self, token_id: int) -> np.ndarray:
         """Runs `token_id` at the next position, appends its K/V to the cache; returns the logits buffer.
@@ -346,6 +375,8 @@ class Decoder:
         self.token_id[0] = token_id
         self.position[0] = self.cache.length  # compacted cache: slot index == position
         try:
+            for name, array in (("token_id", self.token_id), ("position", self.position), ("cache_valid", self.cache.valid)):
+                self.binding.bind_cpu_input(name, array)
             self.session.run_with_iobinding(self.binding)
         except Exception as e:
             raise RuntimeStatusError(Status.INFERENCE_FAILED, f"ONNX Runtime failed running the decode graph: {_one_line(e)}") from None
