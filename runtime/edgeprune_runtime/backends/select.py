@@ -146,7 +146,7 @@ def _engine_backend(manifest, target: str, entry, reason: str) -> Backend:
         raise _refuse(f"{where} has a manifest entry this runtime does not know; rebuild with `edgeprune build`")
     provider, module = ENGINE_PROVIDERS[entry["library"]]
     rebuild = f"rebuild them here with `edgeprune build {manifest.root} --target {target}`"
-    contexts = {name: e.get("context_model") for name, e in entry["engines"].items() if isinstance(e, dict)}
+    contexts = {name: e.get("context_file") for name, e in entry["engines"].items() if isinstance(e, dict)}
     if set(contexts) != {"vision", "lm"} or not all(isinstance(c, str) for c in contexts.values()):
         raise _refuse(f"{where} lack their EPContext wrapper models (built by an older edgeprune); {rebuild}")
     if provider not in _providers():
