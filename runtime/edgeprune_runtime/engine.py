@@ -39,7 +39,7 @@ from edgeprune_runtime import checks
 from edgeprune_runtime.backends.select import CPU, Backend
 from edgeprune_runtime.env import env_flag, env_int
 from edgeprune_runtime.errors import RuntimeStatusError, Status, bundle_invalid
-from edgeprune_runtime.kvcache import KVCache
+from edgeprune_runtime.kvcache import KVCache, prefill_slot_valid
 from edgeprune_runtime.manifest import Manifest, WeightEntry
 
 _ORT_DTYPES = {
@@ -195,7 +195,16 @@ def _check_io(what: str, declared: dict, expected: dict[str, list[int]], kind: s
 
 
 class Engine:
-    """The three sessions of one bundle; stateless between requests (the cache lives in a Decoder)."""
+    """The sessions of one bundle on one backend; stateless between requests (the cache lives in a Decoder).
+
+    The language model runs as one of two graph contracts (Backend.lm):
+        "prefill-decode"  prefill.onnx (S slots -> K/V of every slot) and decode.onnx (one token over the cache):
+                          the CPU backend, where both sessions share one memory map of the weights
+        "step"            one graph, T slots over the cache (lm/step.onnx, or the TensorRT engine built from it):
+                          prefill is a step of S slots over an empty cache, decode a step of one slot. One session,
+                          so the weights are on the GPU once (two sessions would each copy them there)
+    Either way `start` returns the prefill's logits and a filled cache, and `decoder` binds that cache.
+    """
 
     def __init__(self, manifest: Manifest, backend: Backend = CPU):
         """Sessions of `backend` (backends.select): its providers run every graph, its device holds the cache."""
@@ -204,9 +213,8 @@ class Engine:
         self.backend = backend
         self.device = backend.make_device()
         graphs = manifest.graphs  # their presence and paths were checked by load_manifest
-        vision_path = manifest.path(graphs["vision"]["file"], "graphs.vision.file")
-        prefill_path = manifest.path(graphs["prefill"]["file"], "graphs.prefill.file")
-        decode_path = manifest.path(graphs["decode"]["file"], "graphs.decode.file")
+        engines = backend.engines  # trt: the EPContext wrapper models of the engines, bundle-relative
+        vision_path = manifest.path(engines.get("vision", graphs["vision"]["file"]), "graphs.vision.file")
         weights_path = manifest.path(graphs["lm_weights"], "graphs.lm_weights")
         index_path = manifest.path(graphs["lm_weights"] + ".json", "graphs.lm_weights index")
 
@@ -218,16 +226,31 @@ class Engine:
         onnx_info = manifest.data.get("onnx")
         quantized = isinstance(onnx_info, dict) and onnx_info.get("precision") in ("int8", "int4")
         self.vision = open_session(vision_path, session_options(prepacking=True), "vision", backend)
-        prefill_opts = session_options(prepacking=lm_prepack or quantized)
-        decode_opts = session_options(prepacking=quantized)
         # Quantized matmul weights (int8/uint8) are prepacked into a private copy anyway: ORT reads them itself and
         # frees them after packing, where a shared map would keep them resident too. Float tensors (embeddings,
         # norms) stay shared.
         skip = ("|i1", "|u1") if quantized else ()
-        self.weights.add_to(prefill_opts, skip)
-        self.weights.add_to(decode_opts, skip)
-        self.prefill = open_session(prefill_path, prefill_opts, "prefill", backend)
-        self.decode = open_session(decode_path, decode_opts, "decode", backend)
+        self.prefill = self.decode = self.step = None
+        if backend.lm == "step":
+            if "lm" in engines:  # a TensorRT engine holds its own weights
+                self.step = open_session(manifest.path(engines["lm"], "engines lm context_file"),
+                                         session_options(prepacking=False), "lm engine", backend)
+            else:
+                if "step" not in graphs:
+                    raise bundle_invalid(f"the {backend.name} backend runs the step graph, which this bundle lacks "
+                                         "(exported by an older edgeprune); re-export it or use --backend cpu")
+                step_opts = session_options(prepacking=quantized)
+                self.weights.add_to(step_opts, skip)
+                self.step = open_session(manifest.path(graphs["step"]["file"], "graphs.step.file"), step_opts, "step", backend)
+        else:
+            prefill_opts = session_options(prepacking=lm_prepack or quantized)
+            decode_opts = session_options(prepacking=quantized)
+            self.weights.add_to(prefill_opts, skip)
+            self.weights.add_to(decode_opts, skip)
+            self.prefill = open_session(manifest.path(graphs["prefill"]["file"], "graphs.prefill.file"), prefill_opts,
+                                        "prefill", backend)
+            self.decode = open_session(manifest.path(graphs["decode"]["file"], "graphs.decode.file"), decode_opts,
+                                       "decode", backend)
         self._check_contract()
 
     def _check_contract(self) -> None:
@@ -251,32 +274,54 @@ class Engine:
                   {"visual_embeds": [V, s.hidden_size], "visual_valid": [V], "visual_source": [V]}, "output")
         self.vision_inputs = tuple(vin)
 
-        kv = {}
-        for layer, h in enumerate(s.kv_heads):
-            kv[f"key_{layer}"] = kv[f"value_{layer}"] = [h, S, s.head_dim]
-        _check_io("prefill", _declared(self.prefill.get_inputs()), {
-            "text_ids": [T], "text_valid": [T], "visual_embeds": [V, s.hidden_size], "visual_valid": [V],
-        }, "input")
-        _check_io("prefill", _declared(self.prefill.get_outputs()), {"logits": [s.vocab_size], **kv}, "output")
-
         past, new = {}, {}
         for layer, h in enumerate(s.kv_heads):
             past[f"past_key_{layer}"] = past[f"past_value_{layer}"] = [h, C, s.head_dim]
             new[f"new_key_{layer}"] = new[f"new_value_{layer}"] = [h, 1, s.head_dim]
-        din, dout = _declared(self.decode.get_inputs()), _declared(self.decode.get_outputs())
-        _check_io("decode", din, {"token_id": [1], "position": [1], "cache_valid": [C], **past}, "input")
-        _check_io("decode", dout, {"logits": [s.vocab_size], **new}, "output")
+        if self.step is not None:
+            din, dout = self._check_step_contract(past)
+            what = "step"
+        else:
+            kv = {}
+            for layer, h in enumerate(s.kv_heads):
+                kv[f"key_{layer}"] = kv[f"value_{layer}"] = [h, S, s.head_dim]
+            _check_io("prefill", _declared(self.prefill.get_inputs()), {
+                "text_ids": [T], "text_valid": [T], "visual_embeds": [V, s.hidden_size], "visual_valid": [V],
+            }, "input")
+            _check_io("prefill", _declared(self.prefill.get_outputs()), {"logits": [s.vocab_size], **kv}, "output")
+            din, dout = _declared(self.decode.get_inputs()), _declared(self.decode.get_outputs())
+            _check_io("decode", din, {"token_id": [1], "position": [1], "cache_valid": [C], **past}, "input")
+            _check_io("decode", dout, {"logits": [s.vocab_size], **new}, "output")
+            what = "decode"
         kinds = {din[name][1] for name in past}
         if len(kinds) != 1 or next(iter(kinds)) not in ("tensor(float)", "tensor(float16)"):
-            raise bundle_invalid(f"decode graph cache inputs have types {sorted(kinds)}; float or float16 (one type) is required")
+            raise bundle_invalid(f"{what} graph cache inputs have types {sorted(kinds)}; float or float16 (one type) is required")
         cache_type = next(iter(kinds))
         self.cache_dtype = _ORT_DTYPES[cache_type]
-        # the Decoder binds numpy buffers of these types to the decode graph once (engine.Decoder)
-        bound = {"token_id": (din, "tensor(int64)"), "position": (din, "tensor(int64)"), "cache_valid": (din, "tensor(float)"),
-                 "logits": (dout, "tensor(float)"), **{name: (dout, cache_type) for name in new}}
+        # the Decoder binds buffers of these types to the decode (or step) graph (engine.Decoder)
+        host = {"token_id": "tensor(int64)", "token_ids": "tensor(int64)", "position": "tensor(int64)",
+                "cache_valid": "tensor(float)", "is_visual": "tensor(float)", "slot_valid": "tensor(float)"}
+        bound = {name: (din, want) for name, want in host.items() if name in din}
+        bound |= {"logits": (dout, "tensor(float)"), **{name: (dout, cache_type) for name in new}}
         for name, (declared, want) in bound.items():
             if declared[name][1] != want:
-                raise bundle_invalid(f"decode graph {name!r} has type {declared[name][1]}, the runtime binds {want}; re-export")
+                raise bundle_invalid(f"{what} graph {name!r} has type {declared[name][1]}, the runtime binds {want}; re-export")
+        self.embeds_dtype = _ORT_DTYPES.get(din.get("visual_embeds", (None, "tensor(float)"))[1], np.float32)
+
+    def _check_step_contract(self, past: dict) -> tuple[dict, dict]:
+        """The step graph (or its engine's wrapper model): T slots, T dynamic (a name, or -1 for an engine)."""
+        s = self.shapes
+        din, dout = _declared(self.step.get_inputs()), _declared(self.step.get_outputs())
+        t = din.get("token_ids", ([None], ""))[0][0]
+        if isinstance(t, int) and t > 0:
+            raise bundle_invalid(f"step graph input 'token_ids' has the fixed size {t}; its first dimension must be dynamic (re-export)")
+        _check_io("step", din, {"token_ids": [t], "visual_embeds": [t, s.hidden_size], "is_visual": [t], "slot_valid": [t],
+                                "position": [1], "cache_valid": [s.cache_capacity], **past}, "input")
+        new = {}
+        for layer, h in enumerate(s.kv_heads):
+            new[f"new_key_{layer}"] = new[f"new_value_{layer}"] = [h, t, s.head_dim]
+        _check_io("step", dout, {"logits": [s.vocab_size], **new}, "output")
+        return din, dout
 
     # --- one call per graph ---
 
@@ -289,35 +334,71 @@ class Engine:
         feeds.update({k: v for k, v in layout_feeds.items() if k in self.vision_inputs})
         return tuple(_run(self.vision, "vision", ["visual_embeds", "visual_valid", "visual_source"], feeds))
 
-    def run_prefill(self, text_ids, text_valid, visual_embeds, visual_valid):
+    def run_prefill(self, text_ids, text_valid, visual_embeds, visual_valid, cache: KVCache | None = None):
         """-> (logits [vocab] on the host, keys, values): per layer [Hkv_l, S, Dh] Buffers on the backend's device.
 
         The K/V outputs stay where the graph computed them (ORT allocates them on the device); only the
         logits come back to the host. KVCache.fill_from_prefill then copies the valid slots on the device.
+        The step graph reads a cache too: `cache`'s buffers, all masked (cache_valid 0), stand in for an empty one.
         """
         n = self.shapes.num_layers
-        binding = self.prefill.io_binding()
-        for name, array in (("text_ids", text_ids), ("text_valid", text_valid), ("visual_embeds", visual_embeds),
-                            ("visual_valid", visual_valid)):
+        if self.step is not None:
+            session, what = self.step, "step"
+            inputs = self._step_prefill_inputs(text_ids, text_valid, visual_embeds, visual_valid)
+            kv_out = [f"new_key_{i}" for i in range(n)] + [f"new_value_{i}" for i in range(n)]
+        else:
+            session, what = self.prefill, "prefill"
+            inputs = {"text_ids": text_ids, "text_valid": text_valid, "visual_embeds": visual_embeds, "visual_valid": visual_valid}
+            kv_out = [f"key_{i}" for i in range(n)] + [f"value_{i}" for i in range(n)]
+        binding = session.io_binding()
+        for name, array in inputs.items():
             binding.bind_cpu_input(name, np.ascontiguousarray(array))
+        if self.step is not None:
+            cache = cache if cache is not None else self.new_cache()
+            for i in range(n):
+                binding.bind_ortvalue_input(f"past_key_{i}", cache.key_buffers[i].value)
+                binding.bind_ortvalue_input(f"past_value_{i}", cache.value_buffers[i].value)
         binding.bind_output("logits", "cpu")
-        kv_names = [f"key_{i}" for i in range(n)] + [f"value_{i}" for i in range(n)]
-        for name in kv_names:
+        for name in kv_out:
             binding.bind_output(name, self.device.name, self.device.device_id)
         try:
-            self.prefill.run_with_iobinding(binding)
+            session.run_with_iobinding(binding)
         except Exception as e:  # ORT's pybind exceptions
-            raise RuntimeStatusError(Status.INFERENCE_FAILED, f"ONNX Runtime failed running the prefill graph: {_one_line(e)}") from None
+            raise RuntimeStatusError(Status.INFERENCE_FAILED, f"ONNX Runtime failed running the {what} graph: {_one_line(e)}") from None
         out = binding.get_outputs()  # OrtValues, in binding order
         kv = [self.device.wrap(v) for v in out[1:]]
         return out[0].numpy(), kv[:n], kv[n:]
+
+    def _step_prefill_inputs(self, text_ids, text_valid, visual_embeds, visual_valid) -> dict[str, np.ndarray]:
+        """The prefill sequence as S step slots: text-before | visual | text-after, position 0, an empty cache."""
+        s = self.shapes
+        t1, v = s.text_slots_before_image, s.visual_slots
+        embeds = np.zeros((s.prefill_slots, s.hidden_size), self.embeds_dtype)  # [S, D]; text rows use token_ids
+        embeds[t1:t1 + v] = visual_embeds
+        is_visual = np.zeros(s.prefill_slots, np.float32)
+        is_visual[t1:t1 + v] = 1.0
+        return {"token_ids": np.concatenate([text_ids[:t1], np.zeros(v, np.int64), text_ids[t1:]]).astype(np.int64),
+                "visual_embeds": embeds, "is_visual": is_visual,
+                "slot_valid": prefill_slot_valid(text_valid, visual_valid, t1),
+                "position": np.zeros(1, np.int64), "cache_valid": np.zeros(s.cache_capacity, np.float32)}
+
+    def start(self, text_ids, text_valid, visual_embeds, visual_valid) -> tuple[np.ndarray, KVCache]:
+        """Prefill into a new cache: -> (logits [vocab] of the last prompt slot, the cache holding the valid slots)."""
+        cache = self.new_cache()
+        logits, keys, values = self.run_prefill(text_ids, text_valid, visual_embeds, visual_valid, cache)
+        cache.fill_from_prefill(keys, values, prefill_slot_valid(text_valid, visual_valid, self.shapes.text_slots_before_image))
+        return logits, cache
 
     def new_cache(self) -> KVCache:
         s = self.shapes
         return KVCache(s.kv_heads, s.cache_capacity, s.head_dim, self.cache_dtype, self.device)
 
     def decoder(self, cache: KVCache) -> "Decoder":
-        return Decoder(self.decode, cache, self.shapes.vocab_size)
+        if self.step is not None:
+            inputs = {"token_ids": np.zeros(1, np.int64), "visual_embeds": np.zeros((1, self.shapes.hidden_size), self.embeds_dtype),
+                      "is_visual": np.zeros(1, np.float32), "slot_valid": np.ones(1, np.float32)}
+            return Decoder(self.step, cache, self.shapes.vocab_size, inputs, "token_ids")
+        return Decoder(self.decode, cache, self.shapes.vocab_size, {"token_id": np.zeros(1, np.int64)}, "token_id")
 
 
 def _run(session, what: str, names: list[str], feeds: dict):
@@ -342,14 +423,17 @@ class Decoder:
     graph to transpose the whole cache every step instead.
     """
 
-    def __init__(self, session, cache: KVCache, vocab: int):
+    def __init__(self, session, cache: KVCache, vocab: int, inputs: dict[str, np.ndarray], token_input: str):
+        """`inputs`: the graph's per-step host inputs besides position and cache_valid (decode: token_id; step: token_ids,
+        visual_embeds, is_visual, slot_valid for one text slot); `token_input` names the one the token goes into."""
         import onnxruntime as ort
 
         self.session = session
         self.cache = cache
         device = cache.device
         layers = range(len(cache.key_buffers))
-        self.token_id = np.zeros(1, np.int64)
+        self.inputs = inputs
+        self.token_id = inputs[token_input]  # [1]
         self.position = np.zeros(1, np.int64)
         self.logits = np.zeros(vocab, np.float32)
         self.new_keys = [device.zeros((k.shape[0], 1, k.shape[2]), k.dtype) for k in cache.key_buffers]  # [Hkv_l, 1, Dh]
@@ -375,7 +459,7 @@ class Decoder:
         self.token_id[0] = token_id
         self.position[0] = self.cache.length  # compacted cache: slot index == position
         try:
-            for name, array in (("token_id", self.token_id), ("position", self.position), ("cache_valid", self.cache.valid)):
+            for name, array in [*self.inputs.items(), ("position", self.position), ("cache_valid", self.cache.valid)]:
                 self.binding.bind_cpu_input(name, array)
             self.session.run_with_iobinding(self.binding)
         except Exception as e:

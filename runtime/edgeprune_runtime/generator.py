@@ -174,9 +174,7 @@ class Generator:
             )
 
         t = time.perf_counter()
-        logits, keys, values = engine.run_prefill(text_ids, text_valid, embeds, visual_valid)
-        self.cache = engine.new_cache()
-        self.cache.fill_from_prefill(keys, values, slot_valid)
+        logits, self.cache = engine.start(text_ids, text_valid, embeds, visual_valid)
         self.decoder = engine.decoder(self.cache)
         self.timings.prefill_s = time.perf_counter() - t
 

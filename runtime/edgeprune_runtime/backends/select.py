@@ -39,6 +39,7 @@ class Backend:
     device: str  # where the cache lives: "cpu" | "cuda"
     providers: tuple  # InferenceSession(providers=...)
     reason: str  # why this backend (auto says what it skipped and why)
+    lm: str = "prefill-decode"  # the LM's graph contract (engine.Engine): "prefill-decode" | "step"
     target: str | None = None  # trt: the engines' target name (manifest engines.<target>)
     engines: dict = field(default_factory=dict)  # trt: graph name ("vision", "lm") -> EPContext model path, bundle-relative
 
@@ -52,6 +53,8 @@ class Backend:
 
 
 CPU = Backend("cpu", "cpu", ("CPUExecutionProvider",), "asked for")
+# The CPU backend running the GPU backends' LM contract (one step graph): how tests here exercise that code path.
+CPU_STEP = Backend("cpu", "cpu", ("CPUExecutionProvider",), "asked for", "step")
 
 
 def select(requested: str, manifest) -> Backend:
@@ -122,7 +125,9 @@ def cuda_backend(manifest, reason: str) -> Backend:
     cc = _gpu("cuda")
     _check_precision(_precision(manifest.data), cc, "cuda")
     _preload_cuda_libraries()
-    return Backend("cuda", "cuda", ((CUDA_PROVIDER, {"device_id": 0}),), f"{reason} (GPU compute capability {cc})")
+    # the step graph: one LM session, so the weights are copied to the GPU once (bundles exported before it: two)
+    lm = "step" if "step" in manifest.graphs else "prefill-decode"
+    return Backend("cuda", "cuda", ((CUDA_PROVIDER, {"device_id": 0}),), f"{reason} (GPU compute capability {cc})", lm)
 
 
 def trt_backend(manifest, reason: str) -> Backend:
@@ -170,5 +175,5 @@ def _engine_backend(manifest, target: str, entry, reason: str) -> Backend:
     _preload_cuda_libraries()
     # TensorRT runs the engines; the CUDA provider takes nothing (the wrapper models are one EPContext node each)
     providers = ((provider, {"device_id": 0}), (CUDA_PROVIDER, {"device_id": 0}))
-    return Backend("trt", "cuda", providers, f"{reason} ({entry['library']} {have}, compute capability {cc})",
+    return Backend("trt", "cuda", providers, f"{reason} ({entry['library']} {have}, compute capability {cc})", "step",
                    target, contexts)
