@@ -407,10 +407,12 @@ def compare(bundle, image, prompt, raw_prompt, model_dir, atol, rtol, save_dir, 
 @click.option("--selection-cost", "selection_strategies",
               help="Instead: time the vision graph of each listed strategy (comma-separated) against the "
                    "same graph without selection.")
+@click.option("--backend", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="cuda: the bundle on the runtime's CUDA backend vs transformers on the same GPU, in the bundle's precision.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @user_errors
 def bench(model_name, budget, layers, model_dir, recipe_file, bundle_dir, image, prompt, max_new_tokens,
-          precision, vision_keep, selection_strategies, as_json):
+          precision, vision_keep, selection_strategies, backend, as_json):
     """Time-to-first-token, decode tokens/s and peak memory: transformers (full) vs the bundle (budget)."""
     import json
 
@@ -432,7 +434,7 @@ def bench(model_name, budget, layers, model_dir, recipe_file, bundle_dir, image,
                        f"{100 * r['overhead']:+.2f}% of the vision graph")
         return
     report = run_bench(model_name, recipe, model_dir, layers, image, prompt, max_new_tokens, bundle_dir,
-                       on_stage=log)
+                       on_stage=log, backend=backend)
     if as_json:
         click.echo(json.dumps(report))
         return

@@ -146,6 +146,15 @@ _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tenso
               "tensor(int32)": np.int32, "tensor(double)": np.float64}
 
 
+def gpu_memory_used(device_id: int = 0) -> int:
+    """Bytes in use on GPU `device_id` (total - free, every process's), through the CUDA runtime."""
+    cudart = load_cudart()
+    free, total = ctypes.c_size_t(), ctypes.c_size_t()
+    if cudart.cudaSetDevice(device_id) != 0 or cudart.cudaMemGetInfo(ctypes.byref(free), ctypes.byref(total)) != 0:
+        raise RuntimeStatusError(Status.INFERENCE_FAILED, "cudaMemGetInfo failed")
+    return total.value - free.value
+
+
 def load_cudart():
     """The CUDA runtime library; DEPENDENCY_MISSING naming the extra when none can be loaded."""
     errors = []

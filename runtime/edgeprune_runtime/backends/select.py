@@ -115,14 +115,20 @@ def _preload_cuda_libraries() -> None:
         ort.preload_dlls()
 
 
-def cuda_backend(manifest, reason: str) -> Backend:
+def cuda_device() -> str:
+    """GPU 0's compute capability when ONNX Runtime's CUDA provider can use it; the refusal otherwise
+    (before any bundle is read: `edgeprune bench --backend cuda` asks this first)."""
     providers = _providers()
     if CUDA_PROVIDER not in providers:
         dist = ", ".join(f"{n} {v}" for n, v in ortlib.installed_distributions()) or "onnxruntime"
         raise _refuse(f"--backend cuda needs onnxruntime-gpu, but {dist} has no CUDA provider (it has "
                       f"{', '.join(providers)}); pip uninstall -y onnxruntime && pip install 'edgeprune-runtime[cuda]'",
                       Status.DEPENDENCY_MISSING)
-    cc = _gpu("cuda")
+    return _gpu("cuda")
+
+
+def cuda_backend(manifest, reason: str) -> Backend:
+    cc = cuda_device()
     _check_precision(_precision(manifest.data), cc, "cuda")
     _preload_cuda_libraries()
     # the step graph: one LM session, so the weights are copied to the GPU once (bundles exported before it: two)
