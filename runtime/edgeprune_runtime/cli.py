@@ -37,8 +37,9 @@ def run(bundle_path, image, prompt: str, *, max_new_tokens: int = 32, raw_prompt
         result = bundle.generate(image, prompt, max_new_tokens=max_new_tokens, raw_prompt=raw_prompt,
                                  temperature=temperature, top_p=top_p, seed=seed,
                                  on_text=None if as_json else stream)
+        why = bundle.backend["reason"]  # auto: what it skipped and why
     if as_json:
-        _write(stdout, json.dumps(result.to_dict()) + "\n")
+        _write(stdout, json.dumps(result.to_dict() | {"backend_reason": why}) + "\n")
     else:
         _write(stdout, "\n")  # flushed: the answer before the summary line when both go to one terminal
         rate = f"{result.decode_tokens_per_s:.1f} tokens/s" if result.decode_tokens_per_s is not None else "- tokens/s"

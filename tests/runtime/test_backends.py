@@ -138,6 +138,7 @@ def test_cuda_chosen_with_a_gpu(fake_bundle, gpu_build):
     for requested in ("cuda", "auto"):  # auto: no engines, so CUDA
         b = backends.select(requested, _manifest(root))
         assert (b.name, b.device, b.providers[0][0]) == ("cuda", "cuda", "CUDAExecutionProvider")
+        assert b.lm == "prefill-decode"  # the fake bundle has no step graph (a real export has: then "step")
     assert "no TensorRT engines" in backends.select("auto", _manifest(root)).reason
 
 
@@ -217,6 +218,7 @@ def test_cpu_and_auto_give_the_same_tokens_and_say_cpu(fake_bundle, images, caps
         results.append(json.loads(capsys.readouterr().out))
     assert results[0]["token_ids"] == results[1]["token_ids"] and len(results[0]["token_ids"]) == 6
     assert results[0]["backend"] == results[1]["backend"] == "cpu"
+    assert results[0]["backend_reason"] == "asked for" and "onnxruntime-gpu" in results[1]["backend_reason"]
 
 
 @pytest.mark.parametrize("backend, words", [("cuda", "onnxruntime-gpu"), ("trt", "edgeprune build")])
