@@ -58,3 +58,21 @@ def test_step_contract_gives_the_prefill_decode_tokens(tiny_bundles, image_paths
     assert n == reference.cache.length
     for mine, theirs in zip(gen.cache.keys + gen.cache.values, reference.cache.keys + reference.cache.values):
         np.testing.assert_allclose(mine[:, :n], theirs[:, :n], rtol=1e-4, atol=1e-4)
+
+
+def test_engine_wrapper_paths_load_through_the_same_code(tiny_bundles, image_paths):
+    """The trt backend's Engine path (sessions from Backend.engines, no shared weight map, the step contract), with
+    the ONNX graphs the engines are built from standing in for their EPContext wrappers on the CPU provider."""
+    import dataclasses
+
+    from edgeprune_runtime.backends.select import CPU_STEP
+    from edgeprune_runtime.engine import Engine
+    from edgeprune_runtime.generator import LoadedBundle
+
+    bundle = LoadedBundle(tiny_bundles[0.2], backend="cpu")
+    expected = _tokens(bundle, image_paths["photo"])[0]
+    graphs = bundle.manifest.graphs
+    stand_in = dataclasses.replace(CPU_STEP, engines={"vision": graphs["vision"]["file"], "lm": graphs["step"]["file"]})
+    bundle.engine = Engine(bundle.manifest, stand_in)
+    assert bundle.engine.weights is None and bundle.engine.step is not None
+    assert _tokens(bundle, image_paths["photo"])[0] == expected

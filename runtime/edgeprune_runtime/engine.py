@@ -218,7 +218,8 @@ class Engine:
         weights_path = manifest.path(graphs["lm_weights"], "graphs.lm_weights")
         index_path = manifest.path(graphs["lm_weights"] + ".json", "graphs.lm_weights index")
 
-        self.weights = SharedWeights(weights_path, index_path)
+        # a TensorRT LM engine holds its own weights: nothing to map for it
+        self.weights = SharedWeights(weights_path, index_path) if "lm" not in engines else None
         lm_prepack = env_flag("EDGEPRUNE_LM_PREPACK")
         # Quantized LM graphs (--precision int8/int4) need prepacking in both sessions: MatMulNBits unpacked
         # dequantizes every weight on every call (decode 24x slower on the tiny twin, measured), and the packed

@@ -245,3 +245,19 @@ def test_edgeprune_run_has_the_backend_option(fake_bundle, images):
                            "--prompt", "x", "--backend", "cuda"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
     assert "onnxruntime-gpu" in proc.stderr
+
+
+def test_capi_backend_argument_and_getter(fake_bundle):
+    from edgeprune_runtime import capi
+
+    out = capi.Out()
+    assert capi.Bundle_Create(str(fake_bundle[0]), out, backend=3) == Status.INVALID_ARGUMENT
+    assert "backend must be a str" in capi.GetLastError()
+    assert capi.Bundle_Create(str(fake_bundle[0]), out, backend="tpu") == Status.INVALID_ARGUMENT
+    assert out.value is None
+    assert capi.Bundle_Create(str(fake_bundle[0]), out, backend="auto") == Status.OK
+    got = capi.Out()
+    assert capi.Bundle_GetBackend(out.value, got) == Status.OK and got.value["backend"] == "cpu"
+    assert got.value["reason"].startswith("auto: ")
+    assert capi.Bundle_Destroy(out.value) == Status.OK
+    assert capi.Bundle_GetBackend(out.value, got) == Status.INVALID_ARGUMENT
