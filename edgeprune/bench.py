@@ -16,6 +16,7 @@ Decode reads every LM weight but the embedding table, plus the whole fixed-size 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import resource
@@ -115,7 +116,7 @@ def measure_bundle(bundle: str, image_path: str, prompt: str, max_new_tokens: in
     lm_weights = manifest.path(manifest.graphs["lm_weights"]).stat().st_size
     weights = lm_weights + manifest.path(manifest.graphs["vision"]["weights"]).stat().st_size
     itemsize = 2 if manifest.data.get("onnx", {}).get("precision") == "fp16" else 4
-    cache = 2 * sum(h * s.cache_capacity * s.head_dim * itemsize for h in s.kv_heads)
+    cache = 2 * sum(h * s.cache_slots_at(i) * s.head_dim * itemsize for i, h in enumerate(s.kv_heads))
     index = json.loads(manifest.path(manifest.graphs["lm_weights"] + ".json").read_text())["tensors"]
     embedding = sum(t["length"] for t in index if "embed_tokens" in t["name"])  # one row of it is read per token
     per_token = lm_weights - embedding + cache
@@ -123,6 +124,7 @@ def measure_bundle(bundle: str, image_path: str, prompt: str, max_new_tokens: in
               "peak_rss_bytes": _peak_rss_bytes(), "generated_tokens": len(result.token_ids),
               "visual_tokens": result.visual_tokens, "weights_bytes": weights, "cache_bytes": cache,
               "prefill_slots": s.prefill_slots, "visual_slots": s.visual_slots, "cache_slots": s.cache_capacity,
+              "lm_layers": s.num_layers, "kv_heads": list(s.kv_heads), "layer_visual_slots": list(s.layer_visual_slots),
               "timings": dict(result.timings), "backend": result.backend, "token_ids": list(result.token_ids),
               "decode_bytes_per_token": per_token,
               "decode_gb_per_s": per_token * result.decode_tokens_per_s / 1e9 if result.decode_tokens_per_s else None}
@@ -191,9 +193,11 @@ def run_bench(model_name: str, budget_recipe, model_dir: str | None, layers: int
         strategy = manifest.data["recipe"].get("strategy")
         precision = manifest.data.get("onnx", {}).get("precision", "fp32")
         vision_keep = manifest.data["recipe"].get("vision_keep", "")
+        rewrites = manifest.data["recipe"].get("rewrites", {})
     else:
         strategy, precision = budget_recipe.strategy, budget_recipe.onnx.precision
         vision_keep = budget_recipe.vision_keep
+        rewrites = dataclasses.asdict(budget_recipe.rewrites)
     check_backend(backend, precision)
     with tempfile.TemporaryDirectory(prefix="edgeprune-bench-") as tmp:
         image = image_path or str(write_sample_image(Path(tmp) / "sample.png"))
@@ -218,6 +222,8 @@ def run_bench(model_name: str, budget_recipe, model_dir: str | None, layers: int
 
     return {"model": model_name, "budget": budget, "strategy": strategy, "precision": precision,
             "vision_keep": vision_keep, "max_new_tokens": max_new_tokens, "backend": backend,
+            # the recipe's [rewrites] keys that are on (the stats file's path says nothing about the bundle)
+            "rewrites": {k: v for k, v in rewrites.items() if v and k not in ("stats", "head_criterion")},
             "threads": os.cpu_count(), "transformers": hf, "edgeprune": ours, "ratios": ratios,
             "provenance": provenance()}
 

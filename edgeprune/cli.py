@@ -122,13 +122,17 @@ def _recipe(model_name: str, recipe_file: str | None, **flags):
               "exactly layers i,j,... (one layer: 'i,').")
 @click.option("--stats", "stats_file", type=click.Path(), help="Calibration stats (`edgeprune calibrate`) for the "
               "rewrites [default: calibrate on built-in samples].")
+@click.option("--drop-visual-after", help="In-LLM visual-token dropping: after LM layer L keep the KEEP visual slots "
+              "the last text token attends to most, L:KEEP[,L2:KEEP2...] (FastV/PyramidDrop; KEEP 0 = YOPO).")
+@click.option("--skip-decode", help="SkipDecode: from decode position POS on skip the lowest K LM layers, "
+              "POS:K[,POS2:K2...] (monotone), e.g. 32:1,64:2.")
 @click.option("--report", is_flag=True, help="Print parameters, FLOPs per stage and KV-cache bytes before and after "
               "the rewrites (with --json: a `report` key).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (bundle path, K, slots, sizes, timings).")
 @user_errors
 def export(model_name, budget, model_dir, out_dir, recipe_file, strategy, newlines, alpha, vision_keep, layers, target, opset,
            precision, force, prune_heads, prune_vision_heads, fold_pruned_heads, head_criterion, skip_layers,
-           skip_vision_layers, stats_file, report, as_json):
+           skip_vision_layers, stats_file, drop_visual_after, skip_decode, report, as_json):
     """Trace NAME into a static-shape ONNX bundle (vision, prefill, decode, step graphs + manifest)."""
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -140,7 +144,8 @@ def export(model_name, budget, model_dir, out_dir, recipe_file, strategy, newlin
                      vision_keep=vision_keep, target=target, opset=opset, precision=precision, prune_heads=prune_heads,
                      prune_vision_heads=prune_vision_heads, fold_pruned_heads=fold_pruned_heads,
                      head_criterion=head_criterion, stats=stats_file, **_skip_layers_flag(skip_layers),
-                     **_skip_layers_flag(skip_vision_layers, "skip_vision_layers", "--skip-vision-layers"))
+                     **_skip_layers_flag(skip_vision_layers, "skip_vision_layers", "--skip-vision-layers"),
+                     drop_visual_after=drop_visual_after, skip_decode=skip_decode)
     recipe = resolve_for_target(recipe, opset_given=opset is not None)
     out = Path(out_dir or Path("export") / model_name)
     console = Console(stderr=True)
@@ -404,6 +409,11 @@ def compare(bundle, image, prompt, raw_prompt, model_dir, atol, rtol, save_dir, 
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8", "int4"]),
               help="Bundle precision (recipe onnx.precision); int8/int4 are ONNX Runtime CPU quantization.")
 @click.option("--vision-keep", help="Token pruning inside the vision tower, as in export (recipe vision_keep).")
+@click.option("--prune-heads", type=float, help="Rewrite, as in export: prune this fraction of each LM layer's KV groups.")
+@click.option("--skip-layers", help="Rewrite, as in export: skip N LM layers or exactly layers i,j,...")
+@click.option("--drop-visual-after", help="Rewrite, as in export: L:KEEP[,...] in-LLM visual-token dropping.")
+@click.option("--skip-decode", help="Rewrite, as in export: POS:K[,...] SkipDecode schedule.")
+@click.option("--stats", "stats_file", type=click.Path(), help="Calibration stats for the rewrites, as in export.")
 @click.option("--selection-cost", "selection_strategies",
               help="Instead: time the vision graph of each listed strategy (comma-separated) against the "
                    "same graph without selection.")
@@ -412,13 +422,16 @@ def compare(bundle, image, prompt, raw_prompt, model_dir, atol, rtol, save_dir, 
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @user_errors
 def bench(model_name, budget, layers, model_dir, recipe_file, bundle_dir, image, prompt, max_new_tokens,
-          precision, vision_keep, selection_strategies, backend, as_json):
+          precision, vision_keep, prune_heads, skip_layers, drop_visual_after, skip_decode, stats_file,
+          selection_strategies, backend, as_json):
     """Time-to-first-token, decode tokens/s and peak memory: transformers (full) vs the bundle (budget)."""
     import json
 
     from edgeprune.bench import run_bench, selection_cost
 
-    recipe = _recipe(model_name, recipe_file, budget=budget, precision=precision, vision_keep=vision_keep)
+    recipe = _recipe(model_name, recipe_file, budget=budget, precision=precision, vision_keep=vision_keep,
+                     prune_heads=prune_heads, **_skip_layers_flag(skip_layers), drop_visual_after=drop_visual_after,
+                     skip_decode=skip_decode, stats=stats_file)
     log = _stage_logger()
     if selection_strategies:
         from edgeprune.sweep import parse_list

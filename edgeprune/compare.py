@@ -167,6 +167,7 @@ def compare_bundle(bundle_dir: str | Path, image_path: str, prompt: str = SAMPLE
     from edgeprune_runtime.generator import LoadedBundle
     from edgeprune_runtime.kvcache import KVCache, prefill_slot_valid
     from edgeprune_runtime.layout import layout_for
+    from edgeprune_runtime.manifest import per_layer_validity
     from edgeprune_runtime.preprocess import load_image, preprocess
     from edgeprune_runtime.tokenize import text_slots
 
@@ -201,30 +202,35 @@ def compare_bundle(bundle_dir: str | Path, image_path: str, prompt: str = SAMPLE
     before, after = tok.encode_prompt(tok.prompt_text(prompt, bundle.prompt_template, raw_prompt))
     t1, t2 = s.text_slots_before_image, s.text_slots_after_image
     text_ids, text_valid = text_slots(before, after, t1, t2)
-    prefill_inputs = ["text_ids", "text_valid", "visual_embeds", "visual_valid"]
-    kv = [f"{kind}_{i}" for i in range(s.num_layers) for kind in ("key", "value")]
     feed = {"text_ids": text_ids, "text_valid": text_valid, "visual_embeds": v_out["visual_embeds"],
             "visual_valid": v_out["visual_valid"]}
     prefill = PrefillGraph(loaded.model, s).eval()
-    more, p_out = _compare_stage("prefill", _torch_runner(prefill, prefill_inputs, ["logits", *kv], "torch-prefill", feed),
+    more, p_out = _compare_stage("prefill", _torch_runner(prefill, list(prefill.input_names), list(prefill.output_names),
+                                                          "torch-prefill", feed),
                                  m.path(m.graphs["prefill"]["file"]), feed, opts)
     rows += more
 
-    # The cache as the runtime fills it from the ONNX prefill outputs, then the first generated token.
-    cache = KVCache(s.kv_heads, s.cache_capacity, s.head_dim)
+    # The cache as the runtime fills it from the ONNX prefill outputs, then the first generated token
+    # through every decode graph (SkipDecode's run fewer layers over the same cache).
     layers = range(s.num_layers)
+    cache = KVCache(s.kv_heads, [s.cache_slots_at(i) for i in layers], s.head_dim)
+    full = prefill_slot_valid(text_valid, v_out["visual_valid"], t1)
     n = cache.fill_from_prefill([p_out[f"key_{i}"] for i in layers], [p_out[f"value_{i}"] for i in layers],
-                                prefill_slot_valid(text_valid, v_out["visual_valid"], t1))
-    feed = {"token_id": np.array([int(np.argmax(p_out["logits"]))], np.int64), "position": np.array([n], np.int64),
-            "cache_valid": cache.valid}
+                                [p_out.get(f"slot_valid_{i}", full) for i in layers])
+    schedule = m.skip_decode
+    per_layer = per_layer_validity(s, schedule)
+    cache_feed = {"cache_valid": cache.valid[0], **{f"cache_valid_{i}": cache.valid[i] for i in layers}}
     for i in layers:
-        feed[f"past_key_{i}"], feed[f"past_value_{i}"] = cache.keys[i], cache.values[i]
-    decode_inputs = ["token_id", "position", "cache_valid", *[f"past_{k}" for k in kv]]
-    decode = DecodeGraph(loaded.model, s).eval()
-    more, _ = _compare_stage("decode", _torch_runner(decode, decode_inputs, ["logits", *[f"new_{k}" for k in kv]],
-                                                     "torch-decode", feed),
-                             m.path(m.graphs["decode"]["file"]), feed, opts)
-    rows += more
+        cache_feed[f"past_key_{i}"], cache_feed[f"past_value_{i}"] = cache.keys[i], cache.values[i]
+    token = {"token_id": np.array([int(np.argmax(p_out["logits"]))], np.int64), "position": np.array([n], np.int64)}
+    for skip in schedule.skips:
+        decode = DecodeGraph(loaded.model, s, per_layer, skip).eval()
+        feed = {name: {**token, **cache_feed}[name] for name in decode.input_names}
+        stage = "decode" if not skip else f"decode-skip{skip}"
+        path = m.graphs["decode"]["file"] if not skip else m.graphs["decode_skip"][str(skip)]["file"]
+        more, _ = _compare_stage(stage, _torch_runner(decode, list(decode.input_names), list(decode.output_names),
+                                                      f"torch-{stage}", feed), m.path(path), feed, opts)
+        rows += more
 
     if "step" in m.graphs:  # the TensorRT LM's graph, as a prefill: the same request in T = S slots
         v = s.visual_slots
@@ -235,11 +241,12 @@ def compare_bundle(bundle_dir: str | Path, image_path: str, prompt: str = SAMPLE
                 "slot_valid": prefill_slot_valid(text_valid, v_out["visual_valid"], t1),
                 "position": np.zeros(1, np.int64), "cache_valid": np.zeros(s.cache_capacity, np.float32)}
         for i, h in enumerate(s.kv_heads):
+            feed[f"cache_valid_{i}"] = np.zeros(s.cache_slots_at(i), np.float32)
             for kind in ("key", "value"):
-                feed[f"past_{kind}_{i}"] = np.zeros((h, s.cache_capacity, s.head_dim), np.float32)
-        step_inputs = [*StepGraph.input_names, *[f"past_{k}" for k in kv]]
-        step = StepGraph(loaded.model, s).eval()
-        more, _ = _compare_stage("step", _torch_runner(step, step_inputs, ["logits", *[f"new_{k}" for k in kv]],
+                feed[f"past_{kind}_{i}"] = np.zeros((h, s.cache_slots_at(i), s.head_dim), np.float32)
+        step = StepGraph(loaded.model, s, per_layer).eval()
+        feed = {name: feed[name] for name in step.input_names}
+        more, _ = _compare_stage("step", _torch_runner(step, list(step.input_names), list(step.output_names),
                                                        "torch-step", feed),
                                  m.path(m.graphs["step"]["file"]), feed, opts)
         rows += more

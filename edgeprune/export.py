@@ -67,7 +67,16 @@ def export_bundle(model_name: str, out_dir: str | Path, recipe: Recipe, model_di
     costs_before = model_costs(model, shapes)
     model, lm_record, vision_record, reports = rewrite_for_export(loaded, recipe.rewrites, copy=caller_model)
     kv_heads = lm_kv_heads(model)  # per remaining layer; the graphs, cache and manifest follow the modules
-    shapes = dataclasses.replace(shapes, num_layers=len(kv_heads), kv_heads=kv_heads)
+    from edgeprune.rewrites.schedules import check_skip_decode, layer_visual_slots, parse_drop_visual, parse_skip_decode
+
+    visual_per_layer = layer_visual_slots(parse_drop_visual(recipe.rewrites.drop_visual_after), len(kv_heads),
+                                          shapes.visual_slots)
+    shapes = dataclasses.replace(shapes, num_layers=len(kv_heads), kv_heads=kv_heads, layer_visual_slots=visual_per_layer)
+    skip_decode = parse_skip_decode(recipe.rewrites.skip_decode)
+    check_skip_decode(skip_decode, len(kv_heads))
+    from edgeprune_runtime.manifest import per_layer_validity
+
+    per_layer = per_layer_validity(shapes, skip_decode)
 
     from edgeprune.graphs import VISION_OUTPUTS, DecodeGraph, PrefillGraph, StepGraph, VisionGraph, feature_layer_count
     from edgeprune.onnx_export import apply_passes, check_static, export_module, store_weights_once
@@ -97,48 +106,53 @@ def export_bundle(model_name: str, out_dir: str | Path, recipe: Recipe, model_di
         text_valid[0] = 1.0
         visual_embeds = torch.zeros(s.visual_slots, s.hidden_size)
         visual_valid = torch.ones(s.visual_slots)
-        kv_names = lambda prefix: [f"{prefix}{kind}_{i}" for i in range(s.num_layers) for kind in ("key", "value")]  # noqa: E731
-        export_module(PrefillGraph(model, s).eval(), (text_ids, text_valid, visual_embeds, visual_valid),
-                      ["text_ids", "text_valid", "visual_embeds", "visual_valid"],
-                      ["logits", *kv_names("")],
-                      scratch / "prefill" / "prefill.onnx", opset)
+        prefill = PrefillGraph(model, s).eval()
+        export_module(prefill, (text_ids, text_valid, visual_embeds, visual_valid), list(prefill.input_names),
+                      list(prefill.output_names), scratch / "prefill" / "prefill.onnx", opset)
 
         on_stage("export decode graph")
-        past = [torch.zeros(h, s.cache_capacity, s.head_dim) for h in s.kv_heads for _ in range(2)]
-        export_module(DecodeGraph(model, s).eval(),
-                      (torch.zeros(1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64),
-                       torch.zeros(s.cache_capacity), *past),
-                      ["token_id", "position", "cache_valid", *kv_names("past_")],
-                      ["logits", *kv_names("new_")], scratch / "decode" / "decode.onnx", opset)
+
+        def cache_args(skip: int = 0) -> list:  # validity [C_l] (per layer or one shared), then K/V [Hkv_l, C_l, Dh]
+            run = range(skip, s.num_layers)
+            valid = [torch.zeros(s.cache_slots_at(i)) for i in run] if per_layer else [torch.zeros(s.cache_capacity)]
+            return valid + [torch.zeros(s.kv_heads[i], s.cache_slots_at(i), s.head_dim) for i in run for _ in range(2)]
+
+        token = (torch.zeros(1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64))
+        # SkipDecode: one more decode graph per skip count, sharing lm.weights (store_weights_once below)
+        decode_graphs = {0: "decode", **{k: f"decode_skip{k}" for k in skip_decode.skips[1:]}}
+        for skip, name in decode_graphs.items():
+            decode = DecodeGraph(model, s, per_layer, skip).eval()
+            export_module(decode, (*token, *cache_args(skip)), list(decode.input_names), list(decode.output_names),
+                          scratch / name / f"{name}.onnx", opset)
 
         on_stage("export step graph")
         # The LM of TensorRT engines: T slots over the cache, T dynamic (prefill and decode profiles).
-        slots = StepGraph.input_names
+        step = StepGraph(model, s, per_layer).eval()
         step_args = (torch.zeros(s.prefill_slots, dtype=torch.int64), torch.zeros(s.prefill_slots, s.hidden_size),
                      torch.zeros(s.prefill_slots), torch.ones(s.prefill_slots), torch.zeros(1, dtype=torch.int64),
-                     torch.zeros(s.cache_capacity), *past)
-        per_slot = [*slots[:4], *kv_names("new_")]
-        export_module(StepGraph(model, s).eval(), step_args, [*slots, *kv_names("past_")],
-                      ["logits", *kv_names("new_")], scratch / "step" / "step.onnx", opset,
-                      dynamic_axes={n: {1 if n.startswith("new_") else 0: "T"} for n in per_slot})
+                     *cache_args())
+        per_slot = [*step.input_names[:4], *(n for n in step.output_names if n.startswith("new_"))]
+        export_module(step, step_args, list(step.input_names), list(step.output_names), scratch / "step" / "step.onnx",
+                      opset, dynamic_axes={n: {1 if n.startswith(("new_key", "new_value")) else 0: "T"} for n in per_slot})
+        graph_files = {**GRAPH_FILES, **{name: f"lm/{name}.onnx" for name in list(decode_graphs.values())[1:]}}
 
         on_stage("shape graphs for the target")
         passes = graph_passes(recipe)
-        applied = {name: apply_passes(scratch / name / f"{name}.onnx", passes) for name in GRAPH_FILES}
+        applied = {name: apply_passes(scratch / name / f"{name}.onnx", passes) for name in graph_files}
 
         on_stage("quantize graphs")
         from edgeprune.quantize import quantize_bundle_graphs
 
-        quantized = quantize_bundle_graphs(scratch, recipe.onnx.precision, tuple(GRAPH_FILES))  # {} for fp32/fp16
+        quantized = quantize_bundle_graphs(scratch, recipe.onnx.precision, tuple(graph_files))  # {} for fp32/fp16
 
         on_stage("store weights once")
         store_weights_once({scratch / "vision" / "vision.onnx": stage_dir / GRAPH_FILES["vision"]},
                            stage_dir / "vision" / "vision.weights")
-        store_weights_once({scratch / name / f"{name}.onnx": stage_dir / GRAPH_FILES[name]
-                            for name in ("prefill", "decode", "step")}, stage_dir / "lm" / "lm.weights")
+        store_weights_once({scratch / name / f"{name}.onnx": stage_dir / graph_files[name]
+                            for name in graph_files if name != "vision"}, stage_dir / "lm" / "lm.weights")
 
         on_stage("check graphs")
-        for name, rel in GRAPH_FILES.items():
+        for name, rel in graph_files.items():
             check_static(stage_dir / rel, dynamic=("T",) if name == "step" else ())
 
         on_stage("write manifest")
@@ -151,12 +165,14 @@ def export_bundle(model_name: str, out_dir: str | Path, recipe: Recipe, model_di
             "source": {"model": model_name, "path": loaded.source, "weights_sha256": loaded.weights_sha256,
                        "weights_bytes": loaded.weights_bytes, "options": dict(model_options or {})},
             "recipe": recipe.to_dict(),
-            "shapes": {**s.__dict__, "kv_heads": list(s.kv_heads)},
+            "shapes": {**s.__dict__, "kv_heads": list(s.kv_heads), "layer_visual_slots": list(s.layer_visual_slots)},
             "rewrites": [f"vision: layers after the feature layer dropped "
                          f"({feature_layer_count(model.config)} of {model.config.vision_config.num_hidden_layers} kept)",
                          *(r.summary() for r in reports)],
             # per source layer: whether it runs and which heads it keeps (compare re-applies this)
-            "layers": {"lm": [r.to_dict() for r in lm_record], "vision": [r.to_dict() for r in vision_record]},
+            "layers": {"lm": _lm_layers(lm_record, s), "vision": [r.to_dict() for r in vision_record]},
+            # SkipDecode: [[from decode position, lowest layers skipped], ...]; graphs.decode_skip has their graphs
+            **({"skip_decode": skip_decode.to_list()} if skip_decode.stages else {}),
             # token pruning inside the vision tower: from CLIP layer L on, each partition runs keep[L] patch tokens
             **({"vision_keep": {str(layer): n for layer, n in vision.keep.items()}} if vision.keep else {}),
             "costs": {"before": costs_before, "after": model_costs(model, shapes, vision_keep=vision.keep)},
@@ -172,6 +188,8 @@ def export_bundle(model_name: str, out_dir: str | Path, recipe: Recipe, model_di
                        "prefill": {"file": GRAPH_FILES["prefill"]}, "decode": {"file": GRAPH_FILES["decode"]},
                        # T slots: prefill_slots for prefill, 1 or 2 for decode (TensorRT profiles)
                        "step": {"file": GRAPH_FILES["step"], "dynamic": {"T": [1, s.prefill_slots]}},
+                       **({"decode_skip": {str(k): {"file": graph_files[name]} for k, name in decode_graphs.items() if k}}
+                          if skip_decode.stages else {}),
                        "lm_weights": "lm/lm.weights"},
             "targets": {},
         }
@@ -188,6 +206,18 @@ def export_bundle(model_name: str, out_dir: str | Path, recipe: Recipe, model_di
     finally:
         staging.close()
     return out
+
+
+def _lm_layers(record, shapes) -> list[dict]:
+    """layers.lm: each source layer's record, plus for a running layer its visual and cache slots (V_l, C_l)."""
+    rows, graph_layer = [], 0
+    for r in record:
+        row = r.to_dict()
+        if r.runs:
+            row.update(visual_slots=shapes.visual_slots_at(graph_layer), cache_slots=shapes.cache_slots_at(graph_layer))
+            graph_layer += 1
+        rows.append(row)
+    return rows
 
 
 def _eos_ids(model, tokenizer) -> list[int]:

@@ -183,10 +183,24 @@ def _last_valid_row(x, valid, slot):
     return torch.index_select(x, 0, last)
 
 
-class _LanguageModel(nn.Module):
-    """Shared pieces of prefill and decode: the LM's own embedding, layers, norm, head and RoPE table."""
+def kv_names(prefix: str, layers) -> list[str]:
+    """["<prefix>key_<l>", "<prefix>value_<l>", ...] for each layer l, the order every LM graph uses."""
+    return [f"{prefix}{kind}_{i}" for i in layers for kind in ("key", "value")]
 
-    def __init__(self, model, shapes: Shapes):
+
+def cache_valid_names(per_layer: bool, layers) -> list[str]:
+    """The decode/step graphs' cache validity inputs: one per layer, or the one shared `cache_valid`
+    (edgeprune_runtime.manifest.per_layer_validity decides which)."""
+    return [f"cache_valid_{i}" for i in layers] if per_layer else ["cache_valid"]
+
+
+class _LanguageModel(nn.Module):
+    """Shared pieces of prefill and decode: the LM's own embedding, layers, norm, head and RoPE table.
+
+    `drops` {layer l: V_{l+1}}: after layer l only V_{l+1} visual slots go on (shapes.layer_visual_slots).
+    """
+
+    def __init__(self, model, shapes: Shapes, per_layer_valid: bool = False):
         super().__init__()
         lm = model.model.language_model
         self.embed = lm.embed_tokens
@@ -196,6 +210,12 @@ class _LanguageModel(nn.Module):
         self.register_buffer("inv_freq", lm.rotary_emb.inv_freq.detach().clone().float(), persistent=False)
         self.rope_scaling = float(getattr(lm.rotary_emb, "attention_scaling", 1.0))
         self.shapes = shapes
+        self.per_layer_valid = per_layer_valid
+        s = shapes
+        self.drops = {i: s.visual_slots_at(i + 1) for i in range(s.num_layers - 1)
+                      if s.visual_slots_at(i + 1) < s.visual_slots_at(i)}
+        # layers that run on fewer visual slots than the prefill has: their slots' validity is an output
+        self.dropped_layers = [i for i in range(s.num_layers) if s.visual_slots_at(i) < s.visual_slots]
 
     def qkv(self, layer, x, cos, sin):
         """x [T, D] -> q [H, T, Dh], k/v [Hkv, T, Dh] with RoPE applied to q and k."""
@@ -212,9 +232,45 @@ class _LanguageModel(nn.Module):
     def logits(self, x_last):  # [1, D] -> [vocab]
         return self.lm_head(self.norm(x_last))[0]
 
+    def cache_masks(self, rest, layers):
+        """(additive mask [C_l] per layer in `layers`, past K/V list) from the graph's trailing inputs
+        (one validity input per layer, or one shared input whose mask is computed once)."""
+        n = len(layers)
+        if self.per_layer_valid:
+            return [(1.0 - valid) * NEG for valid in rest[:n]], rest[n:]
+        return [(1.0 - rest[0]) * NEG] * n, rest[1:]
+
+
+def _visual_scores(probs: torch.Tensor, valid: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+    """FastV's score of every slot: the attention the last valid slot pays it, mean over heads.
+
+    probs [H, T, T] (a layer's attention among the T slots), valid/slot [T] -> [T]. The query is the last
+    valid slot: the last text token whenever the prompt ends in text (every chat template does).
+    """
+    last = torch.argmax((valid * (slot + 1.0))[None, :], dim=1)  # [1]
+    return torch.index_select(probs, 1, last).mean(dim=0)[0]  # [T]
+
 
 class PrefillGraph(_LanguageModel):
-    """[text-before | visual | text-after] slots -> logits of the last valid slot + K/V of every slot."""
+    """[text-before | visual | text-after] slots -> logits of the last valid slot + K/V of every slot.
+
+    In-LLM visual-token dropping (FastV / PyramidDrop; YOPO with KEEP = 0): after layer l in `drops`, only
+    the KEEP visual slots the last valid slot attends to most (layer l's attention, mean over heads) go on,
+    gathered with the text slots into T1 + KEEP + T2 rows, so later layers physically run on fewer slots:
+
+        x [T1+V+T2, D] ── layer l ──┬─ probs[:, last, T1:T1+V].mean(heads) ─ TopK(KEEP) ─ idx
+                                    └─ x[:T1] | x[T1+idx] | x[T1+V:] ─ [T1+KEEP+T2, D] ─ layer l+1 ...
+
+    Positions, slot indices (the causal order) and validity are gathered with the rows, so a kept token
+    keeps its position and the causal mask stays that of the full sequence. Outputs: logits, K/V of layer l
+    [Hkv_l, S_l, Dh] and, for each layer on fewer slots, its slots' validity `slot_valid_<l>` [S_l].
+    """
+
+    def __init__(self, model, shapes: Shapes):
+        super().__init__(model, shapes)
+        self.input_names = ("text_ids", "text_valid", "visual_embeds", "visual_valid")
+        self.output_names = ("logits", *kv_names("", range(shapes.num_layers)),
+                             *(f"slot_valid_{i}" for i in self.dropped_layers))
 
     def forward(self, text_ids, text_valid, visual_embeds, visual_valid):
         s = self.shapes
@@ -230,20 +286,43 @@ class PrefillGraph(_LanguageModel):
         allowed = (slot[None, :] <= slot[:, None]).to(torch.float32) * valid[None, :]  # causal & real keys
         mask = (1.0 - allowed) * NEG  # [S, S] additive
 
-        presents = []
-        for layer in self.layers:
+        presents, kept_valid = [], []
+        v = s.visual_slots  # visual slots present, at rows [T1, T1 + v)
+        rows = s.prefill_slots  # S_l
+        for i, layer in enumerate(self.layers):
             attn = layer.self_attn
-            q, k, v = self.qkv(layer, layer.input_layernorm(x), cos, sin)
-            presents += [k, v]
+            if i in self.dropped_layers:
+                kept_valid.append(valid)
+            q, k, v_ = self.qkv(layer, layer.input_layernorm(x), cos, sin)
+            presents += [k, v_]
             groups = q.shape[0] // k.shape[0]
-            k_all = k.repeat_interleave(groups, dim=0) if groups > 1 else k  # [H, S, Dh]
-            v_all = v.repeat_interleave(groups, dim=0) if groups > 1 else v
+            k_all = k.repeat_interleave(groups, dim=0) if groups > 1 else k  # [H, S_l, Dh]
+            v_all = v_.repeat_interleave(groups, dim=0) if groups > 1 else v_
             probs = torch.softmax(torch.matmul(q, k_all.transpose(1, 2)) * attn.scaling + mask, dim=-1)
-            out = torch.matmul(probs, v_all).transpose(0, 1).reshape(s.prefill_slots, -1)  # [S, H*Dh]
+            out = torch.matmul(probs, v_all).transpose(0, 1).reshape(rows, -1)  # [S_l, H*Dh]
             x = x + attn.o_proj(out)
             x = self.mlp_block(layer, x)
+            if i in self.drops:
+                keep = self.drops[i]
+                pick = _visual_picker(_visual_scores(probs, valid, slot), valid, t1, v, keep)
+                x, valid, slot, cos, sin = (pick(a) for a in (x, valid, slot, cos, sin))
+                rows, v = rows - v + keep, keep
+                allowed = (slot[None, :] <= slot[:, None]).to(torch.float32) * valid[None, :]
+                mask = (1.0 - allowed) * NEG  # [S_l, S_l]
 
-        return (self.logits(_last_valid_row(x, valid, slot)), *presents)
+        return (self.logits(_last_valid_row(x, valid, slot)), *presents, *kept_valid)
+
+
+def _visual_picker(scores, valid, t1: int, v: int, keep: int):
+    """A function gathering rows [T1 + v + T2, ...] -> [T1 + keep + T2, ...]: the text rows and the `keep`
+    valid visual rows (rows T1..T1+v) of highest score, in descending score (TensorRT's TopK is sorted);
+    padding visual slots only when fewer than `keep` are valid (they stay invalid)."""
+    if keep == 0:  # YOPO: the visual tokens leave the sequence
+        return lambda a: torch.cat([a[:t1], a[t1 + v:]], dim=0)
+    vis = scores[t1:t1 + v]
+    vis = torch.where(valid[t1:t1 + v] > 0, vis, torch.full_like(vis, -1.0))  # attention >= 0: padding last
+    idx = torch.topk(vis, keep, largest=True, sorted=True).indices + t1  # [keep]
+    return lambda a: torch.cat([a[:t1], torch.index_select(a, 0, idx), a[t1 + v:]], dim=0)
 
 
 class DecodeGraph(_LanguageModel):
@@ -254,25 +333,38 @@ class DecodeGraph(_LanguageModel):
         q ──┬─ q·Kcacheᵀ [Hkv,G,C] + mask ─┐
             └─ q·k_new   [Hkv,G,1] ────────┴─ softmax ─┬─ p[:C]·Vcache ─┬─ + ─ o_proj
                                                         └─ p[C]·v_new ───┘
+
+    `skip` > 0 (SkipDecode): the lowest `skip` layers do not run; the token's embedding enters layer `skip`,
+    and the graph reads and writes only the caches of the layers that run. Layer l's cache holds C_l slots.
     """
 
-    def forward(self, token_id, position, cache_valid, *past):
-        s = self.shapes
+    def __init__(self, model, shapes: Shapes, per_layer_valid: bool = False, skip: int = 0):
+        super().__init__(model, shapes, per_layer_valid)
+        self.skip = skip
+        run = range(skip, shapes.num_layers)
+        self.input_names = ("token_id", "position", *cache_valid_names(per_layer_valid, run), *kv_names("past_", run))
+        self.output_names = ("logits", *kv_names("new_", run))
+
+    def forward(self, token_id, position, *rest):
+        run = range(self.skip, self.shapes.num_layers)
         x = self.embed(token_id)  # [1, D]
         cos, sin = _rope(self.inv_freq, self.rope_scaling, position.to(torch.float32))
-        mask = (1.0 - cache_valid) * NEG  # [C]
+        masks, past = self.cache_masks(rest, run)  # [C_l] each
         news = []
-        for i, layer in enumerate(self.layers):
+        for j, i in enumerate(run):
+            layer = self.layers[i]
             attn = layer.self_attn
-            past_k, past_v = past[2 * i], past[2 * i + 1]  # [Hkv, C, Dh]
+            past_k, past_v = past[2 * j], past[2 * j + 1]  # [Hkv, C_l, Dh]
+            mask = masks[j]
             q, k, v = self.qkv(layer, layer.input_layernorm(x), cos, sin)  # q [H,1,Dh], k/v [Hkv,1,Dh]
             news += [k, v]
             hkv, dh = k.shape[0], k.shape[2]
+            capacity = self.shapes.cache_slots_at(i)
             qg = q.reshape(hkv, -1, dh)  # [Hkv, G, Dh]: the G query heads sharing one KV head
-            past_scores = torch.matmul(qg, past_k.transpose(1, 2)) * attn.scaling + mask  # [Hkv, G, C]
+            past_scores = torch.matmul(qg, past_k.transpose(1, 2)) * attn.scaling + mask  # [Hkv, G, C_l]
             self_score = (qg * k).sum(dim=-1, keepdim=True) * attn.scaling  # [Hkv, G, 1]
             probs = torch.softmax(torch.cat([past_scores, self_score], dim=-1), dim=-1)
-            out = torch.matmul(probs[..., : s.cache_capacity], past_v) + probs[..., s.cache_capacity :] * v
+            out = torch.matmul(probs[..., :capacity], past_v) + probs[..., capacity:] * v
             x = x + attn.o_proj(out.reshape(1, -1))
             x = self.mlp_block(layer, x)
         return (self.logits(x), *news)
@@ -290,26 +382,41 @@ class StepGraph(_LanguageModel):
         x ─ q ──┬─ q·Kcacheᵀ [Hkv,G·T,C] + cache mask ──┐
                 └─ q·k_newᵀ  [Hkv,G·T,T] + causal mask ─┴─ softmax ─┬─ p[:C]·Vcache ─┬─ + ─ o_proj
                                                                      └─ p[C:]·v_new ──┘
+
+    Visual-token dropping here masks instead of gathering: TensorRT's TopK needs a constant k, and with T
+    dynamic the kept row count T - V + KEEP is not one. After layer l in `drops` a new visual slot stays valid
+    when its rank among the valid new visual slots (by the same score as the prefill graph's) is below KEEP;
+    later layers mask the others as keys, and `new_valid_<l>` [T] says which of the T new K/V rows layer l
+    keeps (the prefill graph's `slot_valid_<l>`, uncompacted). Decode steps have no visual slot: no change.
     """
 
-    input_names = ("token_ids", "visual_embeds", "is_visual", "slot_valid", "position", "cache_valid")
+    def __init__(self, model, shapes: Shapes, per_layer_valid: bool = False):
+        super().__init__(model, shapes, per_layer_valid)
+        layers = range(shapes.num_layers)
+        self.input_names = ("token_ids", "visual_embeds", "is_visual", "slot_valid", "position",
+                            *cache_valid_names(per_layer_valid, layers), *kv_names("past_", layers))
+        self.output_names = ("logits", *kv_names("new_", layers), *(f"new_valid_{i}" for i in self.dropped_layers))
 
-    def forward(self, token_ids, visual_embeds, is_visual, slot_valid, position, cache_valid, *past):
-        s = self.shapes
+    def forward(self, token_ids, visual_embeds, is_visual, slot_valid, position, *rest):
         # [T, D]: the token embedding of text slots, the given embedding of visual slots
         x = torch.where(is_visual[:, None] > 0.5, visual_embeds, self.embed(token_ids))
         count = torch.cumsum(slot_valid, dim=0)  # [T]
         positions = position.to(torch.float32) + torch.clamp(count - 1.0, min=0.0)
         cos, sin = _rope(self.inv_freq, self.rope_scaling, positions)
         slot = torch.cumsum(torch.ones_like(slot_valid), dim=0) - 1.0  # [T] 0, 1, 2, ...
-        allowed = (slot[None, :] <= slot[:, None]).to(torch.float32) * slot_valid[None, :]
+        valid = slot_valid
+        allowed = (slot[None, :] <= slot[:, None]).to(torch.float32) * valid[None, :]
         self_mask = (1.0 - allowed) * NEG  # [T, T] causal & real keys
-        cache_mask = (1.0 - cache_valid) * NEG  # [C]
+        cache_masks, past = self.cache_masks(rest, range(self.shapes.num_layers))  # [C_l] each
         t = x.shape[0]
-        news = []
+        news, kept_valid = [], []
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
-            past_k, past_v = past[2 * i], past[2 * i + 1]  # [Hkv, C, Dh]
+            if i in self.dropped_layers:
+                kept_valid.append(valid)
+            past_k, past_v = past[2 * i], past[2 * i + 1]  # [Hkv, C_l, Dh]
+            cache_mask = cache_masks[i]
+            capacity = self.shapes.cache_slots_at(i)
             q, k, v = self.qkv(layer, layer.input_layernorm(x), cos, sin)  # q [H,T,Dh], k/v [Hkv,T,Dh]
             news += [k, v]
             hkv, dh = k.shape[0], k.shape[2]
@@ -317,8 +424,24 @@ class StepGraph(_LanguageModel):
             past_scores = torch.matmul(qg, past_k.transpose(1, 2)) * attn.scaling + cache_mask  # [Hkv, G*T, C]
             self_scores = torch.matmul(qg, k.transpose(1, 2)).reshape(hkv, -1, t, t) * attn.scaling + self_mask
             probs = torch.softmax(torch.cat([past_scores, self_scores.reshape(hkv, -1, t)], dim=-1), dim=-1)
-            out = torch.matmul(probs[..., : s.cache_capacity], past_v) + torch.matmul(probs[..., s.cache_capacity :], v)
+            out = torch.matmul(probs[..., :capacity], past_v) + torch.matmul(probs[..., capacity:], v)
             out = out.reshape(-1, t, dh).transpose(0, 1).reshape(t, -1)  # [T, H*Dh]
             x = x + attn.o_proj(out)
             x = self.mlp_block(layer, x)
-        return (self.logits(_last_valid_row(x, slot_valid, slot)), *news)
+            if i in self.drops:
+                scores = _visual_scores(probs[..., capacity:].reshape(-1, t, t), valid, slot)  # [T]
+                valid = _keep_top_visual(scores, valid, is_visual, slot, self.drops[i])
+                allowed = (slot[None, :] <= slot[:, None]).to(torch.float32) * valid[None, :]
+                self_mask = (1.0 - allowed) * NEG
+        return (self.logits(_last_valid_row(x, valid, slot)), *news, *kept_valid)
+
+
+def _keep_top_visual(scores, valid, is_visual, slot, keep: int):
+    """valid [T] with every valid visual slot whose score ranks `keep` or lower cleared (ties: the earlier slot
+    ranks first). Ranks by counting, not TopK, so T can stay dynamic: rank_i = #{valid visual j: s_j > s_i,
+    or s_j == s_i and j before i}."""
+    candidate = valid * is_visual  # [T]
+    ahead = (scores[None, :] > scores[:, None]).to(torch.float32) + \
+        (scores[None, :] == scores[:, None]).to(torch.float32) * (slot[None, :] < slot[:, None]).to(torch.float32)
+    rank = (ahead * candidate[None, :]).sum(dim=1)  # [T]
+    return valid * (1.0 - is_visual) + candidate * (rank < keep).to(torch.float32)

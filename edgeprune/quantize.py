@@ -108,7 +108,7 @@ def quantize_bundle_graphs(scratch: Path, precision: str, names: tuple[str, ...]
     forms = GRAPH_FORMS.get(precision, {})
     applied = {}
     for name in names:
-        form = forms.get(name)
+        form = forms.get("decode" if name.startswith("decode_skip") else name)  # SkipDecode graphs: decode's form
         if form is None:
             continue
         src = scratch / name / f"{name}.onnx"

@@ -53,11 +53,14 @@ class RewritesRecipe:
     skip_vision_layers: int = 0  # skip this many CLIP layers below the feature layer, the least influential
     skip_vision_layer_indices: tuple[int, ...] = ()  # or exactly these CLIP layers (not with skip_vision_layers)
     fold_pruned_heads: bool = False  # LM: add each pruned head's mean output (calibration) to the o_proj bias
+    drop_visual_after: str = ""  # "L:KEEP,...": after LM layer L keep KEEP visual slots (rewrites/schedules.py)
+    skip_decode: str = ""  # "POS:K,...": from decode position POS on skip the lowest K LM layers (SkipDecode)
     stats: str = ""  # `edgeprune calibrate` output; "" = calibrate on the built-in samples when scores are needed
 
     def active(self) -> bool:
         return (self.prune_heads > 0 or self.prune_vision_heads > 0 or self.skip_layers > 0 or bool(self.skip_layer_indices)
-                or self.skip_vision_layers > 0 or bool(self.skip_vision_layer_indices))
+                or self.skip_vision_layers > 0 or bool(self.skip_vision_layer_indices) or bool(self.drop_visual_after)
+                or bool(self.skip_decode))
 
 
 @dataclass(frozen=True)
@@ -133,6 +136,10 @@ class Recipe:
         if r.skip_vision_layers and r.skip_vision_layer_indices:
             raise ConfigError("give rewrites.skip_vision_layers (a count) or rewrites.skip_vision_layer_indices "
                               "(layers), not both")
+        from edgeprune.rewrites.schedules import parse_drop_visual, parse_skip_decode
+
+        parse_drop_visual(r.drop_visual_after)  # syntax and monotonicity; layers and KEEP are checked at export
+        parse_skip_decode(r.skip_decode)
         for name in ("text_slots_before_image", "text_slots_after_image", "new_token_slots"):
             if getattr(self.shapes, name) < 1:
                 raise ConfigError(f"shapes.{name} must be >= 1, got {getattr(self.shapes, name)}")

@@ -224,7 +224,46 @@ def render_trt_memory(first: dict) -> str:
                       *[where(r, f) for r, f in zip(reports, TRT_FILES)]])
 
 
+def render_rewrites_quality(r: dict) -> str:
+    rows = ["| rewrite | what it changed | KL mean | KL max | same greedy tokens |", "|---|---|---|---|---|"]
+    for name, v in r["variants"].items():
+        changed = "; ".join(v["rewrites"]) or "nothing"
+        rows.append(f"| `{name}` | {changed} | {v['kl_mean']:.4f} | {v['kl_max']:.4f} | {v['greedy_agreement']:.2f} |")
+    note = (f"{r['requests']} requests, {r['steps']} greedy tokens each, against the unrewritten `{r['model']}`; KL of "
+            "the next-token distributions at the prompt's end (SkipDecode changes only later tokens: KL 0 there).")
+    return "\n".join([command(r, "rewrites-quality-tiny.json"), "", *rows, "", note, "",
+                      where(r, "rewrites-quality-tiny.json")])
+
+
+REWRITE_BENCH = ("unpruned", "heads-25", "heads-50", "skip-1-layer", "drop-visual-after-1")
+REWRITE_BENCH_FILES = tuple(f"rewrites-bench-7b-shape-{name}.json" for name in REWRITE_BENCH)
+
+
+def render_rewrites_bench(first: dict) -> str:
+    """One bench per rewrite of the same model, the unpruned bundle first: TTFT (and its prefill part) and decode."""
+    reports = [first] + [load(f) for f in REWRITE_BENCH_FILES[1:]]
+    base = reports[0]["edgeprune"]
+    rows = ["| bundle | rewrites | LM layers / KV heads | visual slots per layer | time to first token (prefill) "
+            "| decode | vs unpruned: TTFT, prefill, decode |", "|---|---|---|---|---|---|---|"]
+    for name, r in zip(REWRITE_BENCH, reports):
+        e, t = r["edgeprune"], r["edgeprune"]["timings"]
+        rw = ", ".join(f"{k} {v}" for k, v in r.get("rewrites", {}).items()) or "none"
+        visual = e.get("layer_visual_slots") or [e["visual_slots"]] * e["lm_layers"]
+        rows.append(f"| {name} | {rw} | {e['lm_layers']} / {sum(e['kv_heads'])} | {', '.join(map(str, visual))} | "
+                    f"{secs(e['ttft_s'])} ({secs(t['prefill_s'])}) | {e['decode_tokens_per_s']:.1f} tokens/s | "
+                    f"{base['ttft_s'] / e['ttft_s']:.2f}x, {base['timings']['prefill_s'] / t['prefill_s']:.2f}x, "
+                    f"{e['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}x |")
+    cmds = "\n".join(f".venv/bin/python scripts/record_result.py docs/results/{f} -- \\\n    {r['recorded_command']}"
+                     for f, r in zip(REWRITE_BENCH_FILES, reports))
+    note = (f"{first['max_new_tokens']} new tokens, budget {first['budget']:g} ({base['visual_slots']} visual slots), "
+            "speed-ups over the unpruned bundle of the same run; random weights: no quality figure here.")
+    return "\n".join(["```\n" + cmds + "\n```", "", *rows, "", note, "",
+                      *[where(r, f) for r, f in zip(reports, REWRITE_BENCH_FILES)]])
+
+
 SECTIONS = {
+    "rewrites-bench": (REWRITE_BENCH_FILES[0], render_rewrites_bench),
+    "rewrites-quality": ("rewrites-quality-tiny.json", render_rewrites_quality),
     "trt-build": (TRT_FILES[0], render_trt_build),
     "trt-memory": (TRT_FILES[0], render_trt_memory),
     "bench": ("bench-7b-shape.json", render_bench),

@@ -5,8 +5,9 @@
     .venv/bin/python scripts/rewrite_quality.py llava-next --model DIR --stats stats.json   # a real checkpoint
 
 Variants: 25% and 50% of LM KV groups pruned (output-norm), 50% with the pruned heads folded into the bias,
-one LM layer skipped (least influential), 25% of the vision heads pruned. Scores come from --stats or a
-calibration on the built-in samples (edgeprune/calibrate.py).
+one LM layer skipped (least influential), 25% of the vision heads pruned; visual tokens dropped after LM layer
+L = min(1, layers - 2) to 64 (FastV) or to none (YOPO); SkipDecode skipping the lowest layer from the third
+decode step on. Scores come from --stats or a calibration on the built-in samples (edgeprune/calibrate.py).
 """
 
 from __future__ import annotations
@@ -49,6 +50,12 @@ def main() -> int:
             "lm-heads-50%-folded": RewritesRecipe(prune_heads=0.5, fold_pruned_heads=True, stats=stats),
             "lm-skip-1-layer": RewritesRecipe(skip_layers=1, stats=stats),
             "vision-heads-25%": RewritesRecipe(prune_vision_heads=0.25, stats=stats),
+        }
+        drop_layer = min(1, loaded.model.config.text_config.num_hidden_layers - 2)
+        variants |= {
+            f"drop-visual-after-{drop_layer}:64": RewritesRecipe(drop_visual_after=f"{drop_layer}:64"),
+            f"drop-visual-after-{drop_layer}:0 (YOPO)": RewritesRecipe(drop_visual_after=f"{drop_layer}:0"),
+            "skip-decode-2:1": RewritesRecipe(skip_decode="2:1"),
         }
         report = rewrite_quality(loaded, variants, quality_samples(), steps=args.steps)
     except EdgePruneError as e:

@@ -75,6 +75,16 @@ def test_export_with_stats_reports_before_and_after(calibrated):
     (["--skip-layers", "4,"], "there is no layer 4"),
     (["--skip-vision-layers", "3,"], "--skip-vision-layers: the vision tower (up to the feature layer) has layers 0..2"),
     (["--prune-heads", "0.5", "--stats", "missing.json"], "edgeprune calibrate"),
+    (["--skip-decode", "64:2,32:1"], "is not monotone"),
+    (["--skip-decode", "32:2,64:1"], "is not monotone"),
+    (["--skip-decode", "32:0"], "skips at least 1 layer"),
+    (["--skip-decode", "8:2"], "skip at most 1"),
+    (["--skip-decode", "x"], "is not A:B with integers"),
+    (["--drop-visual-after", "0:8,0:4"], "layers must increase and KEEP decrease"),
+    (["--drop-visual-after", "0:4,1:8"], "layers must increase and KEEP decrease"),
+    (["--drop-visual-after", "1:4"], "no layer follows layer 1"),
+    (["--drop-visual-after", "0:100000"], "KEEP must be below that"),
+    (["--drop-visual-after", "0:-1"], "is not A:B with integers >= 0"),
 ])
 def test_bad_rewrite_flags_are_one_error_line_and_leave_nothing(tmp_path, flags, fragment):
     out = cli("export", "llava-next-tiny", "--out", "b", *flags, cwd=tmp_path)

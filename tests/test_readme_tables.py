@@ -90,3 +90,24 @@ def test_sweep_table():
     assert "| hired | 0.1 | 288 | 14.2 s | 15.1 tokens/s | 3.81 GiB |" in text
     assert "scripts/record_result.py docs/results/sweep-7b-shape.json -- \\\n    edgeprune sweep x" in text
     assert "agreement" not in text and "(no `--data`: speed and memory only)" in text
+
+
+def test_rewrites_bench_table(monkeypatch):
+    def report(name, ttft, prefill, decode, layers, heads, visual, rewrites):
+        return {"recorded_command": f"edgeprune bench x --{name}", "provenance": PROVENANCE, "max_new_tokens": 32,
+                "budget": 0.2, "rewrites": rewrites,
+                "edgeprune": {"ttft_s": ttft, "decode_tokens_per_s": decode, "visual_slots": 576, "lm_layers": layers,
+                              "kv_heads": heads, "layer_visual_slots": visual, "timings": {"prefill_s": prefill}}}
+
+    files = dict(zip(rt.REWRITE_BENCH_FILES, [
+        report("a", 10.0, 4.0, 10.0, 4, [32] * 4, [], {}),
+        report("b", 9.0, 3.0, 12.0, 4, [24] * 4, [], {"prune_heads": 0.25}),
+        report("c", 8.0, 2.0, 15.0, 4, [16] * 4, [], {"prune_heads": 0.5}),
+        report("d", 9.5, 3.0, 13.0, 3, [32] * 3, [], {"skip_layers": 1}),
+        report("e", 8.0, 2.0, 10.5, 4, [32] * 4, [576, 576, 288, 288], {"drop_visual_after": "1:288"})]))
+    monkeypatch.setattr(rt, "load", lambda name: files[name])
+    text = rt.render_rewrites_bench(files[rt.REWRITE_BENCH_FILES[0]])
+    assert "| unpruned | none | 4 / 128 | 576, 576, 576, 576 | 10.0 s (4.0 s) | 10.0 tokens/s | 1.00x, 1.00x, 1.00x |" in text
+    assert "| heads-50 | prune_heads 0.5 | 4 / 64 | 576, 576, 576, 576 | 8.0 s (2.0 s) | 15.0 tokens/s | 1.25x, 2.00x, 1.50x |" in text
+    assert "| drop-visual-after-1 | drop_visual_after 1:288 | 4 / 128 | 576, 576, 288, 288 |" in text
+    assert "docs/results/rewrites-bench-7b-shape-skip-1-layer.json -- \\\n    edgeprune bench x --d" in text

@@ -587,9 +587,13 @@ def test_rewrite_quality_measures_against_the_unrewritten_model(tiny, stats, tmp
 
     path = str(write_stats(stats, tmp_path / "s.json"))
     samples = [Sample(random_image((150, 230), seed=5), QUESTION), Sample(random_image((90, 120), seed=6), "Colors?")]
-    report = rewrite_quality(tiny, {"none": RewritesRecipe(), "heads": RewritesRecipe(prune_heads=0.5, stats=path)},
-                             samples, steps=2)
+    report = rewrite_quality(tiny, {"none": RewritesRecipe(), "heads": RewritesRecipe(prune_heads=0.5, stats=path),
+                                    "yopo": RewritesRecipe(drop_visual_after="0:0"),
+                                    "skip-decode": RewritesRecipe(skip_decode="0:1")}, samples, steps=2)
     none, heads = report["variants"]["none"], report["variants"]["heads"]
+    # dropping every visual token after layer 0 moves the prompt's distribution; SkipDecode only later tokens
+    assert report["variants"]["yopo"]["kl_mean"] > 0 and report["variants"]["yopo"]["rewrites"] == ["drop_visual_after: 0:0"]
+    assert report["variants"]["skip-decode"]["kl_max"] < 1e-9  # the reference recomputes: float noise only
     assert (none["kl_mean"], none["greedy_agreement"], none["rewrites"]) == (0.0, 1.0, [])
     # KL from torch's own kl_div on the first request, against a model pruned here
     model = copy.deepcopy(tiny.model)

@@ -53,18 +53,19 @@ def model_costs(model, shapes, cache_dtype: str = "fp32", vision_keep: dict[int,
     vision += 2 * s.visual_topk * _linear_macs(inner.multi_modal_projector)
     head = 2 * _linear_macs(model.lm_head)  # one row of logits
     prefill = decode = 0
-    for layer in lm.layers:
+    for i, layer in enumerate(lm.layers):  # layer i runs on S_i prefill slots over a C_i-slot cache (visual drops)
         attn = layer.self_attn
         heads = attn.q_proj.out_features // attn.head_dim
-        prefill += 2 * s.prefill_slots * _linear_macs(layer) + 2 * 2 * heads * s.prefill_slots ** 2 * attn.head_dim
-        decode += 2 * _linear_macs(layer) + 2 * 2 * heads * s.cache_capacity * attn.head_dim
+        rows, cache = s.prefill_slots_at(i), s.cache_slots_at(i)
+        prefill += 2 * rows * _linear_macs(layer) + 2 * 2 * heads * rows ** 2 * attn.head_dim
+        decode += 2 * _linear_macs(layer) + 2 * 2 * heads * cache * attn.head_dim
     kv_heads = [layer.self_attn.k_proj.out_features // layer.self_attn.head_dim for layer in lm.layers]
     return {
         "params": {"vision": _params(tower.embeddings, tower.pre_layrnorm, *v_layers, inner.multi_modal_projector,
                                      inner.image_newline),
                    "language_model": _params(lm, model.lm_head)},
         "flops": {"vision": vision, "prefill": prefill + head, "decode_per_token": decode + head},
-        "kv_cache_bytes": 2 * sum(kv_heads) * s.cache_capacity * s.head_dim * BYTES[cache_dtype],
+        "kv_cache_bytes": 2 * sum(h * s.cache_slots_at(i) for i, h in enumerate(kv_heads)) * s.head_dim * BYTES[cache_dtype],
         "lm_layers": len(lm.layers),
         "kv_heads": kv_heads,
     }

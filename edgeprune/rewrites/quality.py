@@ -2,7 +2,10 @@
 
 For every (image, prompt) request and every rewrite: the KL divergence KL(p_ref || p_rewritten) of the
 next-token distributions at the prompt's end, and whether greedy decoding gives the same tokens as the
-unrewritten model (`steps` tokens). Random-weight twins make these numbers meaningless as quality
+unrewritten model (`steps` tokens). In-LLM visual-token dropping and SkipDecode change no module: their
+variants run through `rewrites.reference.generate` (transformers' layers with the drops / skips applied);
+SkipDecode leaves the prompt's distribution alone (KL 0 by construction) and shows in greedy agreement.
+Random-weight twins make these numbers meaningless as quality
 figures; the same command measures a real checkpoint given with `--model`.
 """
 
@@ -36,9 +39,18 @@ def rewrite_quality(loaded, variants: dict, samples, steps: int = 8,
     requests = [loaded.processor(images=s.image, text=template.replace("{prompt}", s.prompt), return_tensors="pt")
                 for s in samples]
 
-    def run(model):
+    from edgeprune.rewrites import reference as torch_reference
+    from edgeprune.rewrites.schedules import parse_drop_visual, parse_skip_decode
+
+    def run(model, rewrites=None):
+        drops = dict(parse_drop_visual(rewrites.drop_visual_after)) if rewrites else {}
+        schedule = parse_skip_decode(rewrites.skip_decode) if rewrites else None
         out = []
         for inputs in requests:
+            if drops or (schedule and schedule.stages):
+                ref = torch_reference.generate(model, inputs, steps, drops, schedule.skip_at)
+                out.append((torch.log_softmax(ref.logits[0].double(), dim=-1), ref.tokens))
+                continue
             with torch.no_grad():
                 logits = model(**inputs).logits[0, -1]
                 tokens = model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False)
@@ -51,12 +63,13 @@ def rewrite_quality(loaded, variants: dict, samples, steps: int = 8,
     for name, rewrites in variants.items():
         on_progress(name)
         model, _, _, changes = rewrite_for_export(loaded, rewrites, copy=True)
-        result = run(model)  # loaded.model itself when the variant changes nothing (then KL = 0)
+        result = run(model, rewrites)  # loaded.model itself when the variant changes nothing (then KL = 0)
         kls = [float((ref.exp() * (ref - got)).sum()) for (ref, _), (got, _) in zip(reference, result)]
         report["variants"][name] = {
             "kl_mean": sum(kls) / len(kls), "kl_max": max(kls),
             "greedy_agreement": sum(a == b for (_, a), (_, b) in zip(reference, result)) / len(kls),
             "first_token_agreement": sum(a[0] == b[0] for (_, a), (_, b) in zip(reference, result)) / len(kls),
-            "rewrites": [r.summary() for r in changes],
+            "rewrites": [r.summary() for r in changes] + [f"{key}: {getattr(rewrites, key)}" for key in
+                                                           ("drop_visual_after", "skip_decode") if getattr(rewrites, key)],
         }
     return report

@@ -98,6 +98,7 @@ def check_bundle(bundle_dir: str | Path, target: Target, memory_gib: float | Non
         add("error", "bundle", "", refusal)
 
     graphs = {name: manifest.graphs[name]["file"] for name in GRAPHS if name in manifest.graphs}
+    graphs |= {f"decode_skip{k}": e["file"] for k, e in manifest.graphs.get("decode_skip", {}).items()}  # SkipDecode
     if "step" not in graphs:
         add("error", "bundle", "", "no step graph (the LM engine's source): re-export with this edgeprune version")
     activation = 0
@@ -177,7 +178,8 @@ def _check_graph(model, name: str, target: Target, manifest, add) -> None:
         more = f" (and {len(nodes) - 1} more)" if len(nodes) > 1 else ""
         add("error", name, nodes[0], reason + more)
 
-    declared = set(manifest.graphs[name].get("dynamic", {})) if isinstance(manifest.graphs[name], dict) else set()
+    entry = manifest.graphs.get(name)  # decode_skip<k> graphs are nested under graphs.decode_skip: static
+    declared = set(entry.get("dynamic", {})) if isinstance(entry, dict) else set()
     int64 = []
     for value in list(model.graph.input) + list(model.graph.output):
         tt = value.type.tensor_type
@@ -232,7 +234,7 @@ def _scaled_to_layers(manifest, layers: int, weights: int, cache: int) -> tuple[
 
 
 def _kv_cache_bytes(s) -> int:
-    return 2 * sum(s.kv_heads) * s.cache_capacity * s.head_dim * 4  # fp32 K and V per layer [Hkv, C, Dh]
+    return 2 * sum(h * s.cache_slots_at(i) for i, h in enumerate(s.kv_heads)) * s.head_dim * 4  # fp32 K, V [Hkv_l, C_l, Dh]
 
 
 def _real_parser_verdict(graphs: dict[str, str], manifest, target: Target, add) -> str | None:

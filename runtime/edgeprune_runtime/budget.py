@@ -88,8 +88,11 @@ def request_bytes(shapes, pp, cache_itemsize: int) -> dict[str, int]:
         # nine f32 [P, N] masks/keys plus temporaries, newline masks, int64 index vectors
         "layout": (12 * P * N + 2 * R + N) * 4 + 4 * N * 8,
         "vision outputs": V * D * 4 + V * 4 + V * 8,
-        "prefill outputs": s.vocab_size * 4 + s.prefill_slots * kv_per_slot * 4,
-        "kv cache": s.cache_capacity * (kv_per_slot * cache_itemsize + 4),
+        # layer l: K/V of its S_l slots (+ their validity when visual tokens were dropped before it)
+        "prefill outputs": s.vocab_size * 4 + sum(s.prefill_slots_at(i) * (2 * h * s.head_dim + 1) * 4
+                                                  for i, h in enumerate(s.kv_heads)),
+        # layer l: K and V [Hkv_l, C_l, Dh] and its validity [C_l] f32
+        "kv cache": sum(s.cache_slots_at(i) * (2 * h * s.head_dim * cache_itemsize + 4) for i, h in enumerate(s.kv_heads)),
         "decode buffers": s.vocab_size * 4 + kv_per_slot * cache_itemsize,
         "sampling": s.vocab_size * 8 * 4,  # float64 probabilities, sort order, cumulative sum, filtered copy
     }

@@ -40,7 +40,7 @@ from edgeprune_runtime.backends.select import CPU, Backend
 from edgeprune_runtime.env import env_flag, env_int
 from edgeprune_runtime.errors import RuntimeStatusError, Status, bundle_invalid
 from edgeprune_runtime.kvcache import KVCache, prefill_slot_valid
-from edgeprune_runtime.manifest import Manifest, WeightEntry
+from edgeprune_runtime.manifest import Manifest, WeightEntry, per_layer_validity
 
 _ORT_DTYPES = {
     "tensor(float)": np.float32,
@@ -198,8 +198,9 @@ class Engine:
     """The sessions of one bundle on one backend; stateless between requests (the cache lives in a Decoder).
 
     The language model runs as one of two graph contracts (Backend.lm):
-        "prefill-decode"  prefill.onnx (S slots -> K/V of every slot) and decode.onnx (one token over the cache):
-                          the CPU backend, where both sessions share one memory map of the weights
+        "prefill-decode"  prefill.onnx (S slots -> K/V of every slot) and decode.onnx (one token over the cache), plus
+                          SkipDecode's decode graphs: the CPU backend, where the sessions share one memory map of
+                          the weights, and the GPU backends for bundles whose layers hold different tokens
         "step"            one graph, T slots over the cache (lm/step.onnx, or the TensorRT engine built from it):
                           prefill is a step of S slots over an empty cache, decode a step of one slot. One session,
                           so the weights are on the GPU once (two sessions would each copy them there)
@@ -231,9 +232,16 @@ class Engine:
         # frees them after packing, where a shared map would keep them resident too. Float tensors (embeddings,
         # norms) stay shared.
         skip = ("|i1", "|u1") if quantized else ()
+        self.skip_decode = manifest.skip_decode
+        self.per_layer_valid = per_layer_validity(self.shapes, self.skip_decode)
         self.prefill = self.decode = self.step = None
+        self.decode_skip = {}
         if backend.lm == "step":
-            if "lm" in engines:  # a TensorRT engine holds its own weights
+            if self.per_layer_valid:
+                raise RuntimeStatusError(Status.DEVICE_UNSUPPORTED, f"the {backend.name} backend's step graph path does "
+                                         "not run bundles whose layers hold different tokens (visual-token dropping, "
+                                         "SkipDecode) yet; use --backend cuda or cpu")
+            if "lm" in engines:
                 self.step = open_session(manifest.path(engines["lm"], "engines lm context_file"),
                                          session_options(prepacking=False), "lm engine", backend)
             else:
@@ -252,6 +260,13 @@ class Engine:
                                         "prefill", backend)
             self.decode = open_session(manifest.path(graphs["decode"]["file"], "graphs.decode.file"), decode_opts,
                                        "decode", backend)
+            # SkipDecode: one decode graph per skip count (the lowest k layers skipped), the same shared weights
+            for k in self.skip_decode.skips[1:]:
+                rel = graphs["decode_skip"][str(k)]["file"]
+                opts = session_options(prepacking=quantized)
+                self.weights.add_to(opts, skip)
+                self.decode_skip[k] = open_session(manifest.path(rel, f"graphs.decode_skip.{k}.file"), opts,
+                                                   f"decode (skip {k})", backend)
         self._check_contract()
 
     def _check_contract(self) -> None:
@@ -275,54 +290,80 @@ class Engine:
                   {"visual_embeds": [V, s.hidden_size], "visual_valid": [V], "visual_source": [V]}, "output")
         self.vision_inputs = tuple(vin)
 
-        past, new = {}, {}
-        for layer, h in enumerate(s.kv_heads):
-            past[f"past_key_{layer}"] = past[f"past_value_{layer}"] = [h, C, s.head_dim]
-            new[f"new_key_{layer}"] = new[f"new_value_{layer}"] = [h, 1, s.head_dim]
+        self.cache_dtype = None
         if self.step is not None:
-            din, dout = self._check_step_contract(past)
-            what = "step"
-        else:
-            kv = {}
-            for layer, h in enumerate(s.kv_heads):
-                kv[f"key_{layer}"] = kv[f"value_{layer}"] = [h, S, s.head_dim]
-            _check_io("prefill", _declared(self.prefill.get_inputs()), {
-                "text_ids": [T], "text_valid": [T], "visual_embeds": [V, s.hidden_size], "visual_valid": [V],
-            }, "input")
-            _check_io("prefill", _declared(self.prefill.get_outputs()), {"logits": [s.vocab_size], **kv}, "output")
-            din, dout = _declared(self.decode.get_inputs()), _declared(self.decode.get_outputs())
-            _check_io("decode", din, {"token_id": [1], "position": [1], "cache_valid": [C], **past}, "input")
-            _check_io("decode", dout, {"logits": [s.vocab_size], **new}, "output")
-            what = "decode"
-        kinds = {din[name][1] for name in past}
-        if len(kinds) != 1 or next(iter(kinds)) not in ("tensor(float)", "tensor(float16)"):
-            raise bundle_invalid(f"{what} graph cache inputs have types {sorted(kinds)}; float or float16 (one type) is required")
-        cache_type = next(iter(kinds))
-        self.cache_dtype = _ORT_DTYPES[cache_type]
-        # the Decoder binds buffers of these types to the decode (or step) graph (engine.Decoder)
-        host = {"token_id": "tensor(int64)", "token_ids": "tensor(int64)", "position": "tensor(int64)",
-                "cache_valid": "tensor(float)", "is_visual": "tensor(float)", "slot_valid": "tensor(float)"}
-        bound = {name: (din, want) for name, want in host.items() if name in din}
-        bound |= {"logits": (dout, "tensor(float)"), **{name: (dout, cache_type) for name in new}}
-        for name, (declared, want) in bound.items():
-            if declared[name][1] != want:
-                raise bundle_invalid(f"{what} graph {name!r} has type {declared[name][1]}, the runtime binds {want}; re-export")
-        self.embeds_dtype = _ORT_DTYPES.get(din.get("visual_embeds", (None, "tensor(float)"))[1], np.float32)
+            self._check_step()
+            return
+        # prefill: layer l outputs K/V of its S_l slots; a layer on fewer slots (visual tokens dropped) also their validity
+        kv = {}
+        for layer, h in enumerate(s.kv_heads):
+            kv[f"key_{layer}"] = kv[f"value_{layer}"] = [h, s.prefill_slots_at(layer), s.head_dim]
+            if s.visual_slots_at(layer) < V:
+                kv[f"slot_valid_{layer}"] = [s.prefill_slots_at(layer)]
+        _check_io("prefill", _declared(self.prefill.get_inputs()), {
+            "text_ids": [T], "text_valid": [T], "visual_embeds": [V, s.hidden_size], "visual_valid": [V],
+        }, "input")
+        _check_io("prefill", _declared(self.prefill.get_outputs()), {"logits": [s.vocab_size], **kv}, "output")
+        for k, session in {0: self.decode, **self.decode_skip}.items():
+            self._check_decode(session, "decode" if not k else f"decode (skip {k})", k)
 
-    def _check_step_contract(self, past: dict) -> tuple[dict, dict]:
-        """The step graph (or its engine's wrapper model): T slots, T dynamic (a name, or -1 for an engine)."""
+    def _check_step(self) -> None:
+        """The step graph (or its engine's wrapper model, which declares the same): T slots, T dynamic (a name), every
+        layer on the one shared cache of C slots (Engine refuses per-layer bundles on this path)."""
         s = self.shapes
         din, dout = _declared(self.step.get_inputs()), _declared(self.step.get_outputs())
         t = din.get("token_ids", ([None], ""))[0][0]
         if isinstance(t, int) and t > 0:
             raise bundle_invalid(f"step graph input 'token_ids' has the fixed size {t}; its first dimension must be dynamic (re-export)")
+        past, new = {}, {}
+        for layer, h in enumerate(s.kv_heads):
+            past[f"past_key_{layer}"] = past[f"past_value_{layer}"] = [h, s.cache_capacity, s.head_dim]
+            new[f"new_key_{layer}"] = new[f"new_value_{layer}"] = [h, t, s.head_dim]
         _check_io("step", din, {"token_ids": [t], "visual_embeds": [t, s.hidden_size], "is_visual": [t], "slot_valid": [t],
                                 "position": [1], "cache_valid": [s.cache_capacity], **past}, "input")
-        new = {}
-        for layer, h in enumerate(s.kv_heads):
-            new[f"new_key_{layer}"] = new[f"new_value_{layer}"] = [h, t, s.head_dim]
         _check_io("step", dout, {"logits": [s.vocab_size], **new}, "output")
-        return din, dout
+        kinds = {din[name][1] for name in past}
+        if len(kinds) != 1 or next(iter(kinds)) not in ("tensor(float)", "tensor(float16)"):
+            raise bundle_invalid(f"step graph cache inputs have types {sorted(kinds)}; float or float16 (one type) is required")
+        cache_type = next(iter(kinds))
+        self.cache_dtype = _ORT_DTYPES[cache_type]
+        bound = {**{n: (din, "tensor(int64)") for n in ("token_ids", "position")},
+                 **{n: (din, "tensor(float)") for n in ("is_visual", "slot_valid", "cache_valid")},
+                 "logits": (dout, "tensor(float)"), **{name: (dout, cache_type) for name in new}}
+        for name, (declared, want) in bound.items():
+            if declared[name][1] != want:
+                raise bundle_invalid(f"step graph {name!r} has type {declared[name][1]}, the runtime binds {want}; re-export")
+        self.embeds_dtype = _ORT_DTYPES.get(din["visual_embeds"][1], np.float32)
+
+    def _check_decode(self, session, what: str, skip: int) -> None:
+        """A decode graph running layers skip.. reads their caches [Hkv_l, C_l, Dh] and validity (per layer
+        or one shared [C]) and writes their new K/V slices; every decode graph has one cache dtype."""
+        s = self.shapes
+        run = range(skip, s.num_layers)
+        past, new = {}, {}
+        for layer in run:
+            h = s.kv_heads[layer]
+            past[f"past_key_{layer}"] = past[f"past_value_{layer}"] = [h, s.cache_slots_at(layer), s.head_dim]
+            new[f"new_key_{layer}"] = new[f"new_value_{layer}"] = [h, 1, s.head_dim]
+        valid = ({f"cache_valid_{layer}": [s.cache_slots_at(layer)] for layer in run} if self.per_layer_valid
+                 else {"cache_valid": [s.cache_capacity]})
+        din, dout = _declared(session.get_inputs()), _declared(session.get_outputs())
+        _check_io(what, din, {"token_id": [1], "position": [1], **valid, **past}, "input")
+        _check_io(what, dout, {"logits": [s.vocab_size], **new}, "output")
+        kinds = {din[name][1] for name in past}
+        if len(kinds) != 1 or next(iter(kinds)) not in ("tensor(float)", "tensor(float16)"):
+            raise bundle_invalid(f"{what} graph cache inputs have types {sorted(kinds)}; float or float16 (one type) is required")
+        cache_type = next(iter(kinds))
+        if self.cache_dtype is not None and _ORT_DTYPES[cache_type] != self.cache_dtype:
+            raise bundle_invalid(f"{what} graph caches are {cache_type}, the decode graph's are not; re-export")
+        self.cache_dtype = _ORT_DTYPES[cache_type]
+        # the Decoder binds numpy buffers of these types to the decode graph once (engine.Decoder)
+        bound = {"token_id": (din, "tensor(int64)"), "position": (din, "tensor(int64)"),
+                 **{name: (din, "tensor(float)") for name in valid},
+                 "logits": (dout, "tensor(float)"), **{name: (dout, cache_type) for name in new}}
+        for name, (declared, want) in bound.items():
+            if declared[name][1] != want:
+                raise bundle_invalid(f"{what} graph {name!r} has type {declared[name][1]}, the runtime binds {want}; re-export")
 
     # --- one call per graph ---
 
@@ -336,21 +377,29 @@ class Engine:
         return tuple(_run(self.vision, "vision", ["visual_embeds", "visual_valid", "visual_source"], feeds))
 
     def run_prefill(self, text_ids, text_valid, visual_embeds, visual_valid, cache: KVCache | None = None):
-        """-> (logits [vocab] on the host, keys, values): per layer [Hkv_l, S, Dh] Buffers on the backend's device.
+        """-> (logits [vocab] on the host, keys, values, slot_valid): keys/values per layer [Hkv_l, S_l, Dh] Buffers on
+        the backend's device; slot_valid per layer [S_l] on the host (the prefill sequence's validity,
+        `kvcache.prefill_slot_valid`, for a layer on every slot; the graph's `slot_valid_<l>` for a layer after a
+        visual-token drop).
 
-        The K/V outputs stay where the graph computed them (ORT allocates them on the device); only the
-        logits come back to the host. KVCache.fill_from_prefill then copies the valid slots on the device.
-        The step graph reads a cache too: `cache`'s buffers, all masked (cache_valid 0), stand in for an empty one.
+        The K/V outputs stay where the graph computed them (ORT allocates them on the device); only the logits
+        (and drop validity) come back to the host. KVCache.fill_from_prefill then copies the valid slots on the
+        device. The step graph reads a cache too: `cache`'s buffers, all masked (cache_valid 0), stand in for an
+        empty one.
         """
-        n = self.shapes.num_layers
+        s = self.shapes
+        n = s.num_layers
+        full = prefill_slot_valid(text_valid, visual_valid, s.text_slots_before_image)
         if self.step is not None:
             session, what = self.step, "step"
             inputs = self._step_prefill_inputs(text_ids, text_valid, visual_embeds, visual_valid)
             kv_out = [f"new_key_{i}" for i in range(n)] + [f"new_value_{i}" for i in range(n)]
+            dropped = []
         else:
             session, what = self.prefill, "prefill"
             inputs = {"text_ids": text_ids, "text_valid": text_valid, "visual_embeds": visual_embeds, "visual_valid": visual_valid}
             kv_out = [f"key_{i}" for i in range(n)] + [f"value_{i}" for i in range(n)]
+            dropped = [i for i in range(n) if s.visual_slots_at(i) < s.visual_slots]
         binding = session.io_binding()
         for name, array in inputs.items():
             binding.bind_cpu_input(name, np.ascontiguousarray(array))
@@ -362,13 +411,16 @@ class Engine:
         binding.bind_output("logits", "cpu")
         for name in kv_out:
             binding.bind_output(name, self.device.name, self.device.device_id)
+        for i in dropped:
+            binding.bind_output(f"slot_valid_{i}", "cpu")
         try:
             session.run_with_iobinding(binding)
         except Exception as e:  # ORT's pybind exceptions
             raise RuntimeStatusError(Status.INFERENCE_FAILED, f"ONNX Runtime failed running the {what} graph: {_one_line(e)}") from None
         out = binding.get_outputs()  # OrtValues, in binding order
-        kv = [self.device.wrap(v) for v in out[1:]]
-        return out[0].numpy(), kv[:n], kv[n:]
+        kv = [self.device.wrap(v) for v in out[1:1 + 2 * n]]
+        given = {i: v.numpy() for i, v in zip(dropped, out[1 + 2 * n:])}
+        return out[0].numpy(), kv[:n], kv[n:], [given.get(i, full) for i in range(n)]
 
     def _step_prefill_inputs(self, text_ids, text_valid, visual_embeds, visual_valid) -> dict[str, np.ndarray]:
         """The prefill sequence as S step slots: text-before | visual | text-after, position 0, an empty cache."""
@@ -386,20 +438,22 @@ class Engine:
     def start(self, text_ids, text_valid, visual_embeds, visual_valid) -> tuple[np.ndarray, KVCache]:
         """Prefill into a new cache: -> (logits [vocab] of the last prompt slot, the cache holding the valid slots)."""
         cache = self.new_cache()
-        logits, keys, values = self.run_prefill(text_ids, text_valid, visual_embeds, visual_valid, cache)
-        cache.fill_from_prefill(keys, values, prefill_slot_valid(text_valid, visual_valid, self.shapes.text_slots_before_image))
+        logits, keys, values, layer_valid = self.run_prefill(text_ids, text_valid, visual_embeds, visual_valid, cache)
+        cache.fill_from_prefill(keys, values, layer_valid)
         return logits, cache
 
     def new_cache(self) -> KVCache:
         s = self.shapes
-        return KVCache(s.kv_heads, s.cache_capacity, s.head_dim, self.cache_dtype, self.device)
+        return KVCache(s.kv_heads, [s.cache_slots_at(i) for i in range(s.num_layers)], s.head_dim, self.cache_dtype,
+                       self.device)
 
     def decoder(self, cache: KVCache) -> "Decoder":
         if self.step is not None:
             inputs = {"token_ids": np.zeros(1, np.int64), "visual_embeds": np.zeros((1, self.shapes.hidden_size), self.embeds_dtype),
                       "is_visual": np.zeros(1, np.float32), "slot_valid": np.ones(1, np.float32)}
-            return Decoder(self.step, cache, self.shapes.vocab_size, inputs, "token_ids")
-        return Decoder(self.decode, cache, self.shapes.vocab_size, {"token_id": np.zeros(1, np.int64)}, "token_id")
+            return Decoder({0: self.step}, cache, self.shapes.vocab_size, inputs=inputs, token_input="token_ids")
+        return Decoder({0: self.decode, **self.decode_skip}, cache, self.shapes.vocab_size, self.per_layer_valid,
+                       self.skip_decode)
 
 
 def _run(session, what: str, names: list[str], feeds: dict):
@@ -410,44 +464,59 @@ def _run(session, what: str, names: list[str], feeds: dict):
 
 
 class Decoder:
-    """The decode session bound once to one cache; only the three small host inputs are bound again per step.
+    """The decode sessions bound once to one cache; only the small host inputs are bound again per step.
 
     Buffers (backends/device.py), all allocated once:
-        past_key_l / past_value_l   the cache's [Hkv_l, C, Dh] buffers, on the backend's device (read in place)
+        past_key_l / past_value_l   the cache's [Hkv_l, C_l, Dh] buffers, on the backend's device (read in place)
         new_key_l / new_value_l     [Hkv_l, 1, Dh] staging buffers on the same device; after each run the cache
-                                    copies them into slot `length` (KVCache.append: a 2-D copy on the device)
+                                    copies them into each layer's next slot (KVCache.append: a 2-D copy on the device)
         logits                      [vocab] host numpy buffer: the only output that comes back per token
-        token_id, position [1], cache_valid [C]: host arrays, bound again before every run, because ORT copies
-                                    a host input to the device when it is bound, not when the graph runs
+        token_id, position [1], cache validity [C_l] (and a step graph's one-slot inputs): host arrays, bound again
+                                    before every run, because ORT copies a host input to the device when it is bound
     The graph cannot write its new slice straight into the cache: the slot is Hkv_l strided rows of a
-    [Hkv_l, C, Dh] buffer, and ORT binds contiguous tensors only; a slot-major cache would need the decode
-    graph to transpose the whole cache every step instead.
+    [Hkv_l, C_l, Dh] buffer, and ORT binds contiguous tensors only; a slot-major cache would need the decode
+    graph to transpose the whole cache every step instead (README "GPU backends").
+
+    SkipDecode: `sessions` {skip count k: decode session running layers k..}; each step runs the one the
+    schedule names for its decode position, and only layers k.. get the token's K/V. Validity is bound per
+    layer (`cache_valid_<l>`) or, when every layer holds the same tokens, layer 0's mask as `cache_valid`.
     """
 
-    def __init__(self, session, cache: KVCache, vocab: int, inputs: dict[str, np.ndarray], token_input: str):
-        """`inputs`: the graph's per-step host inputs besides position and cache_valid (decode: token_id; step: token_ids,
-        visual_embeds, is_visual, slot_valid for one text slot); `token_input` names the one the token goes into."""
+    def __init__(self, sessions: dict, cache: KVCache, vocab: int, per_layer_valid: bool = False, schedule=None,
+                 inputs: dict[str, np.ndarray] | None = None, token_input: str = "token_id"):
+        """`inputs`: the graphs' per-step host inputs besides position and validity (default: token_id; a step graph:
+        token_ids, visual_embeds, is_visual, slot_valid for one text slot); `token_input` names the one the token goes in."""
         import onnxruntime as ort
 
-        self.session = session
+        from edgeprune_runtime.manifest import SkipDecode
+
+        self.sessions = sessions
         self.cache = cache
-        device = cache.device
-        layers = range(len(cache.key_buffers))
-        self.inputs = inputs
-        self.token_id = inputs[token_input]  # [1]
+        self.schedule = schedule or SkipDecode()
+        self.steps = 0  # decode position of the next step
+        self.inputs = inputs if inputs is not None else {"token_id": np.zeros(1, np.int64)}
+        self.token_id = self.inputs[token_input]  # [1]
         self.position = np.zeros(1, np.int64)
         self.logits = np.zeros(vocab, np.float32)
+        device = cache.device
         self.new_keys = [device.zeros((k.shape[0], 1, k.shape[2]), k.dtype) for k in cache.key_buffers]  # [Hkv_l, 1, Dh]
         self.new_values = [device.zeros((v.shape[0], 1, v.shape[2]), v.dtype) for v in cache.value_buffers]
-        self.binding = session.io_binding()
-        self._keep = [ort.OrtValue.ortvalue_from_numpy(self.logits)]  # the OrtValues must live as long as the binding
-        for i in layers:
-            self.binding.bind_ortvalue_input(f"past_key_{i}", cache.key_buffers[i].value)
-            self.binding.bind_ortvalue_input(f"past_value_{i}", cache.value_buffers[i].value)
-        self.binding.bind_ortvalue_output("logits", self._keep[0])
-        for i in layers:
-            self.binding.bind_ortvalue_output(f"new_key_{i}", self.new_keys[i].value)
-            self.binding.bind_ortvalue_output(f"new_value_{i}", self.new_values[i].value)
+        layers = len(cache.key_buffers)
+        self.bindings, self.host_inputs = {}, {}
+        self._keep = [ort.OrtValue.ortvalue_from_numpy(self.logits)]  # the OrtValues must live as long as the bindings
+        for skip, session in sessions.items():
+            run = range(skip, layers)
+            valid = [(f"cache_valid_{i}", cache.valid[i]) for i in run] if per_layer_valid else [("cache_valid", cache.valid[0])]
+            binding = session.io_binding()
+            for i in run:
+                binding.bind_ortvalue_input(f"past_key_{i}", cache.key_buffers[i].value)
+                binding.bind_ortvalue_input(f"past_value_{i}", cache.value_buffers[i].value)
+            binding.bind_ortvalue_output("logits", self._keep[0])
+            for i in run:
+                binding.bind_ortvalue_output(f"new_key_{i}", self.new_keys[i].value)
+                binding.bind_ortvalue_output(f"new_value_{i}", self.new_values[i].value)
+            self.bindings[skip] = binding
+            self.host_inputs[skip] = [*self.inputs.items(), ("position", self.position), *valid]
 
     def step(self, token_id: int) -> np.ndarray:
         """Runs `token_id` at the next position, appends its K/V to the cache; returns the logits buffer.
@@ -455,15 +524,18 @@ class Decoder:
         The returned array is overwritten by the next step. Raises RuntimeStatusError(CACHE_FULL)
         when no slot is left and INFERENCE_FAILED when ORT fails.
         """
-        if self.cache.full:
+        skip = self.schedule.skip_at(self.steps)
+        if self.cache.room(range(skip, len(self.cache.key_buffers))) <= 0:
             raise RuntimeStatusError(Status.CACHE_FULL, f"the KV cache is full ({self.cache.capacity} slots)")
         self.token_id[0] = token_id
-        self.position[0] = self.cache.length  # compacted cache: slot index == position
+        self.position[0] = self.cache.position  # the token's position; each layer's slots are compacted apart
+        binding = self.bindings[skip]
         try:
-            for name, array in [*self.inputs.items(), ("position", self.position), ("cache_valid", self.cache.valid)]:
-                self.binding.bind_cpu_input(name, array)
-            self.session.run_with_iobinding(self.binding)
+            for name, array in self.host_inputs[skip]:
+                binding.bind_cpu_input(name, array)
+            self.sessions[skip].run_with_iobinding(binding)
         except Exception as e:
             raise RuntimeStatusError(Status.INFERENCE_FAILED, f"ONNX Runtime failed running the decode graph: {_one_line(e)}") from None
-        self.cache.append(self.new_keys, self.new_values)
+        self.cache.append(self.new_keys[skip:], self.new_values[skip:], first_layer=skip)
+        self.steps += 1
         return self.logits

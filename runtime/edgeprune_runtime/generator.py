@@ -166,11 +166,17 @@ class Generator:
         slot_valid = prefill_slot_valid(text_valid, visual_valid, t1)
         self.prompt_slots = int((slot_valid > 0.5).sum())
         m = self.params.max_new_tokens
-        if m and self.prompt_slots + m > s.cache_capacity:
+        # Layer l holds the text tokens and at most V_l visual ones (the valid visual slots win the drop's TopK).
+        visual = int((visual_valid > 0.5).sum())
+        held = [self.prompt_slots - visual + min(visual, s.visual_slots_at(i)) for i in range(s.num_layers)]
+        worst = max(range(s.num_layers), key=lambda i: held[i] - s.cache_slots_at(i))
+        if m and held[worst] + m > s.cache_slots_at(worst):
+            where = f" in layer {worst}" if s.drops_visual else ""
             raise RuntimeStatusError(
                 Status.INVALID_ARGUMENT,
-                f"--max-new-tokens {m} needs {self.prompt_slots + m} cache slots ({self.prompt_slots} prompt + {m} new), "
-                f"the bundle has {s.cache_capacity}; lower it or raise `shapes.new_token_slots` in the recipe and re-export",
+                f"--max-new-tokens {m} needs {held[worst] + m} cache slots{where} ({held[worst]} prompt + {m} new), "
+                f"the bundle has {s.cache_slots_at(worst)}; lower it or raise `shapes.new_token_slots` in the recipe "
+                "and re-export",
             )
 
         t = time.perf_counter()

@@ -1,14 +1,17 @@
-"""The fixed-size KV cache: per-layer buffers allocated once on the backend's device, written in place.
+"""The fixed-size KV cache: per-layer buffers allocated once on the backend's device, written in place, each
+layer with its own validity mask.
 
-Layout (README "How it works"): layer l has K and V buffers [Hkv_l, C, Dh] (a list, since head
-pruning may give layers different Hkv) and all layers share `valid` [C] (1 = slot holds a token).
-Valid tokens are kept compacted in slots 0..length-1, so a slot index is also the token's
-position (positions count valid slots), and the next token goes to slot `length`.
+Layout (README "How it works"): layer l has K and V buffers [Hkv_l, C_l, Dh] (a list: head pruning gives
+layers different Hkv_l, in-LLM visual-token dropping different C_l) and a validity mask `valid[l]` [C_l]
+(1 = slot holds a token). Layers can hold different tokens: a layer after a visual-token drop holds only the
+kept visual tokens, and SkipDecode does not write a token into the layers it skips. Each layer keeps its
+tokens compacted in slots 0..lengths[l]-1 (K already carries RoPE, so slot order does not matter to
+attention); `position` counts every token the sequence has seen, the next token's position.
 
 Where the buffers live is the device's business (backends/device.py): host memory for the CPU backend,
 GPU memory for the CUDA and TensorRT backends. Every write into the cache is a 2-D copy on that device
-(`Device.copy2d`), so the cache never travels to the host: one token's slot is Hkv_l rows of Dh values, one
-row every C*Dh values of the buffer. `valid` stays on the host: the decode graph reads its C floats per step.
+(`Device.copy2d`), so the cache never travels to the host: one token's slot in layer l is Hkv_l rows of Dh
+values, one row every C_l*Dh values of the buffer. The masks stay on the host: a decode step reads C_l floats.
 """
 
 from __future__ import annotations
@@ -32,18 +35,23 @@ def valid_runs(slot_valid: np.ndarray) -> list[tuple[int, int]]:
 
 
 class KVCache:
-    def __init__(self, kv_heads, capacity: int, head_dim: int, dtype=np.float32, device=HOST):
-        self.capacity = int(capacity)
+    def __init__(self, kv_heads, capacity, head_dim: int, dtype=np.float32, device=HOST):
+        """kv_heads: Hkv_l per layer; capacity: C_l per layer (a sequence) or one C for every layer;
+        device: where the buffers live (backends/device.py)."""
+        capacities = [int(capacity)] * len(kv_heads) if np.isscalar(capacity) else [int(c) for c in capacity]
+        self.capacities = capacities
         self.head_dim = int(head_dim)
         self.device = device
-        self.key_buffers: list[Buffer] = [device.zeros((h, capacity, head_dim), dtype) for h in kv_heads]  # [Hkv_l, C, Dh]
-        self.value_buffers: list[Buffer] = [device.zeros((h, capacity, head_dim), dtype) for h in kv_heads]
-        self.valid = np.zeros(capacity, np.float32)  # [C], host
-        self.length = 0
+        # [Hkv_l, C_l, Dh] each; on the host np.zeros maps zero pages lazily: only slots ever written cost memory
+        self.key_buffers: list[Buffer] = [device.zeros((h, c, head_dim), dtype) for h, c in zip(kv_heads, capacities)]
+        self.value_buffers: list[Buffer] = [device.zeros((h, c, head_dim), dtype) for h, c in zip(kv_heads, capacities)]
+        self.valid = [np.zeros(c, np.float32) for c in capacities]  # [C_l] each, host
+        self.lengths = [0] * len(capacities)
+        self.position = 0
 
     @property
     def keys(self) -> list[np.ndarray]:
-        """Per layer [Hkv_l, C, Dh] numpy views of the key buffers (host cache only)."""
+        """Per layer [Hkv_l, C_l, Dh] numpy views of the key buffers (host cache only)."""
         return [self._host(b) for b in self.key_buffers]
 
     @property
@@ -57,50 +65,78 @@ class KVCache:
         return buf.host
 
     @property
+    def capacity(self) -> int:
+        """The largest layer's slots (C: every layer's cache holds C_l <= C)."""
+        return max(self.capacities)
+
+    @property
+    def length(self) -> int:
+        """Tokens the sequence holds (the next token's position)."""
+        return self.position
+
+    def room(self, layers=None) -> int:
+        """Tokens that still fit in every layer of `layers` (default all)."""
+        layers = range(len(self.capacities)) if layers is None else layers
+        return min(self.capacities[i] - self.lengths[i] for i in layers)
+
+    @property
     def full(self) -> bool:
-        return self.length >= self.capacity
+        return self.room() <= 0
 
-    def fill_from_prefill(self, keys, values, slot_valid: np.ndarray) -> int:
-        """Copies the K/V of the valid prefill slots, compacted, into slots 0..n-1; returns n.
+    def fill_from_prefill(self, keys, values, slot_valid) -> int:
+        """Copies the K/V of each layer's valid prefill slots, compacted, into its slots 0..n_l-1; returns n_0
+        (the prompt's tokens, every one of which layer 0 holds).
 
-        keys/values: per layer [Hkv_l, S, Dh], Buffers on the cache's device (numpy arrays for a host cache);
-        slot_valid [S] (see `prefill_slot_valid`). One 2-D copy per run of consecutive valid slots per buffer.
-        Raises RuntimeStatusError(CACHE_FULL) when n > capacity (a bundle built with C < S).
+        keys/values: per layer [Hkv_l, S_l, Dh], Buffers on the cache's device (numpy arrays for a host cache);
+        slot_valid: one [S] for every layer (see `prefill_slot_valid`) or per layer [S_l]. One 2-D copy per run
+        of consecutive valid slots per buffer. Raises RuntimeStatusError(CACHE_FULL) when n_l > C_l (a bundle
+        built with C < S).
         """
-        runs = valid_runs(slot_valid)
-        n = sum(count for _, count in runs)
-        if n > self.capacity:
-            raise RuntimeStatusError(Status.CACHE_FULL, f"the prompt fills {n} cache slots, the bundle has {self.capacity}")
-        for dst, src in zip(self.key_buffers + self.value_buffers, [self._as_buffer(b) for b in list(keys) + list(values)]):
-            heads, slots, _ = src.shape  # [Hkv_l, S, Dh]
-            slot_bytes = self.head_dim * dst.dtype.itemsize
-            at = 0
-            for first, count in runs:
-                self.device.copy2d(dst, at * slot_bytes, self.capacity * slot_bytes,
-                                   src, first * slot_bytes, slots * slot_bytes, count * slot_bytes, heads)
-                at += count
+        per_layer = slot_valid if isinstance(slot_valid, (list, tuple)) else [slot_valid] * len(self.key_buffers)
+        for layer, (k, v, valid) in enumerate(zip(keys, values, per_layer)):
+            runs = valid_runs(valid)  # the layer's prefill slots, in its order
+            n = sum(count for _, count in runs)
+            if n > self.capacities[layer]:
+                where = f" in layer {layer}" if len(set(self.capacities)) > 1 else ""
+                raise RuntimeStatusError(Status.CACHE_FULL, f"the prompt fills {n} cache slots{where}, "
+                                         f"the bundle has {self.capacities[layer]}")
+            for dst, src in ((self.key_buffers[layer], self._as_buffer(k)), (self.value_buffers[layer], self._as_buffer(v))):
+                heads, slots, _ = src.shape  # [Hkv_l, S_l, Dh]
+                slot_bytes = self.head_dim * dst.dtype.itemsize
+                at = 0
+                for first, count in runs:
+                    self.device.copy2d(dst, at * slot_bytes, self.capacities[layer] * slot_bytes,
+                                       src, first * slot_bytes, slots * slot_bytes, count * slot_bytes, heads)
+                    at += count
             # slots >= n are left as they are: masked by `valid`, and never-written zero pages cost no memory
+            self.valid[layer][:n] = 1.0
+            self.valid[layer][n:] = 0.0
+            self.lengths[layer] = n
         self.device.synchronize()
-        self.valid[:n] = 1.0
-        self.valid[n:] = 0.0
-        self.length = n
-        return n
+        self.position = self.lengths[0]
+        return self.position
 
-    def append(self, new_keys, new_values) -> int:
-        """Writes one token's K/V (per layer [Hkv_l, 1, Dh], Buffers or host arrays) into slot `length`; returns that slot.
+    def append(self, new_keys, new_values, first_layer: int = 0) -> int:
+        """Writes one token's K/V (per layer from `first_layer` on, [Hkv_l, 1, Dh], Buffers or host arrays) into each
+        of those layers' next slot; layers below `first_layer` (skipped by SkipDecode) get nothing. Returns the
+        token's position.
 
-        Raises RuntimeStatusError(CACHE_FULL) when every slot is taken.
+        Raises RuntimeStatusError(CACHE_FULL) when a written layer has no slot left.
         """
-        if self.full:
+        layers = range(first_layer, len(self.key_buffers))
+        if self.room(layers) <= 0:
             raise RuntimeStatusError(Status.CACHE_FULL, f"the KV cache is full ({self.capacity} slots)")
-        slot = self.length
-        for dst, src in zip(self.key_buffers + self.value_buffers, [self._as_buffer(b) for b in list(new_keys) + list(new_values)]):
-            slot_bytes = self.head_dim * dst.dtype.itemsize
-            self.device.copy2d(dst, slot * slot_bytes, self.capacity * slot_bytes, src, 0, slot_bytes, slot_bytes, src.shape[0])
+        for layer, k, v in zip(layers, new_keys, new_values):
+            slot = self.lengths[layer]
+            for dst, src in ((self.key_buffers[layer], self._as_buffer(k)), (self.value_buffers[layer], self._as_buffer(v))):
+                slot_bytes = self.head_dim * dst.dtype.itemsize
+                self.device.copy2d(dst, slot * slot_bytes, self.capacities[layer] * slot_bytes,
+                                   src, 0, slot_bytes, slot_bytes, src.shape[0])
+            self.valid[layer][slot] = 1.0
+            self.lengths[layer] = slot + 1
         self.device.synchronize()
-        self.valid[slot] = 1.0
-        self.length = slot + 1
-        return slot
+        self.position += 1
+        return self.position - 1
 
     def _as_buffer(self, data) -> Buffer:
         """A Buffer as it is; a numpy array (host cache only) wrapped without a copy, in the cache's dtype."""

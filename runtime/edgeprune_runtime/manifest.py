@@ -80,6 +80,25 @@ class Shapes:
     num_layers: int
     kv_heads: tuple[int, ...]  # per LM layer (head pruning may shrink them)
     head_dim: int
+    # V_l per LM layer: in-LLM visual-token dropping (FastV / PyramidDrop / YOPO) leaves layer l V_l <= V visual
+    # slots, non-increasing with l; () = V in every layer (bundles from before dropping existed have no key)
+    layer_visual_slots: tuple[int, ...] = ()
+
+    def visual_slots_at(self, layer: int) -> int:
+        """V_l: the visual slots layer `layer` runs on."""
+        return self.layer_visual_slots[layer] if self.layer_visual_slots else self.visual_slots
+
+    def prefill_slots_at(self, layer: int) -> int:
+        """S_l = T1 + V_l + T2: the prefill slots layer `layer` runs on (and outputs K/V for)."""
+        return self.prefill_slots - self.visual_slots + self.visual_slots_at(layer)
+
+    def cache_slots_at(self, layer: int) -> int:
+        """C_l = C - (V - V_l): layer `layer`'s cache; every layer keeps C - S slots for new tokens."""
+        return self.cache_capacity - self.visual_slots + self.visual_slots_at(layer)
+
+    @property
+    def drops_visual(self) -> bool:
+        return any(v < self.visual_slots for v in self.layer_visual_slots)
 
     @classmethod
     def from_dict(cls, d: Any) -> "Shapes":
@@ -88,14 +107,18 @@ class Shapes:
         Raises RuntimeStatusError(BUNDLE_INVALID) naming the first bad value."""
         d = checks.need_dict(d, "manifest `shapes`")
         names = [f.name for f in fields(cls)]
-        unknown, missing = sorted(set(d) - set(names)), [n for n in names if n not in d]
+        optional = ("layer_visual_slots",)
+        unknown, missing = sorted(set(d) - set(names)), [n for n in names if n not in d and n not in optional]
         if unknown or missing:
             raise bundle_invalid(f"manifest `shapes` has unknown keys {unknown} / lacks {missing}; re-export the bundle")
         values = {}
         for name in names:
-            if name == "kv_heads":
-                heads = checks.need_list(d[name], "manifest shapes.kv_heads", MAX_LAYERS, 1)
-                values[name] = tuple(checks.need_int(h, "manifest shapes.kv_heads[]", 1, MAX_SIZE) for h in heads)
+            if name in optional and name not in d:
+                continue
+            if name in ("kv_heads", "layer_visual_slots"):
+                items = checks.need_list(d[name], f"manifest shapes.{name}", MAX_LAYERS, 1 if name == "kv_heads" else 0)
+                low = 1 if name == "kv_heads" else 0
+                values[name] = tuple(checks.need_int(h, f"manifest shapes.{name}[]", low, MAX_SIZE) for h in items)
             else:
                 low = 0 if name in ("newline_slots", "text_slots_before_image", "text_slots_after_image") else 1
                 values[name] = checks.need_int(d[name], f"manifest shapes.{name}", low, MAX_SIZE)
@@ -115,10 +138,73 @@ class Shapes:
              "prefill_slots == text_slots_before_image + visual_slots + text_slots_after_image"),
             (len(s.kv_heads) == s.num_layers, "len(kv_heads) == num_layers"),
             (s.num_layers <= MAX_LAYERS, f"num_layers <= {MAX_LAYERS}"),
+            (len(s.layer_visual_slots) in (0, s.num_layers), "layer_visual_slots is empty or has one entry per layer"),
+            (all(a >= b for a, b in zip((s.visual_slots, *s.layer_visual_slots), s.layer_visual_slots)),
+             "layer_visual_slots[l] <= visual_slots, non-increasing with l"),
+            (not s.layer_visual_slots or s.layer_visual_slots[0] == s.visual_slots,
+             "layer_visual_slots[0] == visual_slots (visual tokens can only leave after a layer)"),
         ]
         for ok, rule in rules:
             if not ok:
                 raise bundle_invalid(f"manifest shapes break the rule {rule}; re-export the bundle")
+
+
+MAX_SKIP_STAGES = 64
+
+
+@dataclass(frozen=True)
+class SkipDecode:
+    """SkipDecode's monotone per-position schedule: from decode position `start` on, the lowest `skip` LM
+    layers do not run (the token's embedding enters layer `skip`; those layers' K/V for it is not written).
+
+    A decode position counts the tokens fed to decode steps: 0 for the first generated token. Both columns
+    strictly increase, so an earlier token always ran every layer a later token runs (its K/V exists).
+    """
+
+    stages: tuple[tuple[int, int], ...] = ()  # ((start, skip), ...)
+
+    def skip_at(self, position: int) -> int:
+        """Lowest layers skipped for the token at decode position `position`."""
+        skip = 0
+        for start, k in self.stages:
+            if position >= start:
+                skip = k
+        return skip
+
+    @property
+    def skips(self) -> tuple[int, ...]:
+        """Every skip count a decode step can run with, 0 included."""
+        return (0, *(k for _, k in self.stages))
+
+    def to_list(self) -> list[list[int]]:
+        return [[start, k] for start, k in self.stages]
+
+    @classmethod
+    def from_manifest(cls, value: Any, num_layers: int) -> "SkipDecode":
+        """From the manifest's `skip_decode` (untrusted; absent = None = no schedule). BUNDLE_INVALID names the fault."""
+        if value is None:
+            return cls()
+        rows = checks.need_list(value, "manifest `skip_decode`", MAX_SKIP_STAGES)
+        stages = []
+        for row in rows:
+            pair = checks.need_list(row, "manifest skip_decode[]", 2, 2)
+            stages.append((checks.need_int(pair[0], "manifest skip_decode[][0] (position)", 0, MAX_SIZE),
+                           checks.need_int(pair[1], "manifest skip_decode[][1] (layers)", 1, num_layers - 1)))
+        for (p0, k0), (p1, k1) in zip(stages, stages[1:]):
+            if not (p1 > p0 and k1 > k0):
+                raise bundle_invalid(f"manifest `skip_decode` {checks.show(value)} is not monotone (positions and "
+                                     "skipped layers must both increase); re-export the bundle")
+        return cls(tuple(stages))
+
+
+def per_layer_validity(shapes: Shapes, schedule: SkipDecode) -> bool:
+    """Whether the decode/step graphs take one `cache_valid_<l>` per layer instead of one shared `cache_valid`.
+
+    Per layer when layers hold different tokens: visual tokens dropped after a layer (each layer its own
+    capacity C_l) or SkipDecode (skipped layers do not write a token). One input per layer rather than one
+    [L, C] tensor: capacities differ per layer, and each input binds to its layer's cache buffer with no copy.
+    Otherwise every layer holds the same tokens and one shared input keeps the graphs as they always were."""
+    return shapes.drops_visual or bool(schedule.stages)
 
 
 @dataclass(frozen=True)
@@ -167,6 +253,10 @@ class Manifest:
     @property
     def graphs(self) -> dict:
         return self.data["graphs"]
+
+    @property
+    def skip_decode(self) -> SkipDecode:
+        return SkipDecode.from_manifest(self.data.get("skip_decode"), self.shapes.num_layers)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -288,6 +378,17 @@ def _check_graphs(data: dict[str, Any]) -> None:
     checks.need_str(graphs.get("lm_weights"), "manifest graphs.lm_weights", checks.MAX_PATH_CHARS)
 
 
+def _check_skip_decode(data: dict[str, Any], shapes: Shapes) -> None:
+    """The schedule parses and every skip count it uses has its decode graph (graphs.decode_skip.<k>.file)."""
+    schedule = SkipDecode.from_manifest(data.get("skip_decode"), shapes.num_layers)
+    graphs = data["graphs"].get("decode_skip", {}) if schedule.stages else {}
+    for k in schedule.skips[1:]:
+        entry = checks.need_dict(checks.need_dict(graphs, "manifest graphs.decode_skip").get(str(k)),
+                                 f"manifest graphs.decode_skip.{k}")
+        if "file" not in entry:
+            raise bundle_invalid(f"manifest graphs.decode_skip.{k} lacks 'file'; re-export the bundle")
+
+
 def load_manifest(bundle_dir: str | Path, verify_hashes: bool = True) -> Manifest:
     """Reads and checks `bundle_dir/manifest.json` and the bundle around it (untrusted input).
 
@@ -307,6 +408,7 @@ def load_manifest(bundle_dir: str | Path, verify_hashes: bool = True) -> Manifes
     shapes = Shapes.from_dict(data["shapes"])
     _check_tokenizer_and_template(data, shapes)
     _check_graphs(data)
+    _check_skip_decode(data, shapes)
     files = listed_files(data)
     manifest = Manifest(root, data, shapes, files)
     for where, rel in _file_references(data):

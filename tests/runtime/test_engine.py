@@ -36,7 +36,7 @@ def test_both_lm_sessions_read_the_one_memory_map(fake_bundle):
     entry = next(t for t in eng.weights.entries if t.name == "head")
     assert np.shares_memory(eng.weights.arrays["head"], eng.weights.map)
     cache = eng.new_cache()
-    logits, keys, values = eng.run_prefill(*prefill_feeds(eng))
+    logits, keys, values, _ = eng.run_prefill(*prefill_feeds(eng))
     cache.fill_from_prefill(keys, values, np.ones(eng.shapes.prefill_slots, np.float32))
     decoder = eng.decoder(cache)
     assert np.abs(logits).max() > 0 and np.abs(decoder.step(5)).max() > 0
@@ -52,15 +52,18 @@ def test_decoder_binds_the_cache_buffers_without_copies(fake_bundle):
     root, _ = fake_bundle
     eng = engine(root)
     cache = eng.new_cache()
-    _, keys, values = eng.run_prefill(*prefill_feeds(eng))
+    _, keys, values, _ = eng.run_prefill(*prefill_feeds(eng))
     cache.fill_from_prefill(keys, values, np.ones(eng.shapes.prefill_slots, np.float32))
     decoder = eng.decoder(cache)
     logits = decoder.step(7)
     assert logits is decoder.logits  # ORT wrote into the preallocated, bound output buffer
     before = logits.copy()
     cache.values[0][:, 0] += 1.0  # an in-place edit of the cache is seen by the next step: the input is bound, not copied
-    cache.length -= 1  # replay the same token at the same position
-    cache.valid[cache.length] = 0.0
+    cache.position -= 1  # replay the same token at the same position and slot
+    decoder.steps -= 1
+    for layer, valid in enumerate(cache.valid):
+        cache.lengths[layer] -= 1
+        valid[cache.lengths[layer]] = 0.0
     assert not np.allclose(decoder.step(7), before)
 
 

@@ -93,7 +93,8 @@ def test_cache_holds_compacted_prefill_and_appended_tokens(fake_bundle, images):
         np.testing.assert_allclose(gen.cache.keys[layer][:, :n + 4], k, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(gen.cache.values[layer][:, :n + 4], v, rtol=1e-5, atol=1e-5)
         assert not gen.cache.keys[layer][:, n + 4:].any()
-    np.testing.assert_array_equal(gen.cache.valid, (np.arange(bundle.shapes.cache_capacity) < n + 4).astype(np.float32))
+    for valid in gen.cache.valid:
+        np.testing.assert_array_equal(valid, (np.arange(bundle.shapes.cache_capacity) < n + 4).astype(np.float32))
 
 
 def test_bundle_without_newline_inputs(tmp_path, images):
@@ -214,7 +215,8 @@ def test_the_fake_lm_notices_a_swapped_cache_slot_or_a_shifted_position(fake_bun
     assert [swapped.generate_next_token() for _ in range(8)][1:] != expected[1:]
 
     shifted = Generator(bundle, GeneratorParams(max_new_tokens=8), images["wide"], PROMPT)
-    shifted.cache.length += 1  # a hole: every later token sits one slot (= one position) late
+    shifted.cache.position += 1  # a hole: every later token sits one slot (= one position) late
+    shifted.cache.lengths = [n + 1 for n in shifted.cache.lengths]
     assert [shifted.generate_next_token() for _ in range(8)][1:] != expected[1:]
 
     # and the twin itself: the same tokens in another order are another prompt

@@ -27,14 +27,16 @@ def test_fill_compacts_valid_slots_per_layer():
     keys, values = _prefill_kv(kv_heads, s, dh, rng)
     slot_valid = np.array([1, 0, 0, 1, 1, 0, 1], np.float32)
     cache = KVCache(kv_heads, c, dh)
-    cache.valid[:] = 1.0  # flags of an earlier request must not survive
+    for valid in cache.valid:
+        valid[:] = 1.0  # flags of an earlier request must not survive
     n = cache.fill_from_prefill(keys, values, slot_valid)
     assert n == cache.length == 4
     idx = [0, 3, 4, 6]
     for layer in range(3):
         np.testing.assert_array_equal(cache.keys[layer][:, :4], keys[layer][:, idx])
         np.testing.assert_array_equal(cache.values[layer][:, :4], values[layer][:, idx])
-    np.testing.assert_array_equal(cache.valid, [1, 1, 1, 1, 0, 0, 0, 0, 0, 0])
+    for valid in cache.valid:
+        np.testing.assert_array_equal(valid, [1, 1, 1, 1, 0, 0, 0, 0, 0, 0])
 
 
 def test_append_writes_the_next_slot_in_place():
@@ -52,7 +54,8 @@ def test_append_writes_the_next_slot_in_place():
     for layer in range(2):
         np.testing.assert_array_equal(cache.keys[layer][:, 3], new_k[layer][:, 0])
         np.testing.assert_array_equal(cache.values[layer][:, 3], new_v[layer][:, 0])
-    np.testing.assert_array_equal(cache.valid, [1, 1, 1, 1, 0, 0])
+    for valid in cache.valid:
+        np.testing.assert_array_equal(valid, [1, 1, 1, 1, 0, 0])
 
 
 def test_full_cache_refuses_more():
@@ -81,7 +84,7 @@ def test_a_new_cache_is_empty_float32_per_layer():
     assert cache.capacity == 5 and cache.length == 0 and not cache.full
     assert [k.shape for k in cache.keys] == [(3, 5, 4), (1, 5, 4)] == [v.shape for v in cache.values]
     assert all(b.dtype == np.float32 and not b.any() for b in cache.keys + cache.values)
-    assert cache.valid.dtype == np.float32 and not cache.valid.any() and cache.valid.shape == (5,)
+    assert all(v.dtype == np.float32 and not v.any() and v.shape == (5,) for v in cache.valid)
     assert KVCache((1,), 2, 2, dtype=np.float16).keys[0].dtype == np.float16
 
 
@@ -100,3 +103,35 @@ def test_keys_and_values_go_to_their_own_buffers():
     cache.append([np.full((1, 1, 2), 3.0, np.float32)], [np.full((1, 1, 2), 4.0, np.float32)])
     np.testing.assert_array_equal(cache.keys[0][0, :3], [[1, 1], [1, 1], [3, 3]])
     np.testing.assert_array_equal(cache.values[0][0, :3], [[2, 2], [2, 2], [4, 4]])
+
+
+def test_layers_with_their_own_capacity_and_tokens():
+    """Visual-token dropping: layer 1 holds fewer prefill slots (its own validity) in a smaller cache;
+    SkipDecode: a token appended from layer 1 on leaves layer 0 alone, and the position still advances."""
+    rng = np.random.default_rng(2)
+    dh = 2
+    cache = KVCache((1, 2), [6, 4], dh)
+    keys = [rng.standard_normal((1, 5, dh)).astype(np.float32), rng.standard_normal((2, 3, dh)).astype(np.float32)]
+    values = [k + 1.0 for k in keys]
+    assert cache.fill_from_prefill(keys, values, [np.array([1, 1, 0, 1, 1], np.float32),
+                                                  np.array([0, 1, 1], np.float32)]) == 4
+    assert cache.lengths == [4, 2] and cache.position == 4 and cache.room() == 2
+    np.testing.assert_array_equal(cache.keys[1][:, :2], keys[1][:, 1:])
+    np.testing.assert_array_equal(cache.valid[1], [1, 1, 0, 0])
+    new = [np.full((h, 1, dh), 9.0, np.float32) for h in (1, 2)]
+    assert cache.append(new[1:], new[1:], first_layer=1) == 4
+    assert cache.lengths == [4, 3] and cache.position == 5
+    np.testing.assert_array_equal(cache.valid[0], [1, 1, 1, 1, 0, 0])  # layer 0 never saw the token
+    np.testing.assert_array_equal(cache.keys[1][:, 2], new[1][:, 0])
+    cache.append(new[1:], new[1:], first_layer=1)
+    with pytest.raises(RuntimeStatusError) as e:  # layer 1 is full though layer 0 has room
+        cache.append(new[1:], new[1:], first_layer=1)
+    assert e.value.status == Status.CACHE_FULL and cache.full
+
+
+def test_prefill_larger_than_a_layer_names_the_layer():
+    cache = KVCache((1, 1), [3, 2], 2)
+    kv = [np.zeros((1, 3, 2), np.float32)] * 2
+    with pytest.raises(RuntimeStatusError) as e:
+        cache.fill_from_prefill(kv, kv, np.ones(3, np.float32))
+    assert e.value.message == "the prompt fills 3 cache slots in layer 1, the bundle has 2"

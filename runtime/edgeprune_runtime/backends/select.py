@@ -77,6 +77,13 @@ def select(requested: str, manifest) -> Backend:
     return Backend("cpu", "cpu", CPU.providers, "auto: " + "; ".join(skipped))
 
 
+def _per_layer(manifest) -> bool:
+    """Whether the bundle's layers hold different tokens (per-layer caches): the step-graph path does not run those."""
+    from edgeprune_runtime.manifest import per_layer_validity
+
+    return per_layer_validity(manifest.shapes, manifest.skip_decode)
+
+
 def _precision(data: dict) -> str:
     onnx_info = data.get("onnx")
     return onnx_info.get("precision", "fp32") if isinstance(onnx_info, dict) else "fp32"
@@ -131,8 +138,9 @@ def cuda_backend(manifest, reason: str) -> Backend:
     cc = cuda_device()
     _check_precision(_precision(manifest.data), cc, "cuda")
     _preload_cuda_libraries()
-    # the step graph: one LM session, so the weights are copied to the GPU once (bundles exported before it: two)
-    lm = "step" if "step" in manifest.graphs else "prefill-decode"
+    # the step graph: one LM session, so the weights are copied to the GPU once (bundles exported before it, and
+    # bundles whose layers hold different tokens, which that path does not run yet: prefill + decode, two copies)
+    lm = "step" if "step" in manifest.graphs and not _per_layer(manifest) else "prefill-decode"
     return Backend("cuda", "cuda", ((CUDA_PROVIDER, {"device_id": 0}),), f"{reason} (GPU compute capability {cc})", lm)
 
 
@@ -172,6 +180,9 @@ def _engine_backend(manifest, target: str, entry, reason: str) -> Backend:
     if have.split(".")[:2] != built.split(".")[:2]:
         raise _refuse(f"{where} were built with TensorRT {built}, this machine has {have}; engines run only on the "
                       f"TensorRT version that built them: {rebuild}")
+    if _per_layer(manifest):
+        raise _refuse(f"{where}: the trt backend does not run bundles whose layers hold different tokens (visual-token "
+                      "dropping, SkipDecode) yet; use --backend cuda")
     cc = _gpu("trt")
     built_for = [str(c) for c in entry.get("compute_capabilities", [])]
     if cc not in built_for:
