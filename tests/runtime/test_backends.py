@@ -261,3 +261,15 @@ def test_capi_backend_argument_and_getter(fake_bundle):
     assert got.value["reason"].startswith("auto: ")
     assert capi.Bundle_Destroy(out.value) == Status.OK
     assert capi.Bundle_GetBackend(out.value, got) == Status.INVALID_ARGUMENT
+
+
+def test_bundles_with_per_layer_caches_take_the_prefill_decode_path(fake_bundle, gpu_build, tensorrt_version, monkeypatch):
+    """The step-graph path runs bundles whose layers hold the same tokens only: cuda falls back to prefill + decode,
+    trt refuses by name."""
+    root, _ = fake_bundle
+    gpu_build("8.7")
+    monkeypatch.setattr(backends, "_per_layer", lambda manifest: True)
+    assert backends.select("cuda", _manifest(root)).lm == "prefill-decode"
+    _engines(root)
+    tensorrt_version("10.3.0")
+    assert "layers hold different tokens" in _refusal("trt", root, Status.DEVICE_UNSUPPORTED)
