@@ -116,6 +116,7 @@ class CudaDevice:
         buf = Buffer(value, tuple(int(d) for d in shape), dtype)
         # cache slots past the valid ones are masked, but 0 x NaN is NaN: never leave garbage in them
         self._call("cudaMemset", ctypes.c_void_p(buf.ptr), 0, ctypes.c_size_t(buf.nbytes))
+        self.synchronize()  # cudaMemset may return before it is done; ORT's own stream must see zeros
         return buf
 
     def wrap(self, value) -> Buffer:
