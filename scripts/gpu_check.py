@@ -3,6 +3,10 @@
     .venv/bin/pip install onnxruntime-gpu      # over the CPU wheel: pip uninstall -y onnxruntime first
     .venv/bin/python scripts/gpu_check.py --out docs/results/gpu-check.json
 
+Needs: onnxruntime-gpu (CUDA provider), torch with CUDA (the transformers side of the bench), transformers, onnx and
+this checkout's two packages, installed or on PYTHONPATH (`PYTHONPATH=.:runtime python scripts/gpu_check.py`): every
+edgeprune command runs as `python -m edgeprune` with the interpreter that runs this script.
+
 What it does, each part recorded in one JSON report (with provenance, written atomically):
 
   1. tiny twin, budget 1.0, three images: greedy token ids of `--backend cuda` == `--backend cpu` (must hold);
@@ -34,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "runtime"))
 
-BIN = Path(sys.executable).parent
+EDGEPRUNE = [sys.executable, "-m", "edgeprune"]  # this interpreter's edgeprune (a venv, or PYTHONPATH=.:runtime)
 PROMPT = "What is shown in this image?"
 TINY_IMAGES = {"photo": (480, 640), "wide": (60, 200), "tall": (300, 90)}
 # Peak memory bandwidth, GB/s, from NVIDIA's data sheets (SXM/PCIe/NVL differ)
@@ -55,7 +59,7 @@ def _run(args: list, what: str) -> str:
 
 
 def export(model: str, out: Path, budget: float, precision: str = "fp32", layers: int | None = None) -> Path:
-    args = [BIN / "edgeprune", "export", model, "--budget", budget, "--precision", precision, "--out", out]
+    args = [*EDGEPRUNE, "export", model, "--budget", budget, "--precision", precision, "--out", out]
     if layers is not None:
         args += ["--layers", layers]
     _run(args, f"export {model} ({precision})")
@@ -64,7 +68,7 @@ def export(model: str, out: Path, budget: float, precision: str = "fp32", layers
 
 def tokens(bundle: Path, image: Path, backend: str, max_new_tokens: int) -> dict:
     """`edgeprune run --json` in its own process (each backend loads its own ONNX Runtime sessions)."""
-    out = _run([BIN / "edgeprune", "run", bundle, "--image", image, "--prompt", PROMPT, "--json", "--backend", backend,
+    out = _run([*EDGEPRUNE, "run", bundle, "--image", image, "--prompt", PROMPT, "--json", "--backend", backend,
                 "--max-new-tokens", max_new_tokens, "--skip-hash-check"], f"run --backend {backend}")
     return json.loads(out.strip().splitlines()[-1])
 
@@ -138,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
             report["bench"] = {}
             for precision in ("fp32", "fp16"):
                 bundle = big if precision == "fp32" else export("llava-next-7b-shape", work / "7b-fp16", 0.2, "fp16", 2)
-                bench = json.loads(_run([BIN / "edgeprune", "bench", "llava-next-7b-shape", "--layers", 2, "--bundle", bundle,
+                bench = json.loads(_run([*EDGEPRUNE, "bench", "llava-next-7b-shape", "--layers", 2, "--bundle", bundle,
                                          "--backend", gpu_backend, "--max-new-tokens", 32, "--json"],
                                         f"bench {precision}").strip().splitlines()[-1])
                 bench["bandwidth"] = bandwidth_fraction(bench, gpu_name, args.peak_gbs)
@@ -160,10 +164,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def trt_check(bundle: Path, image: Path) -> dict:
     """Builds the rtx engines and asks the runtime for --backend trt; on an H100 (9.0) the answer is a refusal."""
-    build = subprocess.run([BIN / "edgeprune", "build", bundle, "--target", "rtx", "--json"], capture_output=True, text=True)
+    build = subprocess.run([*EDGEPRUNE, "build", bundle, "--target", "rtx", "--json"], capture_output=True, text=True)
     if build.returncode != 0:
         return {"built": False, "why": (build.stderr.strip().splitlines() or ["?"])[-1]}
-    run = subprocess.run([BIN / "edgeprune", "run", bundle, "--image", image, "--prompt", PROMPT, "--json", "--backend", "trt",
+    run = subprocess.run([*EDGEPRUNE, "run", bundle, "--image", image, "--prompt", PROMPT, "--json", "--backend", "trt",
                           "--max-new-tokens", "8"], capture_output=True, text=True)
     return {"built": True, "ran": run.returncode == 0,
             "answer": json.loads(run.stdout.strip().splitlines()[-1]) if run.returncode == 0 else None,

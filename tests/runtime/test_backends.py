@@ -273,3 +273,18 @@ def test_bundles_with_per_layer_caches_take_the_prefill_decode_path(fake_bundle,
     _engines(root)
     tensorrt_version("10.3.0")
     assert "layers hold different tokens" in _refusal("trt", root, Status.DEVICE_UNSUPPORTED)
+
+
+def test_a_gpu_backend_refuses_a_graph_its_provider_cannot_run(fake_bundle):
+    """CPU fallback is disabled on GPU backends: a node left to the CPU is a named refusal, not a host round trip.
+    Here the "GPU" backend's only provider is the CPU's, so every node would fall back."""
+    from edgeprune_runtime.backends.select import Backend
+    from edgeprune_runtime.engine import open_session, session_options
+
+    root, _ = fake_bundle
+    no_gpu = Backend("cuda", "cuda", ("CPUExecutionProvider",), "test")
+    with pytest.raises(RuntimeStatusError) as e:
+        open_session(root / "lm" / "decode.onnx", session_options(), "decode", no_gpu)
+    assert e.value.status == Status.DEVICE_UNSUPPORTED and "\n" not in e.value.message
+    assert e.value.message.startswith("the cuda backend cannot run the decode graph decode.onnx") and "--backend cpu" in e.value.message
+    assert open_session(root / "lm" / "decode.onnx", session_options(), "decode") is not None  # the CPU backend runs it
