@@ -16,8 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgeprune_runtime import budget, checks, ortlib
-from edgeprune_runtime.backends.select import CPU
-from edgeprune_runtime.backends.select import select as select_backend
+from edgeprune_runtime.backends.select import CPU, open_with
 from edgeprune_runtime.engine import Engine
 from edgeprune_runtime.errors import RuntimeStatusError, Status
 from edgeprune_runtime.kvcache import prefill_slot_valid
@@ -64,8 +63,7 @@ class LoadedBundle:
             m.path(tok["file"], "tokenizer.file"), tok["image_token"], tok["image_token_id"], tok["eos_token_ids"],
             s.text_slots_before_image, s.text_slots_after_image, s.vocab_size)
         self.prompt_template = m.data["prompt_template"]
-        self.backend = select_backend(backend, m) if with_engine else CPU
-        self.engine = Engine(m, self.backend) if with_engine else None
+        self.backend, self.engine = open_with(backend, m, lambda b: Engine(m, b)) if with_engine else (CPU, None)
         cache_itemsize = np.dtype(self.engine.cache_dtype).itemsize if self.engine else 4
         self.request_bytes = budget.check_request(budget.request_bytes(s, pp, cache_itemsize), self.limits)
 

@@ -288,3 +288,26 @@ def test_a_gpu_backend_refuses_a_graph_its_provider_cannot_run(fake_bundle):
     assert e.value.status == Status.DEVICE_UNSUPPORTED and "\n" not in e.value.message
     assert e.value.message.startswith("the cuda backend cannot run the decode graph decode.onnx") and "--backend cpu" in e.value.message
     assert open_session(root / "lm" / "decode.onnx", session_options(), "decode") is not None  # the CPU backend runs it
+
+
+def test_auto_falls_back_to_cpu_when_gpu_sessions_cannot_be_made(fake_bundle, gpu_build):
+    """auto chose cuda (a GPU build and a GPU, pretended), but its sessions cannot be made here (no CUDA runtime
+    library, or no CUDA provider to take the nodes, depending on the machine): the CPU takes over and says why;
+    `--backend cuda` asked by name fails with that one line instead."""
+    root, lm = fake_bundle
+    gpu_build("9.0")
+    bundle = LoadedBundle(root)  # auto
+    assert bundle.backend.name == "cpu" and "cuda then failed" in bundle.backend.reason
+    assert Generator(bundle, GeneratorParams(max_new_tokens=2), fake_bundle_image(root), PROMPT).generate_next_token() >= 0
+    with pytest.raises(RuntimeStatusError) as e:
+        LoadedBundle(root, backend="cuda")
+    assert e.value.status in (Status.DEPENDENCY_MISSING, Status.DEVICE_UNSUPPORTED) and "\n" not in e.value.message
+    assert e.value.message in bundle.backend.reason
+
+
+def fake_bundle_image(root):
+    from PIL import Image
+
+    path = root.parent / "cam.png"
+    Image.new("RGB", (40, 30), (120, 30, 200)).save(path)
+    return path

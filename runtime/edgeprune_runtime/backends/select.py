@@ -77,6 +77,20 @@ def select(requested: str, manifest) -> Backend:
     return Backend("cpu", "cpu", CPU.providers, "auto: " + "; ".join(skipped))
 
 
+def open_with(requested: str, manifest, open_engine):
+    """(backend, open_engine(backend)) for `requested`. Under `auto`, a GPU backend whose sessions cannot be made here
+    (a node its provider lacks, a CUDA library missing) gives way to the CPU, the reason recorded; a backend asked
+    for by name raises instead."""
+    backend = select(requested, manifest)
+    try:
+        return backend, open_engine(backend)
+    except RuntimeStatusError as e:
+        if requested != "auto" or backend.name == "cpu" or e.status not in (Status.DEVICE_UNSUPPORTED, Status.DEPENDENCY_MISSING):
+            raise
+        cpu = Backend("cpu", "cpu", CPU.providers, f"{backend.reason}; {backend.name} then failed: {e.message}")
+        return cpu, open_engine(cpu)
+
+
 def _per_layer(manifest) -> bool:
     """Whether the bundle's layers hold different tokens (per-layer caches): the step-graph path does not run those."""
     from edgeprune_runtime.manifest import per_layer_validity
