@@ -12,15 +12,18 @@ the same survivors.
 
 Mutants that time out are run once more (a load spike on a shared machine is not a kill). Writes
 docs/results/mutation.json: per module the count of each verdict and the score
-(killed + timeout) / mutants, every survivor with its diff, and the run it comes from (`--only` globs,
-commit, date). A module this run did not touch keeps its entry from the file already there, so a
-module at a time (`--only 'edgeprune.plan.*'`) adds up to the whole report. Exit status 0 when mutmut
+(killed + timeout) / mutants, every survivor with its diff, every mutant's verdict, and the runs they
+come from (`--only` globs, commit, date). Runs add up: a module this run did not touch keeps its entry,
+and a module run in part keeps its earlier verdicts for the mutants not rerun while its file is
+unchanged — so one module at a time (`--only 'edgeprune.plan.*'`), or just last time's survivors after
+a new test, updates the report. Exit status 0 when mutmut
 ran, whatever the score (the README says why each listed survivor is equivalent).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -79,22 +82,40 @@ def module_of(mutant: str) -> str:
     return next(m for m in sorted(MODULES, key=len, reverse=True) if mutant.startswith(m + "."))
 
 
-def summarise(found: dict[str, str]) -> dict:
+def summarise(found: dict[str, str], earlier: dict[str, dict], run: dict) -> dict:
+    """Per module: counts, score and survivors over this run's verdicts laid over the earlier report's.
+
+    `--only` runs a subset; a module's earlier verdicts count only while its file is byte-identical
+    (`file_sha256`), since mutmut numbers mutants by their place in the source. (Tests may have grown
+    stronger since: a mutant once killed stays killed.) A module this run did not touch is kept as it was.
+    """
     modules = {}
     for module, path in MODULES.items():
         everything = {k: v for k, v in found.items() if module_of(k) == module}
-        mine = {k: v for k, v in everything.items() if v != "not checked"}  # `--only` leaves the rest unrun
-        counts = Counter(mine.values())
-        total = len(mine)
+        ran = {k: v for k, v in everything.items() if v != "not checked"}  # `--only` leaves the rest unrun
+        before = earlier.get(module, {})
+        if not ran and before.get("mutants"):
+            modules[module] = before
+            continue
+        sha = hashlib.sha256((ROOT / path).read_bytes()).hexdigest()
+        same = before.get("file_sha256") == sha and "verdict_of" in before
+        verdict_of = {**(before["verdict_of"] if same else {}), **ran}
+        known_diffs = {s["name"]: s["diff"] for s in before.get("survivors", [])} if same else {}
+        counts = Counter(verdict_of.values())
+        total = len(verdict_of)
         killed = sum(counts[v] for v in KILLED)
-        survivors = sorted((k for k, v in mine.items() if v not in KILLED), key=_natural)
+        survivors = sorted((k for k, v in verdict_of.items() if v not in KILLED), key=_natural)
         modules[module] = {
             "file": path,
+            "file_sha256": sha,
             "mutants": total,
             "not_run": len(everything) - total,
             "verdicts": dict(sorted(counts.items())),
             "score": round(killed / total, 4) if total else None,
-            "survivors": [{"name": k, "verdict": mine[k], "diff": _diff(k)} for k in survivors],
+            "survivors": [{"name": k, "verdict": verdict_of[k], "diff": known_diffs[k] if k in known_diffs and k not in ran
+                           else _diff(k)} for k in survivors],
+            "runs": (before.get("runs", []) if same else []) + ([run] if ran else []),
+            "verdict_of": dict(sorted(verdict_of.items(), key=lambda kv: _natural(kv[0]))),
         }
     return modules
 
@@ -111,15 +132,20 @@ def _diff(name: str) -> str:
 
 
 def _earlier_runs(out: Path) -> dict[str, dict]:
-    """Per module, the entry of the report already at `out` ({} when there is none), each with its "run"
-    ({"only", "commit", "date"}): `--only` runs of one module at a time then add up to one report."""
+    """Per module, the entry of the report already at `out` ({} when there is none), each with its "runs"
+    ([{"only", "commit", "date"}]): `--only` runs then add up to one report."""
     if not out.exists():
         return {}
     report = json.loads(out.read_text())
     stamp = report.get("provenance", {})
     modules = report.get("modules", {})
     for m in modules.values():
-        m.setdefault("run", {"only": report.get("only", []), "commit": stamp.get("commit"), "date": stamp.get("date")})
+        m.pop("run", None)
+        m.setdefault("runs", [{"only": report.get("only", []), "commit": stamp.get("commit"), "date": stamp.get("date")}])
+        if "file_sha256" not in m and m["runs"][-1].get("commit"):  # reports before file_sha256 existed
+            source = subprocess.run(["git", "show", f"{m['runs'][-1]['commit']}:{m['file']}"], cwd=ROOT, capture_output=True)
+            if source.returncode == 0:
+                m["file_sha256"] = hashlib.sha256(source.stdout).hexdigest()
     return modules
 
 
@@ -150,13 +176,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nrerunning {len(timeouts)} mutant(s) that timed out")
             mutmut("run", "--max-children", str(args.max_children), *timeouts)
     stamp = provenance()
-    modules = summarise(verdicts())
-    earlier = _earlier_runs(args.out)
-    for name, m in modules.items():
-        if m["mutants"]:
-            m["run"] = {"only": args.only, "commit": stamp["commit"], "date": stamp["date"]}
-        elif earlier.get(name, {}).get("mutants"):
-            modules[name] = earlier[name]  # not run this time: keep the earlier run's verdicts (its "run" says which)
+    run = {"only": args.only, "commit": stamp["commit"], "date": stamp["date"]}
+    modules = summarise(verdicts(), _earlier_runs(args.out), run)
     report = {"command": "make mutants", "only": args.only, "provenance": stamp, "modules": modules}
     write_json(args.out, report)
     print(f"\n{'module':32} {'mutants':>8} {'killed':>7} {'score':>7}  survivors")

@@ -435,9 +435,10 @@ class Engine:
                 "slot_valid": prefill_slot_valid(text_valid, visual_valid, t1),
                 "position": np.zeros(1, np.int64), "cache_valid": np.zeros(s.cache_capacity, np.float32)}
 
-    def start(self, text_ids, text_valid, visual_embeds, visual_valid) -> tuple[np.ndarray, KVCache]:
-        """Prefill into a new cache: -> (logits [vocab] of the last prompt slot, the cache holding the valid slots)."""
-        cache = self.new_cache()
+    def start(self, text_ids, text_valid, visual_embeds, visual_valid, cache: KVCache | None = None) -> tuple[np.ndarray, KVCache]:
+        """Prefill into `cache` (an earlier request's, reused as it is) or a new one: -> (logits [vocab] of the last
+        prompt slot, the cache holding the valid slots)."""
+        cache = cache if cache is not None else self.new_cache()
         logits, keys, values, layer_valid = self.run_prefill(text_ids, text_valid, visual_embeds, visual_valid, cache)
         cache.fill_from_prefill(keys, values, layer_valid)
         return logits, cache
