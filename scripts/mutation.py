@@ -1,6 +1,6 @@
 """`make mutants`: mutmut over the modules that define correctness; mutation score per module.
 
-    .venv/bin/python scripts/mutation.py [--max-children N] [--only 'edgeprune.plan.*'] [--out FILE]
+    .venv/bin/python scripts/mutation.py [--max-children N] [--only 'edgeprune.plan.*'] [--survivors] [--out FILE]
 
 What is mutated and which tests run is `[tool.mutmut]` in pyproject.toml. mutmut 3 names a mutant after its
 file path (runtime/edgeprune_runtime/layout.py -> runtime.edgeprune_runtime.layout) and activates it only
@@ -15,14 +15,15 @@ docs/results/mutation.json: per module the count of each verdict and the score
 (killed + timeout) / mutants, every survivor with its diff, every mutant's verdict, and the runs they
 come from (`--only` globs, commit, date). Runs add up: a module this run did not touch keeps its entry,
 and a module run in part keeps its earlier verdicts for the mutants not rerun while its file is
-unchanged — so one module at a time (`--only 'edgeprune.plan.*'`), or just last time's survivors after
-a new test, updates the report. Exit status 0 when mutmut
+unchanged — so one module at a time (`--only 'edgeprune.plan.*'`), or just the report's survivors after
+a new test (`--survivors`), updates the report. Exit status 0 when mutmut
 ran, whatever the score (the README says why each listed survivor is equivalent).
 """
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import hashlib
 import json
 import os
@@ -149,11 +150,25 @@ def _earlier_runs(out: Path) -> dict[str, dict]:
     return modules
 
 
+def _unkilled(earlier: dict[str, dict], globs: list[str]) -> list[str]:
+    """The mutants an earlier report left alive, in modules whose file is unchanged since, matching `globs`."""
+    names = []
+    for m in earlier.values():
+        if m.get("file_sha256") != hashlib.sha256((ROOT / m["file"]).read_bytes()).hexdigest():
+            continue
+        names += [k for k, v in m.get("verdict_of", {}).items()
+                  if v not in KILLED and (not globs or any(fnmatch.fnmatchcase(k, g) for g in globs))]
+    return names
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--max-children", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--only", nargs="*", default=[], help="mutant name globs, e.g. 'edgeprune.plan.*' (default: all)")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "mutation.json")
+    ap.add_argument("--survivors", action="store_true",
+                    help="run only the mutants the report at --out lists as not killed (of the modules --only matches), "
+                         "e.g. after adding a test")
     ap.add_argument("--report-only", action="store_true",
                     help="write the JSON from the last run in build/mutation/ without running anything")
     args = ap.parse_args(argv)
@@ -165,8 +180,15 @@ def main(argv: list[str] | None = None) -> int:
             print("error: no mutation run in build/mutation/; run `make mutants` first", file=sys.stderr)
             return 2
     else:
+        names = args.only
+        if args.survivors:
+            names = _unkilled(_earlier_runs(args.out), args.only)
+            if not names:
+                print(f"no surviving mutants of {' '.join(args.only) or 'any module'} in {args.out} whose file is unchanged")
+                return 0
+            print(f"rerunning {len(names)} mutant(s) not killed in {args.out}")
         stage()
-        run = mutmut("run", "--max-children", str(args.max_children), *args.only)
+        run = mutmut("run", "--max-children", str(args.max_children), *names)
         if run.returncode != 0:
             print(f"error: `mutmut run` exited with {run.returncode}; see its output above", file=sys.stderr)
             return 2
@@ -176,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nrerunning {len(timeouts)} mutant(s) that timed out")
             mutmut("run", "--max-children", str(args.max_children), *timeouts)
     stamp = provenance()
-    run = {"only": args.only, "commit": stamp["commit"], "date": stamp["date"]}
+    run = {"only": args.only, "survivors": args.survivors, "commit": stamp["commit"], "date": stamp["date"]}
     modules = summarise(verdicts(), _earlier_runs(args.out), run)
     report = {"command": "make mutants", "only": args.only, "provenance": stamp, "modules": modules}
     write_json(args.out, report)

@@ -150,7 +150,8 @@ def render_mutation(r: dict) -> str:
         survivors += m["survivors"]
         for x in runs if m["mutants"] else []:
             only = x.get("only") or []
-            cmd = ".venv/bin/python scripts/mutation.py --only " + " ".join(f"'{g}'" for g in only) if only else r["command"]
+            flags = (["--survivors"] if x.get("survivors") else []) + (["--only", *(f"'{g}'" for g in only)] if only else [])
+            cmd = " ".join([".venv/bin/python scripts/mutation.py", *flags]) if flags else r["command"]
             if cmd not in commands:
                 commands.append(cmd)
     out = ["```\n" + "\n".join(commands) + "\n```", "", *rows, ""]
