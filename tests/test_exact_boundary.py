@@ -280,3 +280,16 @@ def test_the_boundary_word_has_its_cache_slots_reserved(loaded, image):
     while not gen.done:
         gen.generate_next_token()
     assert gen.stop_reason == "max_new_tokens" and len(gen.token_ids) == m
+
+
+def test_continuations_past_the_boundary_limit_are_refused(loaded, image):
+    """tail + continuation is bounded (12 bytes): a longer one is one INVALID_ARGUMENT line naming the limit, before
+    any scoring; up to the limit the probabilities are there (the memo holds float32 rows)."""
+    gen = exact_generator(loaded, image, HEAD + " ta")  # tail " ta": 3 bytes
+    for call in (gen.next_byte_probs, gen.byte_probability):
+        with pytest.raises(RuntimeStatusError) as e:
+            call(b"b" * 10)
+        assert e.value.status == Status.INVALID_ARGUMENT and "at most 12" in e.value.message
+    assert gen._byte_model.calls == 0  # refused before any step
+    assert abs(gen.next_byte_probs(b"ble le").sum() - 1) < 1e-9 and 0 < gen.byte_probability(b"ble le") < 1
+    assert {p.dtype for p in gen._byte_model._memo.values()} == {np.dtype(np.float32)}

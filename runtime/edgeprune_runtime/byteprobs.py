@@ -128,9 +128,12 @@ class ByteModel:
         return len(self._memo)
 
     def token_probs(self, seq: tuple) -> np.ndarray:
-        """P(next token | head, seq) in float64 [vocab], zero for ids without bytes (the rest renormalised)."""
-        probs = self._memo.get(seq)
-        if probs is None:
+        """P(next token | head, seq) in float64 [vocab], zero for ids without bytes (the rest renormalised).
+
+        The memo (up to MAX_NODES rows) keeps float32 rows; each read renormalises its row in float64, so that every
+        row sums to 1 to float64 precision and the next-byte probabilities stay consistent with each other."""
+        row = self._memo.get(seq)
+        if row is None:
             if len(self._memo) >= MAX_NODES:
                 raise RuntimeStatusError(Status.RESOURCE_LIMIT, f"the prompt's last word has more than {MAX_NODES} "
                                          "tokenizations to score; shorten it or run without --exact-boundary")
@@ -140,10 +143,11 @@ class ByteModel:
                                          "the bundle's graphs or weights are broken, re-export")
             z = logits[self.table.ids]
             p = np.exp(z - z.max())
-            probs = np.zeros(len(logits), np.float64)
-            probs[self.table.ids] = p / p.sum()
-            self._memo[seq] = probs
-        return probs
+            row = np.zeros(len(logits), np.float32)
+            row[self.table.ids] = p / p.sum()
+            self._memo[seq] = row
+        probs = row.astype(np.float64)
+        return probs / probs.sum()
 
     def _walk(self, x: bytes):
         """Every cover of x, as ("over", next byte, probability) for a last token reaching past x and

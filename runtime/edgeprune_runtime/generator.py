@@ -324,12 +324,21 @@ class Generator:
     def next_byte_probs(self, continuation: bytes = b"") -> np.ndarray:
         """P(next byte | prompt + continuation), float64 [256] summing to 1, exact over the tokenizations of the
         prompt's last word (byteprobs.py). Only for a generator made with exact_boundary, before its first token."""
-        return self._boundary_model().next_byte_probs(self.tail.encode("utf-8") + _as_bytes(continuation))
+        return self._boundary_model().next_byte_probs(self._boundary_bytes(continuation))
 
     def byte_probability(self, continuation: bytes) -> float:
         """P(the answer starts with the bytes `continuation` | prompt), summed over all their tokenizations."""
-        model, tail = self._boundary_model(), self.tail.encode("utf-8")
-        return model.prefix_probability(tail + _as_bytes(continuation)) / model.prefix_probability(tail)
+        model, x = self._boundary_model(), self._boundary_bytes(continuation)
+        return model.prefix_probability(x) / model.prefix_probability(self.tail.encode("utf-8"))
+
+    def _boundary_bytes(self, continuation) -> bytes:
+        """tail + continuation; INVALID_ARGUMENT beyond MAX_BOUNDARY_BYTES (the scored tokenizations, and their memo,
+        grow with every byte)."""
+        x = self.tail.encode("utf-8") + _as_bytes(continuation)
+        if len(x) > byteprobs.MAX_BOUNDARY_BYTES:
+            raise RuntimeStatusError(Status.INVALID_ARGUMENT, f"the prompt's last word and the continuation have {len(x)} "
+                                     f"bytes, next-byte probabilities take at most {byteprobs.MAX_BOUNDARY_BYTES}; shorten the continuation")
+        return x
 
     def _boundary_model(self) -> byteprobs.ByteModel:
         if not self.params.exact_boundary:
