@@ -197,6 +197,7 @@ def test_turns_file_and_interactive(tiny_bundles, image, tmp_path):
     ("What color is it?\n", "line 1 is not JSON"),
     ('{"prompt": "ok"}\n{"question": "x"}\n', 'line 2 must be an object with one string key "prompt"'),
     ('{"prompt": 3}\n', 'line 1 must be an object'),
+    ('{"prompt": "ok"}\n' + "[" * 100_000 + "\n", "line 2 is not JSON"),  # nesting past the parser's recursion limit
 ])
 def test_a_turns_file_that_is_not_jsonl_is_one_error_line(tiny_bundles, image, tmp_path, content, message):
     turns = tmp_path / "turns.jsonl"
@@ -299,3 +300,35 @@ def test_exact_boundary_on_per_layer_caches(per_layer_bundle, image):
     # both layers got the finished word's tokens; layer 1 holds 12 visual tokens, and the second answer token
     # (decode position 1) that layer 0 skipped
     assert gen.cache.lengths[1] - gen.cache.lengths[0] == 12 - gen.visual_tokens + 1
+
+
+def test_raw_prompt_takes_the_same_values_in_both_turns(tiny_bundles, image):
+    """Generator_Create and Generator_CreateFollowUp accept a numpy bool for raw_prompt alike, and refuse a str alike."""
+    from edgeprune_runtime import capi
+    from edgeprune_runtime.capi import Out
+
+    out = Out()
+    assert capi.Bundle_Create(str(tiny_bundles[0.2]), out) == Status.OK
+    bundle = out.value
+    capi.GeneratorParams_Create(out)
+    params = out.value
+    capi.GeneratorParams_SetMaxNewTokens(params, 2)
+
+    def done_turn(raw):
+        assert capi.Generator_Create(bundle, params, str(image), "What is it?", raw, out) == Status.OK
+        gen = out.value
+        while capi.Generator_IsDone(gen, out) == Status.OK and not out.value:
+            assert capi.Generator_GenerateNextToken(gen) == Status.OK
+        return gen
+
+    first, second = done_turn(np.False_), done_turn(False)
+    assert capi.Generator_CreateFollowUp(first, params, "And?", np.False_, out) == Status.OK
+    follow = out.value
+    assert capi.Generator_Create(bundle, params, str(image), "What is it?", "no", out) == Status.INVALID_ARGUMENT
+    assert "raw_prompt must be a bool" in capi.GetLastError()
+    assert capi.Generator_CreateFollowUp(second, params, "And?", "no", out) == Status.INVALID_ARGUMENT
+    assert "raw_prompt must be a bool" in capi.GetLastError()
+    for handle in (first, second, follow):
+        assert capi.Generator_Destroy(handle) == Status.OK
+    capi.GeneratorParams_Destroy(params)
+    capi.Bundle_Destroy(bundle)

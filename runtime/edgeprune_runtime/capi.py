@@ -312,8 +312,6 @@ def Generator_CreateFollowUp(generator: int, params: int, prompt: str, raw_promp
     p = _get(params, GeneratorParams, "GeneratorParams")
     _check_out(out)
     with _using(generator, Generator, "Generator") as g:
-        if not isinstance(raw_prompt, (bool,)):
-            raise RuntimeStatusError(Status.INVALID_ARGUMENT, f"raw_prompt must be a bool, got {type(raw_prompt).__name__}")
         _put(out, _new(g.follow_up(prompt, p, raw_prompt)))
 
 

@@ -125,8 +125,7 @@ class Generator:
         `reuse`: a done generator of the same bundle whose KV cache and decode binding this one takes over (a new
         conversation without allocating buffers); it can then be read but not stepped."""
         t0 = time.perf_counter()
-        if not isinstance(raw_prompt, (bool, np.bool_)):
-            raise RuntimeStatusError(Status.INVALID_ARGUMENT, f"raw_prompt must be a bool, got {type(raw_prompt).__name__}")
+        _check_raw_prompt(raw_prompt)
         params.check()
         if reuse is not None:
             reuse._check_hand_over(bundle)
@@ -271,6 +270,7 @@ class Generator:
         Raises RuntimeStatusError: INVALID_ARGUMENT (not done, handed over already, bad prompt or params),
         PROMPT_TOO_LONG, CACHE_FULL (the follow-up does not fit), INFERENCE_FAILED."""
         t0 = time.perf_counter()
+        _check_raw_prompt(raw_prompt)
         params.check()
         self._check_hand_over(self.bundle)
         if params.exact_boundary:
@@ -434,6 +434,12 @@ def _encode_follow_up(tok, text: str) -> list[int]:
 
 
 MAX_FOLLOW_UP_CHARS = 1 << 16
+
+
+def _check_raw_prompt(raw_prompt) -> None:
+    """A first turn and a follow-up take the same raw_prompt values: a Python or numpy bool."""
+    if not isinstance(raw_prompt, (bool, np.bool_)):
+        raise RuntimeStatusError(Status.INVALID_ARGUMENT, f"raw_prompt must be a bool, got {type(raw_prompt).__name__}")
 
 
 def _as_bytes(value) -> bytes:
