@@ -332,3 +332,12 @@ def test_raw_prompt_takes_the_same_values_in_both_turns(tiny_bundles, image):
         assert capi.Generator_Destroy(handle) == Status.OK
     capi.GeneratorParams_Destroy(params)
     capi.Bundle_Destroy(bundle)
+
+
+def test_a_handed_over_turn_keeps_its_logits(loaded, image):
+    """The first turn's logits (the decoder's buffer after a decode step) stay what they were while the follow-up,
+    which steps the same decoder, generates."""
+    first = run(Generator(loaded, GeneratorParams(max_new_tokens=3, ignore_eos=True), image, "What is on the table?"))
+    kept = first.logits.copy()
+    run(first.follow_up("What color?", GeneratorParams(max_new_tokens=3, ignore_eos=True)))
+    np.testing.assert_array_equal(first.logits, kept)

@@ -302,6 +302,7 @@ class Generator:
         append_slots(self.cache, keys, values)
         turn.timings.prefill_s = time.perf_counter() - t  # vision_s stays 0: the image is in the cache already
         turn.cache, turn.decoder = self.cache, self.decoder
+        self.logits = self.logits.copy()  # it may be the decoder's buffer, which the new turn's steps overwrite
         turn.prompt_slots = self.cache.length
         turn.logits = logits
         turn.sampler = Sampler(turn.params.temperature, turn.params.top_p, turn.params.seed)
