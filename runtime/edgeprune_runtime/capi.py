@@ -162,11 +162,12 @@ def live_handles() -> int:
 
 @_api
 def Bundle_Create(path, out: Out, verify_hashes: bool = True, memory_budget_mb: int | None = None,
-                  max_image_pixels: int | None = None) -> Status:
+                  max_image_pixels: int | None = None, backend: str = "auto") -> Status:
     """Loads the bundle at `path` (untrusted input, see the README's threat model): manifest (and file
     hashes unless `verify_hashes` is False), tokenizer, preprocessing and the three ONNX Runtime sessions
     (LM weights mapped once). `memory_budget_mb` and `max_image_pixels` override EDGEPRUNE_MEMORY_BUDGET_MB
-    and EDGEPRUNE_MAX_IMAGE_PIXELS (budget.py).
+    and EDGEPRUNE_MAX_IMAGE_PIXELS (budget.py). `backend` is "auto", "cpu", "cuda" or "trt" (backends/select.py;
+    Bundle_GetBackend says which one auto chose and why).
 
     out.value: a Bundle handle, owned by the caller until Bundle_Destroy. Generators keep what they
     use alive, so destroying a bundle while its generators run is allowed.
@@ -176,8 +177,10 @@ def Bundle_Create(path, out: Out, verify_hashes: bool = True, memory_budget_mb: 
     _check_out(out)
     if not isinstance(verify_hashes, bool):
         raise RuntimeStatusError(Status.INVALID_ARGUMENT, f"verify_hashes must be a bool, got {type(verify_hashes).__name__}")
+    if not isinstance(backend, str):
+        raise RuntimeStatusError(Status.INVALID_ARGUMENT, f"backend must be a str (auto, cpu, cuda, trt), got {type(backend).__name__}")
     _put(out, _new(LoadedBundle(path, verify_hashes=verify_hashes, memory_budget_mb=memory_budget_mb,
-                                max_image_pixels=max_image_pixels)))
+                                max_image_pixels=max_image_pixels, backend=backend)))
 
 
 @_api
@@ -190,6 +193,12 @@ def Bundle_Destroy(bundle: int) -> Status:
 def Bundle_GetShapes(bundle: int, out: Out) -> Status:
     """out.value: the bundle's static sizes (a frozen `Shapes`, immutable, owned by the caller)."""
     _put(out, _get(bundle, LoadedBundle, "Bundle").shapes)
+
+
+@_api
+def Bundle_GetBackend(bundle: int, out: Out) -> Status:
+    """out.value: {"backend": "cpu"|"cuda"|"trt", "reason": str, "target": str | None}, a dict owned by the caller."""
+    _put(out, _get(bundle, LoadedBundle, "Bundle").backend.to_dict())
 
 
 @_api

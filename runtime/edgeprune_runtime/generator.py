@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgeprune_runtime import budget, byteprobs, checks, ortlib
+from edgeprune_runtime.backends.select import CPU, open_with
 from edgeprune_runtime.engine import Engine
 from edgeprune_runtime.errors import RuntimeStatusError, Status
 from edgeprune_runtime.kvcache import prefill_slot_valid
@@ -34,13 +35,15 @@ class LoadedBundle:
     """Everything a request needs that does not change between requests."""
 
     def __init__(self, path: str | os.PathLike, verify_hashes: bool = True, with_engine: bool = True,
-                 memory_budget_mb: int | None = None, max_image_pixels: int | None = None):
+                 memory_budget_mb: int | None = None, max_image_pixels: int | None = None, backend: str = "auto"):
         """`with_engine=False` skips the ONNX Runtime sessions (tools that only need preprocessing and
-        the tokenizer, such as the toolchain's compare, which runs the graphs itself).
+        the tokenizer, such as the toolchain's compare, which runs the graphs itself). `backend`: auto, cpu, cuda
+        or trt (backends/select.py); `self.backend` is the one chosen, with the reason.
 
         The memory budget and image pixel limit come from the arguments, else the environment (budget.py).
         Raises RuntimeStatusError: INVALID_ARGUMENT (bad path type or option), BUNDLE_INVALID, RESOURCE_LIMIT
-        (the bundle's static sizes need more than the budget: checked before any request buffer exists)."""
+        (the bundle's static sizes need more than the budget: checked before any request buffer exists),
+        DEVICE_UNSUPPORTED / DEPENDENCY_MISSING (the backend asked for cannot run here, saying why)."""
         from edgeprune_runtime.preprocess import PreprocessParams
 
         if with_engine:
@@ -61,7 +64,7 @@ class LoadedBundle:
             m.path(tok["file"], "tokenizer.file"), tok["image_token"], tok["image_token_id"], tok["eos_token_ids"],
             s.text_slots_before_image, s.text_slots_after_image, s.vocab_size)
         self.prompt_template = m.data["prompt_template"]
-        self.engine = Engine(m) if with_engine else None
+        self.backend, self.engine = open_with(backend, m, lambda b: Engine(m, b)) if with_engine else (CPU, None)
         cache_itemsize = np.dtype(self.engine.cache_dtype).itemsize if self.engine else 4
         self.request_bytes = budget.check_request(budget.request_bytes(s, pp, cache_itemsize), self.limits)
 
@@ -198,13 +201,11 @@ class Generator:
             )
 
         t = time.perf_counter()
-        logits, keys, values, layer_valid = engine.run_prefill(text_ids, text_valid, embeds, visual_valid)
-        if reuse is None:
-            self.cache = engine.new_cache()
-        else:  # the same cache buffers: the prefill overwrites each layer's slots 0..n-1 and marks the rest invalid
-            self.cache = reuse.cache
+        # reuse: the same cache buffers; the prefill overwrites each layer's slots 0..n-1 and marks the rest invalid
+        logits, self.cache = engine.start(text_ids, text_valid, embeds, visual_valid,
+                                          cache=None if reuse is None else reuse.cache)
+        if reuse is not None:
             reuse._handed_over = True
-        self.cache.fill_from_prefill(keys, values, layer_valid)
         self.decoder = engine.decoder(self.cache)  # small: logits and one slot's K/V; its decode count starts at 0
         self.timings.prefill_s = time.perf_counter() - t
 

@@ -30,6 +30,9 @@ class StepRunner:
 
     def __init__(self, engine: Engine):
         m = engine.manifest
+        if engine.backend.device != "cpu":  # this runner reads and writes the cache as host arrays
+            raise RuntimeStatusError(Status.DEVICE_UNSUPPORTED, f"follow-up questions and exact prompt boundaries run on "
+                                     f"the cpu backend only for now, not on {engine.backend.name}; use --backend cpu")
         if "step" not in m.graphs:
             raise RuntimeStatusError(Status.INVALID_ARGUMENT, "this bundle has no step graph (lm/step.onnx), which "
                                      "follow-up questions and exact prompt boundaries need; re-export it with this "
