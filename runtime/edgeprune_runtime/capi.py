@@ -104,20 +104,25 @@ def _new(obj) -> int:
     return handle
 
 
-def _get(handle, kind: type, what: str):
-    with _lock:
-        obj = _objects.get(handle) if isinstance(handle, int) and not isinstance(handle, bool) else None
+def _live(handle, kind: type, what: str):
+    """The object of `handle`; the caller holds `_lock`. INVALID_ARGUMENT for a dead or wrong-kind handle."""
+    obj = _objects.get(handle) if isinstance(handle, int) and not isinstance(handle, bool) else None
     if not isinstance(obj, kind):
         raise RuntimeStatusError(Status.INVALID_ARGUMENT, f"{checks.show(handle)} is not a live {what} handle (destroyed, or another kind)")
     return obj
+
+
+def _get(handle, kind: type, what: str):
+    with _lock:
+        return _live(handle, kind, what)
 
 
 @contextlib.contextmanager
 def _using(handle, kind: type, what: str):
     """The live object of `handle`, held by this thread for the call (a Generator or TokenizerStream has state
     one call at a time may change). INVALID_ARGUMENT when another thread is inside a call on it."""
-    obj = _get(handle, kind, what)
-    with _lock:
+    with _lock:  # one critical section: a destroy cannot come between the look-up and the busy lock's creation
+        obj = _live(handle, kind, what)
         busy = _busy.setdefault(handle, threading.Lock())
     if not busy.acquire(blocking=False):
         raise RuntimeStatusError(Status.INVALID_ARGUMENT, f"{what} {handle} is in use by another thread; drive one "
@@ -129,10 +134,9 @@ def _using(handle, kind: type, what: str):
 
 
 def _drop(handle, kind: type, what: str) -> None:
-    _get(handle, kind, what)
     with _lock:
-        if _objects.pop(handle, None) is None:  # another thread destroyed it between the two lines
-            raise RuntimeStatusError(Status.INVALID_ARGUMENT, f"{checks.show(handle)} is not a live {what} handle (destroyed, or another kind)")
+        _live(handle, kind, what)
+        del _objects[handle]
         _busy.pop(handle, None)
 
 
@@ -310,15 +314,14 @@ def Generator_CreateFollowUp(generator: int, params: int, prompt: str, raw_promp
     stays in the cache (a final EOS does not, as the chat template writes none).
 
     `generator` must be done; it hands its cache to the new one and can then be read but not stepped
-    (INVALID_ARGUMENT), and it may be destroyed independently. out.value: a Generator handle owned by the caller.
+    (INVALID_ARGUMENT), and it may be destroyed independently; its logits are copied at the hand-over (the new
+    turn's steps write the decode buffers they came from). out.value: a Generator handle owned by the caller.
     Fails with INVALID_ARGUMENT (not done, already followed up, an image token in the prompt, exact_boundary),
     PROMPT_TOO_LONG, CACHE_FULL (the conversation and max_new_tokens do not fit: start a new one), INFERENCE_FAILED.
     """
     p = _get(params, GeneratorParams, "GeneratorParams")
     _check_out(out)
     with _using(generator, Generator, "Generator") as g:
-        if not isinstance(raw_prompt, (bool,)):
-            raise RuntimeStatusError(Status.INVALID_ARGUMENT, f"raw_prompt must be a bool, got {type(raw_prompt).__name__}")
         _put(out, _new(g.follow_up(prompt, p, raw_prompt)))
 
 

@@ -41,7 +41,7 @@ def read_turns(path) -> list[str]:
             continue
         try:
             item = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: nesting too deep
             raise RuntimeStatusError(Status.INVALID_ARGUMENT, f"--turns file {path} line {n} is not JSON ({e}); write one "
                                      '{"prompt": "..."} per line (JSON Lines)') from None
         if not isinstance(item, dict) or set(item) != {"prompt"} or not isinstance(item["prompt"], str):

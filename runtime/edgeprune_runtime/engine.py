@@ -186,6 +186,13 @@ def _declared(args) -> dict[str, tuple[list, str]]:
     return {a.name: (list(a.shape), a.type) for a in args}
 
 
+def _same_shape(got: list, want: list) -> bool:
+    """A declared shape against the contract's: an int dim matches only itself, a str dim (a dynamic axis such as
+    the step graph's "T") matches any symbolic dim (ORT gives its name, or None when it has none)."""
+    return len(got) == len(want) and all((g is None or isinstance(g, str)) if isinstance(w, str) else g == w
+                                         for g, w in zip(got, want))
+
+
 def _check_io(what: str, declared: dict, expected: dict[str, list[int]], kind: str, optional=()) -> None:
     """Every expected name is declared (unless optional) with the expected static shape; nothing else."""
     for name, shape in expected.items():
@@ -194,7 +201,7 @@ def _check_io(what: str, declared: dict, expected: dict[str, list[int]], kind: s
                 continue
             raise bundle_invalid(f"{what} graph lacks the {kind} {name!r} required by the bundle contract (manifest.py); re-export")
         got = declared[name][0]
-        if got != shape:
+        if not _same_shape(got, shape):
             raise bundle_invalid(f"{what} graph {kind} {name!r} has shape {got}, the manifest's shapes say {shape}; re-export")
     extra = sorted(set(declared) - set(expected))
     if extra and kind == "input":
