@@ -306,3 +306,15 @@ def test_a_step_graph_that_breaks_the_contract_is_refused_in_one_line(bundles):
     with pytest.raises(RuntimeStatusError) as e:
         Engine(m)
     assert e.value.status == Status.BUNDLE_INVALID and "step graph input 'cache_valid'" in str(e.value), str(e.value)
+
+
+def test_the_step_runner_of_a_quantized_bundle_is_the_engines_session(bundles):
+    """Follow-ups and exact boundaries run the step graph too (step.StepRunner): on an int4 bundle the Engine's own
+    step session (one packed copy of the weights), on fp32 a session of its own over the shared map."""
+    from edgeprune_runtime.engine import Engine
+    from edgeprune_runtime.manifest import load_manifest
+    from edgeprune_runtime.step import StepRunner
+
+    quantized, fp32 = Engine(load_manifest(bundles("int4"))), Engine(load_manifest(bundles("fp32")))
+    assert StepRunner(quantized).session is quantized.step is not None
+    assert fp32.step is None and StepRunner(fp32).session is not None

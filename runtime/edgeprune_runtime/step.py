@@ -37,11 +37,14 @@ class StepRunner:
             raise RuntimeStatusError(Status.INVALID_ARGUMENT, "this bundle has no step graph (lm/step.onnx), which "
                                      "follow-up questions and exact prompt boundaries need; re-export it with this "
                                      "edgeprune version")
-        onnx_info = m.data.get("onnx")
-        quantized = isinstance(onnx_info, dict) and onnx_info.get("precision") in ("int8", "int4")
-        options = session_options(prepacking=quantized)  # the same rule as the prefill/decode sessions (engine.py)
-        engine.weights.add_to(options, ("|i1", "|u1") if quantized else ())
-        self.session = open_session(m.path(m.graphs["step"]["file"], "graphs.step.file"), options, "step")
+        if engine.step is not None:  # the Engine runs its LM through the step graph already (quantized bundles, CPU)
+            self.session = engine.step  # one session: a second would prepack a second copy of the quantized weights
+        else:
+            onnx_info = m.data.get("onnx")
+            quantized = isinstance(onnx_info, dict) and onnx_info.get("precision") in ("int8", "int4")
+            options = session_options(prepacking=quantized)  # the same rule as the prefill/decode sessions (engine.py)
+            engine.weights.add_to(options, ("|i1", "|u1") if quantized else ())
+            self.session = open_session(m.path(m.graphs["step"]["file"], "graphs.step.file"), options, "step")
         self.shapes = engine.shapes
         self.per_layer_valid = engine.per_layer_valid  # cache_valid_<l> per layer, or layer 0's mask as cache_valid
         self.cache_dtype = engine.cache_dtype
