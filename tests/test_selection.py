@@ -68,6 +68,16 @@ def test_hired_reference_matches_released_code(tiny, vision_for, tiny_case, hw, 
     assert int(valid.sum()) <= shapes.visual_topk
 
 
+@pytest.mark.parametrize("budget,alpha", [
+    (1.0, 0.5), (1.0, 0.1),  # the crops' share reaches their capacity ((P-1) x N caps it)
+    (0.4, 0.98),  # the base image's top int(N (1 - alpha)) is one token: one crop band gets every count
+    (0.00625, 0.98),  # total 2 on a 2x2 grid: one base slot, one crop slot
+])
+@pytest.mark.parametrize("hw", [(224, 224), (60, 200)])
+def test_hired_reference_matches_released_code_at_the_edges(tiny, vision_for, tiny_case, hw, budget, alpha):
+    test_hired_reference_matches_released_code(tiny, vision_for, tiny_case, hw, budget, alpha)
+
+
 def test_hired_reference_on_2x2_grid_fills_the_budget(vision_for, tiny_case):
     shapes, vision = vision_for("hired-reference", 0.2)
     case = tiny_case((224, 224), shapes)

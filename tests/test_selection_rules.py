@@ -311,6 +311,7 @@ def test_visionzip_dominant_targets_and_merge(hw, k, contextual, seed):
     counts = [int(v.sum()) for v in layout.patch_valid]
     budgets = hamilton(counts, min(k, sum(counts)))
     chosen = chosen_sets(sel.priority, 5, 64)
+    assert tuple(sel.features.shape) == (p_n[0] * p_n[1], 4)  # [P*N, D], N != D here
     out = sel.features.numpy().reshape(p_n + (4,))
     for p in range(5):
         real = [i for i in range(64) if layout.patch_valid[p, i] > 0]
