@@ -135,3 +135,72 @@ def test_prefill_larger_than_a_layer_names_the_layer():
     with pytest.raises(RuntimeStatusError) as e:
         cache.fill_from_prefill(kv, kv, np.ones(3, np.float32))
     assert e.value.message == "the prompt fills 3 cache slots in layer 1, the bundle has 2"
+
+
+# --- a cache on a device (buffers without numpy views), dtypes, and appends to the layers a token runs ----------
+
+
+class _ViewlessDevice:
+    """Host memory behind Buffers without numpy views, as a GPU cache's are (backends/device.py)."""
+
+    def __init__(self):
+        from edgeprune_runtime.backends.device import HOST
+
+        self.host, self.kept = HOST, []
+
+    def zeros(self, shape, dtype):
+        from edgeprune_runtime.backends.device import Buffer
+
+        b = self.host.zeros(shape, dtype)
+        self.kept.append(b.host)  # the memory must outlive the view-less Buffer
+        return Buffer(b.value, b.shape, b.dtype)
+
+    def copy2d(self, *args):
+        self.host.copy2d(*args)
+
+    def synchronize(self):
+        pass
+
+
+def test_a_device_cache_has_no_numpy_views_and_refuses_host_arrays():
+    cache = KVCache((2,), 4, 3, device=_ViewlessDevice())
+    with pytest.raises(RuntimeStatusError) as e:
+        cache.keys
+    assert e.value.status == Status.INVALID_ARGUMENT
+    assert "this KV cache lives on the GPU; only a CPU-backend cache has numpy views" in str(e.value)
+    with pytest.raises(RuntimeStatusError) as e:
+        cache.append([np.zeros((2, 1, 3), np.float32)], [np.zeros((2, 1, 3), np.float32)])
+    assert e.value.status == Status.INTERNAL_ERROR
+    assert "a host array was given to a GPU cache (a bug in edgeprune_runtime)" in str(e.value)
+
+
+def test_host_arrays_are_stored_in_the_caches_dtype():
+    """A float16 cache (fp16 bundles) given float32 K/V stores their float16 values, not their bytes."""
+    rng = np.random.default_rng(3)
+    cache = KVCache((2, 1), 5, 4, dtype=np.float16)
+    keys, values = _prefill_kv((2, 1), 3, 4, rng)
+    cache.fill_from_prefill(keys, values, np.array([1, 0, 1], np.float32))
+    new_k = [rng.standard_normal((h, 1, 4)).astype(np.float32) for h in (2, 1)]
+    new_v = [rng.standard_normal((h, 1, 4)).astype(np.float32) for h in (2, 1)]
+    cache.append(new_k, new_v)
+    for layer in range(2):
+        assert cache.keys[layer].dtype == np.float16
+        np.testing.assert_array_equal(cache.keys[layer][:, :2], keys[layer][:, [0, 2]].astype(np.float16))
+        np.testing.assert_array_equal(cache.keys[layer][:, 2], new_k[layer][:, 0].astype(np.float16))
+        np.testing.assert_array_equal(cache.values[layer][:, 2], new_v[layer][:, 0].astype(np.float16))
+
+
+def test_an_append_needs_room_only_in_the_layers_it_writes():
+    """SkipDecode writes a token into the layers from `first_layer` on: a full skipped layer does not stop it,
+    a full written layer does (capacities 2 and 4; layer 0 is filled by two tokens that ran every layer)."""
+    cache = KVCache((1, 1), (2, 4), 2)
+    one = [np.ones((1, 1, 2), np.float32)] * 2
+    cache.append(one, one)
+    cache.append(one, one)
+    assert cache.room() == 0 and cache.room([1]) == 2
+    assert cache.append(one[1:], one[1:], first_layer=1) == 2
+    assert cache.lengths == [2, 3] and cache.position == 3
+    cache.append(one[1:], one[1:], first_layer=1)
+    with pytest.raises(RuntimeStatusError) as e:
+        cache.append(one[1:], one[1:], first_layer=1)
+    assert e.value.status == Status.CACHE_FULL
