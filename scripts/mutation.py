@@ -12,8 +12,10 @@ the same survivors.
 
 Mutants that time out are run once more (a load spike on a shared machine is not a kill). Writes
 docs/results/mutation.json: per module the count of each verdict and the score
-(killed + timeout) / mutants, and every survivor with its diff. Exit status 0 when mutmut ran, whatever
-the score (the README says why each listed survivor is equivalent).
+(killed + timeout) / mutants, every survivor with its diff, and the run it comes from (`--only` globs,
+commit, date). A module this run did not touch keeps its entry from the file already there, so a
+module at a time (`--only 'edgeprune.plan.*'`) adds up to the whole report. Exit status 0 when mutmut
+ran, whatever the score (the README says why each listed survivor is equivalent).
 """
 
 from __future__ import annotations
@@ -108,6 +110,19 @@ def _diff(name: str) -> str:
     return "\n".join(lines)
 
 
+def _earlier_runs(out: Path) -> dict[str, dict]:
+    """Per module, the entry of the report already at `out` ({} when there is none), each with its "run"
+    ({"only", "commit", "date"}): `--only` runs of one module at a time then add up to one report."""
+    if not out.exists():
+        return {}
+    report = json.loads(out.read_text())
+    stamp = report.get("provenance", {})
+    modules = report.get("modules", {})
+    for m in modules.values():
+        m.setdefault("run", {"only": report.get("only", []), "commit": stamp.get("commit"), "date": stamp.get("date")})
+    return modules
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--max-children", type=int, default=os.cpu_count() or 1)
@@ -134,8 +149,15 @@ def main(argv: list[str] | None = None) -> int:
         if timeouts:
             print(f"\nrerunning {len(timeouts)} mutant(s) that timed out")
             mutmut("run", "--max-children", str(args.max_children), *timeouts)
+    stamp = provenance()
     modules = summarise(verdicts())
-    report = {"command": "make mutants", "only": args.only, "provenance": provenance(), "modules": modules}
+    earlier = _earlier_runs(args.out)
+    for name, m in modules.items():
+        if m["mutants"]:
+            m["run"] = {"only": args.only, "commit": stamp["commit"], "date": stamp["date"]}
+        elif earlier.get(name, {}).get("mutants"):
+            modules[name] = earlier[name]  # not run this time: keep the earlier run's verdicts (its "run" says which)
+    report = {"command": "make mutants", "only": args.only, "provenance": stamp, "modules": modules}
     write_json(args.out, report)
     print(f"\n{'module':32} {'mutants':>8} {'killed':>7} {'score':>7}  survivors")
     for module, m in modules.items():

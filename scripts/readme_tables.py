@@ -132,19 +132,25 @@ def render_sweep(r: dict) -> str:
 
 
 def render_mutation(r: dict) -> str:
+    """One row per module, each from the run named in its "run" (modules are run one `--only` at a time)."""
     reasons = _survivor_reasons()
-    rows = ["| module | mutants run | killed | timeout | survived | no tests | score | not run |",
-            "|---|---|---|---|---|---|---|---|"]
-    survivors = []
+    rows = ["| module | mutants run | killed | timeout | survived | no tests | score | not run | run at |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    survivors, commands = [], []
     for module, m in r["modules"].items():
         v = m["verdicts"]
         score = f"**{100 * m['score']:.1f}%**" if m["mutants"] else "-"
+        run = m.get("run") or {"only": r.get("only") or [], "commit": r["provenance"].get("commit")}
+        at = f"`{run['commit'][:10]}`" if m["mutants"] and run.get("commit") else "-"
         rows.append(f"| `{m['file']}` | {m['mutants']} | {v.get('killed', 0)} | {v.get('timeout', 0)} | "
-                    f"{v.get('survived', 0)} | {v.get('no tests', 0)} | {score} | {m.get('not_run', 0)} |")
+                    f"{v.get('survived', 0)} | {v.get('no tests', 0)} | {score} | {m.get('not_run', 0)} | {at} |")
         survivors += m["survivors"]
-    only = r.get("only") or []
-    cmd = ".venv/bin/python scripts/mutation.py --only " + " ".join(f"'{g}'" for g in only) if only else r["command"]
-    out = [f"```\n{cmd}\n```", "", *rows, ""]
+        if m["mutants"]:
+            only = run.get("only") or []
+            cmd = ".venv/bin/python scripts/mutation.py --only " + " ".join(f"'{g}'" for g in only) if only else r["command"]
+            if cmd not in commands:
+                commands.append(cmd)
+    out = ["```\n" + "\n".join(commands) + "\n```", "", *rows, ""]
     if survivors:
         missing = [s["name"] for s in survivors if s["name"] not in reasons]
         if missing:

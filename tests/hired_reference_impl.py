@@ -121,7 +121,13 @@ def hired_reference_keep(vision_tower, pixel_values, image_size_hw, config, rate
         for i, k in enumerate(shares.tolist()):
             mask[i + 1, bottom[i + 1].topk(k, largest=True).indices] = True
 
-    # --- pack_HiRED_image_features (image_newline=None) ---
+    return released_packing(mask, R, C, g, image_size_hw)
+
+
+def released_packing(mask, R, C, g, image_size_hw):
+    """`pack_HiRED_image_features` (image_newline=None) of a keep mask [P, N] for an R x C crop grid:
+    the kept tokens as (partition, row, col) in the released output order."""
+    P = mask.shape[0]
     keep = [(0, n // g, n % g) for n in torch.nonzero(mask[0]).flatten().tolist()]  # base, raster order
 
     # Crops: view(num_patch_height, num_patch_width, g, g) with the swapped names = view(C, R, g, g),
