@@ -97,7 +97,8 @@ def test_rewrites_bench_table(monkeypatch, tmp_path):
         return {"recorded_command": f"edgeprune bench x --{name}", "provenance": PROVENANCE, "max_new_tokens": 32,
                 "budget": 0.2, "rewrites": rewrites,
                 "edgeprune": {"ttft_s": ttft, "decode_tokens_per_s": decode, "visual_slots": 576, "lm_layers": layers,
-                              "kv_heads": heads, "layer_visual_slots": visual, "timings": {"prefill_s": prefill}}}
+                              "kv_heads": heads, "layer_visual_slots": visual,
+                              "timings": {"prefill_s": prefill, "vision_s": 5.0}}}
 
     files = dict(zip(rt.REWRITE_BENCH_FILES, [
         report("a", 10.0, 4.0, 10.0, 4, [32] * 4, [], {}),
@@ -113,7 +114,7 @@ def test_rewrites_bench_table(monkeypatch, tmp_path):
     monkeypatch.setattr(rt, "RESULTS", tmp_path)
     text = rt.render_rewrites_bench(files[rt.REWRITE_BENCH_FILES[0]])
     assert "Not measured yet: skip-1-layer." in text and "| skip-1-layer |" not in text
-    assert "| unpruned | none | 4 / 128 | 576, 576, 576, 576 | 10.0 s (4.0 s) | 10.0 tokens/s | 1.00x, 1.00x, 1.00x |" in text
-    assert "| heads-50 | prune_heads 0.5 | 4 / 64 | 576, 576, 576, 576 | 8.0 s (2.0 s) | 15.0 tokens/s | 1.25x, 2.00x, 1.50x |" in text
+    assert "| unpruned | none | 4 / 128 | 576, 576, 576, 576 | 10.0 s (5.0 s, 4.0 s) | 10.0 tokens/s | 1.00x, 1.00x, 1.00x |" in text
+    assert "| heads-50 | prune_heads 0.5 | 4 / 64 | 576, 576, 576, 576 | 8.0 s (5.0 s, 2.0 s) | 15.0 tokens/s | 1.25x, 2.00x, 1.50x |" in text
     assert "| drop-visual-after-1 | drop_visual_after 1:288 | 4 / 128 | 576, 576, 288, 288 |" in text
     assert "docs/results/rewrites-bench-7b-shape-heads-25.json -- \\\n    edgeprune bench x --b" in text
