@@ -334,14 +334,24 @@ def tiny(model_name, out_dir, layers, as_json):
 @click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
 @click.option("--skip-hash-check", is_flag=True, help="Do not verify the bundle files' sha256 (faster start).")
+@click.option("--ignore-eos", is_flag=True, help="Go on past EOS until --max-new-tokens or a full cache.")
+@click.option("--exact-boundary", is_flag=True,
+              help="Finish a prompt that ends mid-word or with a space from exact next-byte probabilities.")
+@click.option("--turns", "turns_file", type=click.Path(), help='Follow-up questions, JSON Lines {"prompt": "..."}, '
+              "asked after --prompt in one conversation (the image is seen once).")
+@click.option("--interactive", is_flag=True, help="After the answer(s), read follow-up questions from stdin.")
 @user_errors
-def run(bundle, image, prompt, max_new_tokens, raw_prompt, temperature, top_p, seed, as_json, skip_hash_check):
+def run(bundle, image, prompt, max_new_tokens, raw_prompt, temperature, top_p, seed, as_json, skip_hash_check,
+        ignore_eos, exact_boundary, turns_file, interactive):
     """Answer PROMPT about IMAGE with BUNDLE on ONNX Runtime, streaming tokens as they come."""
+    from edgeprune_runtime.cli import read_turns
     from edgeprune_runtime.cli import run as runtime_run
 
+    turns = read_turns(turns_file) if turns_file is not None else None
     runtime_run(bundle, image, prompt, max_new_tokens=max_new_tokens, raw_prompt=raw_prompt,
                 temperature=temperature, top_p=top_p, seed=seed, as_json=as_json,
-                verify_hashes=not skip_hash_check)
+                verify_hashes=not skip_hash_check, ignore_eos=ignore_eos, exact_boundary=exact_boundary,
+                turns=turns, interactive=interactive)
 
 
 @cli.command()

@@ -1,6 +1,6 @@
 """`make mutants`: mutmut over the modules that define correctness; mutation score per module.
 
-    .venv/bin/python scripts/mutation.py [--max-children N] [--only 'edgeprune.plan.*'] [--out FILE]
+    .venv/bin/python scripts/mutation.py [--max-children N] [--only 'edgeprune.plan.*'] [--survivors] [--out FILE]
 
 What is mutated and which tests run is `[tool.mutmut]` in pyproject.toml. mutmut 3 names a mutant after its
 file path (runtime/edgeprune_runtime/layout.py -> runtime.edgeprune_runtime.layout) and activates it only
@@ -12,15 +12,19 @@ the same survivors.
 
 Mutants that time out are run once more (a load spike on a shared machine is not a kill). Writes
 docs/results/mutation.json: per module the count of each verdict and the score
-(killed + timeout) / mutants, every survivor with its diff, and the run it comes from (`--only` globs,
-commit, date). A module this run did not touch keeps its entry from the file already there, so a
-module at a time (`--only 'edgeprune.plan.*'`) adds up to the whole report. Exit status 0 when mutmut
+(killed + timeout) / mutants, every survivor with its diff, every mutant's verdict, and the runs they
+come from (`--only` globs, commit, date). Runs add up: a module this run did not touch keeps its entry,
+and a module run in part keeps its earlier verdicts for the mutants not rerun while its file is
+unchanged — so one module at a time (`--only 'edgeprune.plan.*'`), or just the report's survivors after
+a new test (`--survivors`), updates the report. Exit status 0 when mutmut
 ran, whatever the score (the README says why each listed survivor is equivalent).
 """
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
+import hashlib
 import json
 import os
 import re
@@ -79,22 +83,40 @@ def module_of(mutant: str) -> str:
     return next(m for m in sorted(MODULES, key=len, reverse=True) if mutant.startswith(m + "."))
 
 
-def summarise(found: dict[str, str]) -> dict:
+def summarise(found: dict[str, str], earlier: dict[str, dict], run: dict) -> dict:
+    """Per module: counts, score and survivors over this run's verdicts laid over the earlier report's.
+
+    `--only` runs a subset; a module's earlier verdicts count only while its file is byte-identical
+    (`file_sha256`), since mutmut numbers mutants by their place in the source. (Tests may have grown
+    stronger since: a mutant once killed stays killed.) A module this run did not touch is kept as it was.
+    """
     modules = {}
     for module, path in MODULES.items():
         everything = {k: v for k, v in found.items() if module_of(k) == module}
-        mine = {k: v for k, v in everything.items() if v != "not checked"}  # `--only` leaves the rest unrun
-        counts = Counter(mine.values())
-        total = len(mine)
+        ran = {k: v for k, v in everything.items() if v != "not checked"}  # `--only` leaves the rest unrun
+        before = earlier.get(module, {})
+        if not ran and before.get("mutants"):
+            modules[module] = before
+            continue
+        sha = hashlib.sha256((ROOT / path).read_bytes()).hexdigest()
+        same = before.get("file_sha256") == sha and "verdict_of" in before
+        verdict_of = {**(before["verdict_of"] if same else {}), **ran}
+        known_diffs = {s["name"]: s["diff"] for s in before.get("survivors", [])} if same else {}
+        counts = Counter(verdict_of.values())
+        total = len(verdict_of)
         killed = sum(counts[v] for v in KILLED)
-        survivors = sorted((k for k, v in mine.items() if v not in KILLED), key=_natural)
+        survivors = sorted((k for k, v in verdict_of.items() if v not in KILLED), key=_natural)
         modules[module] = {
             "file": path,
+            "file_sha256": sha,
             "mutants": total,
             "not_run": len(everything) - total,
             "verdicts": dict(sorted(counts.items())),
             "score": round(killed / total, 4) if total else None,
-            "survivors": [{"name": k, "verdict": mine[k], "diff": _diff(k)} for k in survivors],
+            "survivors": [{"name": k, "verdict": verdict_of[k], "diff": known_diffs[k] if k in known_diffs and k not in ran
+                           else _diff(k)} for k in survivors],
+            "runs": (before.get("runs", []) if same else []) + ([run] if ran else []),
+            "verdict_of": dict(sorted(verdict_of.items(), key=lambda kv: _natural(kv[0]))),
         }
     return modules
 
@@ -111,16 +133,32 @@ def _diff(name: str) -> str:
 
 
 def _earlier_runs(out: Path) -> dict[str, dict]:
-    """Per module, the entry of the report already at `out` ({} when there is none), each with its "run"
-    ({"only", "commit", "date"}): `--only` runs of one module at a time then add up to one report."""
+    """Per module, the entry of the report already at `out` ({} when there is none), each with its "runs"
+    ([{"only", "commit", "date"}]): `--only` runs then add up to one report."""
     if not out.exists():
         return {}
     report = json.loads(out.read_text())
     stamp = report.get("provenance", {})
     modules = report.get("modules", {})
     for m in modules.values():
-        m.setdefault("run", {"only": report.get("only", []), "commit": stamp.get("commit"), "date": stamp.get("date")})
+        m.pop("run", None)
+        m.setdefault("runs", [{"only": report.get("only", []), "commit": stamp.get("commit"), "date": stamp.get("date")}])
+        if "file_sha256" not in m and m["runs"][-1].get("commit"):  # reports before file_sha256 existed
+            source = subprocess.run(["git", "show", f"{m['runs'][-1]['commit']}:{m['file']}"], cwd=ROOT, capture_output=True)
+            if source.returncode == 0:
+                m["file_sha256"] = hashlib.sha256(source.stdout).hexdigest()
     return modules
+
+
+def _unkilled(earlier: dict[str, dict], globs: list[str]) -> list[str]:
+    """The mutants an earlier report left alive, in modules whose file is unchanged since, matching `globs`."""
+    names = []
+    for m in earlier.values():
+        if m.get("file_sha256") != hashlib.sha256((ROOT / m["file"]).read_bytes()).hexdigest():
+            continue
+        names += [k for k, v in m.get("verdict_of", {}).items()
+                  if v not in KILLED and (not globs or any(fnmatch.fnmatchcase(k, g) for g in globs))]
+    return names
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-children", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--only", nargs="*", default=[], help="mutant name globs, e.g. 'edgeprune.plan.*' (default: all)")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "mutation.json")
+    ap.add_argument("--survivors", action="store_true",
+                    help="run only the mutants the report at --out lists as not killed (of the modules --only matches), "
+                         "e.g. after adding a test")
     ap.add_argument("--report-only", action="store_true",
                     help="write the JSON from the last run in build/mutation/ without running anything")
     args = ap.parse_args(argv)
@@ -139,8 +180,15 @@ def main(argv: list[str] | None = None) -> int:
             print("error: no mutation run in build/mutation/; run `make mutants` first", file=sys.stderr)
             return 2
     else:
+        names = args.only
+        if args.survivors:
+            names = _unkilled(_earlier_runs(args.out), args.only)
+            if not names:
+                print(f"no surviving mutants of {' '.join(args.only) or 'any module'} in {args.out} whose file is unchanged")
+                return 0
+            print(f"rerunning {len(names)} mutant(s) not killed in {args.out}")
         stage()
-        run = mutmut("run", "--max-children", str(args.max_children), *args.only)
+        run = mutmut("run", "--max-children", str(args.max_children), *names)
         if run.returncode != 0:
             print(f"error: `mutmut run` exited with {run.returncode}; see its output above", file=sys.stderr)
             return 2
@@ -150,13 +198,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nrerunning {len(timeouts)} mutant(s) that timed out")
             mutmut("run", "--max-children", str(args.max_children), *timeouts)
     stamp = provenance()
-    modules = summarise(verdicts())
-    earlier = _earlier_runs(args.out)
-    for name, m in modules.items():
-        if m["mutants"]:
-            m["run"] = {"only": args.only, "commit": stamp["commit"], "date": stamp["date"]}
-        elif earlier.get(name, {}).get("mutants"):
-            modules[name] = earlier[name]  # not run this time: keep the earlier run's verdicts (its "run" says which)
+    run = {"only": args.only, "survivors": args.survivors, "commit": stamp["commit"], "date": stamp["date"]}
+    modules = summarise(verdicts(), _earlier_runs(args.out), run)
     report = {"command": "make mutants", "only": args.only, "provenance": stamp, "modules": modules}
     write_json(args.out, report)
     print(f"\n{'module':32} {'mutants':>8} {'killed':>7} {'score':>7}  survivors")

@@ -12,6 +12,7 @@ Text outside the markers is left as it is.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import re
 import sys
@@ -140,14 +141,17 @@ def render_mutation(r: dict) -> str:
     for module, m in r["modules"].items():
         v = m["verdicts"]
         score = f"**{100 * m['score']:.1f}%**" if m["mutants"] else "-"
-        run = m.get("run") or {"only": r.get("only") or [], "commit": r["provenance"].get("commit")}
-        at = f"`{run['commit'][:10]}`" if m["mutants"] and run.get("commit") else "-"
+        runs = m.get("runs") or [{"only": r.get("only") or [], "commit": r["provenance"].get("commit")}]
+        at = ", ".join(dict.fromkeys(f"`{x['commit'][:10]}`" for x in runs if x.get("commit"))) if m["mutants"] else "-"
+        if m["mutants"] and m.get("file_sha256") != _sha256(ROOT / m["file"]):
+            at += " (file changed since: rerun)"
         rows.append(f"| `{m['file']}` | {m['mutants']} | {v.get('killed', 0)} | {v.get('timeout', 0)} | "
                     f"{v.get('survived', 0)} | {v.get('no tests', 0)} | {score} | {m.get('not_run', 0)} | {at} |")
         survivors += m["survivors"]
-        if m["mutants"]:
-            only = run.get("only") or []
-            cmd = ".venv/bin/python scripts/mutation.py --only " + " ".join(f"'{g}'" for g in only) if only else r["command"]
+        for x in runs if m["mutants"] else []:
+            only = x.get("only") or []
+            flags = (["--survivors"] if x.get("survivors") else []) + (["--only", *(f"'{g}'" for g in only)] if only else [])
+            cmd = " ".join([".venv/bin/python scripts/mutation.py", *flags]) if flags else r["command"]
             if cmd not in commands:
                 commands.append(cmd)
     out = ["```\n" + "\n".join(commands) + "\n```", "", *rows, ""]
@@ -165,6 +169,10 @@ def render_mutation(r: dict) -> str:
         out.append("")
     out.append(where(r, "mutation.json"))
     return "\n".join(out)
+
+
+def _sha256(path: Path) -> str | None:
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
 
 
 def _survivor_reasons() -> dict[str, str]:
@@ -224,6 +232,40 @@ def render_trt_memory(first: dict) -> str:
                       *[where(r, f) for r, f in zip(reports, TRT_FILES)]])
 
 
+def render_boundary(r: dict) -> str:
+    rows = ["| prompt ends | last pre-token: canonical tokens | exact: top next byte | plain tokens: TV / same top | "
+            "token healing: TV / same top | exact: step calls, time |", "|---|---|---|---|---|---|"]
+    yes = lambda ok: "yes" if ok else "no"  # noqa: E731
+    for x in r["rows"]:
+        rows.append(f"| `…{x['prompt_end']}` | `{x['tail']!r}`: {len(x['tail_tokens'])} | `{x['exact_top_byte']!r}` "
+                    f"{x['exact_top_p']:.2f} | {x['naive_tv']:.2f} / {yes(x['naive_top_is_exact'])} | "
+                    f"{x['healing_tv']:.2f} / {yes(x['healing_top_is_exact'])} | {x['exact_step_calls']}, "
+                    f"{1000 * x['exact_s']:.0f} ms |")
+    mean = (f"Mean total-variation distance from the exact next-byte distribution: plain tokens "
+            f"{r['mean_naive_tv']:.2f}, token healing {r['mean_healing_tv']:.2f}.")
+    return "\n".join([command(r, "boundary-tiny.json"), "", *rows, "", mean, "", where(r, "boundary-tiny.json")])
+
+
+def render_concurrency(r: dict, file: str = "concurrency-tiny.json") -> str:
+    rows = ["| concurrent requests | requests/s | tokens/s (all requests) | mean time to first token |", "|---|---|---|---|"]
+    for x in r["rows"]:
+        rows.append(f"| {x['concurrency']} | {x['requests_per_s']:.3g} | {x['tokens_per_s']:.3g} | {secs(x['mean_ttft_s'])} |")
+    note = (f"One `Bundle`; per thread {r['requests_per_thread']} greedy request(s) of {r['max_new_tokens']} tokens "
+            f"(EOS ignored); median of {r['rounds']} round(s); every answer equals the single-threaded one.")
+    return "\n".join([command(r, file), "", *rows, "", note, "", where(r, file)])
+
+
+def render_multiturn(r: dict, file: str = "multiturn-tiny.json") -> str:
+    f, n = r["follow_up"], r["fresh"]
+    rows = ["| request | image | preprocess | vision | prefill / follow-up step | time to first token |", "|---|---|---|---|---|---|"]
+    for name, x in (("fresh request (same question, new image load)", n), ("follow-up turn (Bundle.chat)", f)):
+        rows.append(f"| {name} | " + " | ".join(f"{1000 * x[k]:.1f} ms" if x[k] < 1 else secs(x[k]) for k in
+                                                ("image_s", "preprocess_s", "vision_s", "prefill_s", "ttft_s")) + " |")
+    note = (f"Medians over {r['rounds']} conversations of {len(r['questions'])} questions "
+            f"({', '.join(repr(q) for q in r['questions'])}), {r['max_new_tokens']} tokens per answer.")
+    return "\n".join([command(r, file), "", *rows, "", note, "", where(r, file)])
+
+
 def render_rewrites_quality(r: dict) -> str:
     rows = ["| rewrite | what it changed | KL mean | KL max | same greedy tokens |", "|---|---|---|---|---|"]
     for name, v in r["variants"].items():
@@ -271,6 +313,11 @@ def render_rewrites_bench(first: dict) -> str:
 SECTIONS = {
     "rewrites-bench": (REWRITE_BENCH_FILES[0], render_rewrites_bench),
     "rewrites-quality": ("rewrites-quality-tiny.json", render_rewrites_quality),
+    "multiturn": ("multiturn-tiny.json", render_multiturn),
+    "multiturn-llava-shape": ("multiturn-7b-shape.json", lambda r: render_multiturn(r, "multiturn-7b-shape.json")),
+    "concurrency-llava-shape": ("concurrency-7b-shape.json", lambda r: render_concurrency(r, "concurrency-7b-shape.json")),
+    "boundary": ("boundary-tiny.json", render_boundary),
+    "concurrency": ("concurrency-tiny.json", render_concurrency),
     "trt-build": (TRT_FILES[0], render_trt_build),
     "trt-memory": (TRT_FILES[0], render_trt_memory),
     "bench": ("bench-7b-shape.json", render_bench),

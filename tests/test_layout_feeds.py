@@ -18,7 +18,8 @@ import torch
 from edgeprune.graphs import BASE_INPUTS, NEWLINE_INPUTS
 from edgeprune.models.llava_next import LLAVA_16_PINPOINTS, TINY_IMAGE, TINY_PINPOINTS
 from edgeprune.strategies import SPECS
-from edgeprune_runtime.layout import INVALID_KEY, compute_layout, max_newline_rows, max_partitions, select_best_resolution
+from edgeprune_runtime.layout import INVALID_KEY, compute_layout, max_newline_rows, max_partitions
+from tests.hired_reference_impl import _select_best_resolution as reference_best_resolution
 from tests.hired_reference_impl import released_packing
 
 EDGES = [1, 2, 13, 50, 111, 112, 113, 200, 224, 225, 337, 500]
@@ -50,10 +51,11 @@ def test_every_layout_input_a_vision_graph_declares_is_fed_as_float32(name, crop
 
 
 @pytest.mark.parametrize("name,crop,pinpoints,hw", CASES, ids=lambda v: str(v))
-def test_padding_keys_sort_after_every_real_token(name, crop, pinpoints, hw):
+def test_masks_are_0_or_1_and_padding_keys_sort_after_every_real_token(name, crop, pinpoints, hw):
     layout = _layout(crop, pinpoints, hw)
     for valid, key in ((layout.patch_valid, layout.patch_key), (layout.released_valid, layout.released_key),
                        (layout.newline_valid, layout.newline_key)):
+        assert set(np.unique(valid).tolist()) <= {0.0, 1.0}  # masks multiply features: 1 means "real", nothing else
         assert np.all(key[valid == 0] == INVALID_KEY)
         assert np.all(key[valid > 0] < INVALID_KEY)
 
@@ -64,7 +66,7 @@ def test_released_packing_matches_the_released_code(name, crop, pinpoints, hw):
     our released_valid patches sorted by released_key, and the keys are the positions 0, 1, 2, ..."""
     layout = _layout(crop, pinpoints, hw)
     g = crop // 14
-    bh, bw = select_best_resolution(hw, pinpoints)
+    bh, bw = reference_best_resolution(hw, pinpoints)  # the released code's own choice of crop grid
     rows, cols = bh // crop, bw // crop
     mask = torch.ones(1 + rows * cols, g * g, dtype=torch.bool)
     expected = released_packing(mask, rows, cols, g, hw)

@@ -36,7 +36,7 @@ def _call(fn, *args):
 @dataclass(frozen=True)
 class Result:
     token_ids: tuple[int, ...]  # generated ids (the EOS id included when generation stopped on it)
-    text: str  # their text, special tokens skipped
+    text: str  # the answer: boundary_text followed by the text of token_ids (special tokens skipped)
     stop_reason: str  # "eos" | "max_new_tokens" | "cache_full"
     visual_tokens: int  # valid visual slots the language model saw
     prompt_tokens: int  # text tokens of the prompt (BOS included, image token excluded)
@@ -44,6 +44,7 @@ class Result:
     ttft_s: float  # image load -> first token id (time inside the runtime)
     decode_tokens_per_s: float | None  # (tokens - 1) / time after the first token; None below 2 tokens
     timings: dict  # per stage seconds: image_s, preprocess_s, vision_s, prefill_s, ttft_s, decode_s
+    boundary_text: str = ""  # exact_boundary: the bytes that finished the prompt's last word, chosen before token_ids
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -51,19 +52,26 @@ class Result:
         return d
 
 
+def _set_params(params: int, max_new_tokens: int = 32, raw_prompt: bool = False, temperature: float = 0.0,
+                top_p: float = 1.0, seed: int = 0, ignore_eos: bool = False, exact_boundary: bool = False) -> None:
+    _check(capi.GeneratorParams_SetMaxNewTokens(params, max_new_tokens))
+    _check(capi.GeneratorParams_SetTemperature(params, temperature))
+    _check(capi.GeneratorParams_SetTopP(params, top_p))
+    _check(capi.GeneratorParams_SetSeed(params, seed))
+    _check(capi.GeneratorParams_SetIgnoreEos(params, ignore_eos))
+    _check(capi.GeneratorParams_SetExactBoundary(params, exact_boundary))
+
+
 class Generator:
     """One request, step by step (Bundle.generator). Iterating yields token ids until generation stops."""
 
     def __init__(self, bundle: "Bundle", image, prompt: str, *, max_new_tokens: int = 32, raw_prompt: bool = False,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, ignore_eos: bool = False,
-                 channels: str | None = None):
+                 exact_boundary: bool = False, channels: str | None = None):
         params = _call(capi.GeneratorParams_Create)
         try:
-            _check(capi.GeneratorParams_SetMaxNewTokens(params, max_new_tokens))
-            _check(capi.GeneratorParams_SetTemperature(params, temperature))
-            _check(capi.GeneratorParams_SetTopP(params, top_p))
-            _check(capi.GeneratorParams_SetSeed(params, seed))
-            _check(capi.GeneratorParams_SetIgnoreEos(params, ignore_eos))
+            _set_params(params, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                        ignore_eos=ignore_eos, exact_boundary=exact_boundary)
             out = capi.Out()
             _check(capi.Generator_Create(bundle._live(), params, image, prompt, raw_prompt, out, channels=channels))
             self._handle = out.value
@@ -71,10 +79,40 @@ class Generator:
             capi.GeneratorParams_Destroy(params)
         self._finalize = weakref.finalize(self, capi.Generator_Destroy, self._handle)
 
+    @classmethod
+    def _wrap(cls, handle: int) -> "Generator":
+        gen = cls.__new__(cls)
+        gen._handle = handle
+        gen._finalize = weakref.finalize(gen, capi.Generator_Destroy, handle)
+        return gen
+
     def _live(self) -> int:
         if not self._finalize.alive:
             raise RuntimeStatusError(Status.INVALID_ARGUMENT, "this generator is closed")
         return self._handle
+
+    def new_conversation(self, image, prompt: str, *, channels: str | None = None, **options) -> "Generator":
+        """A new request (options as in Bundle.generator) on this done generator's cache and buffers."""
+        params = _call(capi.GeneratorParams_Create)
+        try:
+            _set_params(params, **options)
+            out = capi.Out()
+            _check(capi.Generator_CreateOnCache(self._live(), params, image, prompt, options.get("raw_prompt", False),
+                                                out, channels=channels))
+            return Generator._wrap(out.value)
+        finally:
+            capi.GeneratorParams_Destroy(params)
+
+    def follow_up(self, prompt: str, *, max_new_tokens: int = 32, raw_prompt: bool = False, temperature: float = 0.0,
+                  top_p: float = 1.0, seed: int = 0, ignore_eos: bool = False) -> "Generator":
+        """The next turn of this conversation (this generator must be done; it hands its cache over)."""
+        params = _call(capi.GeneratorParams_Create)
+        try:
+            _set_params(params, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                        ignore_eos=ignore_eos)
+            return Generator._wrap(_call(capi.Generator_CreateFollowUp, self._live(), params, prompt, raw_prompt))
+        finally:
+            capi.GeneratorParams_Destroy(params)
 
     @property
     def done(self) -> bool:
@@ -102,6 +140,20 @@ class Generator:
     @property
     def stop_reason(self) -> str | None:
         return _call(capi.Generator_GetStopReason, self._live())
+
+    @property
+    def boundary_text(self) -> str:
+        """exact_boundary: the text chosen byte by byte to finish the prompt's last word (after the first token)."""
+        return _call(capi.Generator_GetBoundaryText, self._live())
+
+    def next_byte_probs(self, continuation: bytes | str = b""):
+        """float64 [256]: P(next byte | prompt + continuation), exact over all tokenizations (exact_boundary
+        generators, before the first token)."""
+        return _call(capi.Generator_GetNextByteProbs, self._live(), continuation)
+
+    def byte_probability(self, continuation: bytes | str) -> float:
+        """P(the answer starts with `continuation` | prompt), summed over all its tokenizations."""
+        return _call(capi.Generator_GetByteProbability, self._live(), continuation)
 
     @property
     def visual_tokens(self) -> int:
@@ -183,52 +235,128 @@ class Bundle:
         """A step-by-step generator; options as in `generate` (without on_text)."""
         return Generator(self, image, prompt, **options)
 
+    def next_byte_probs(self, image, prompt: str, continuation: bytes | str = b"", raw_prompt: bool = False,
+                        channels: str | None = None):
+        """float64 [256]: P(next byte | prompt + continuation) about `image`, marginalised over every tokenization
+        of the prompt's last word and the continuation (README "Exact prompt boundaries")."""
+        with Generator(self, image, prompt, raw_prompt=raw_prompt, exact_boundary=True, channels=channels) as gen:
+            return gen.next_byte_probs(continuation)
+
     def generate(self, image, prompt: str, max_new_tokens: int = 32, raw_prompt: bool = False,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, ignore_eos: bool = False,
-                 on_text: Callable[[str], None] | None = None, channels: str | None = None) -> Result:
+                 exact_boundary: bool = False, on_text: Callable[[str], None] | None = None,
+                 channels: str | None = None) -> Result:
         """Answers `prompt` about `image`: a file path, encoded image bytes, a PIL image, or a camera frame
         (numpy uint8 [H, W, 3]) with `channels="rgb"` or `channels="bgr"` (OpenCV's order; required for a frame).
 
         `prompt` goes into the bundle's chat template unless `raw_prompt` (then it must contain
         "<image>" once). temperature 0 is greedy; otherwise seeded top-p sampling. `on_text` receives
-        the text as it is produced. max_new_tokens 0 generates until EOS or a full cache.
+        the text as it is produced. max_new_tokens 0 generates until EOS or a full cache; `ignore_eos` goes on past
+        EOS until max_new_tokens or a full cache. `exact_boundary` finishes the prompt's last word from exact
+        next-byte probabilities before generating tokens (a prompt ending mid-word or with a space).
         Raises RuntimeStatusError (IMAGE_INVALID, PROMPT_TOO_LONG, INVALID_ARGUMENT, INFERENCE_FAILED).
         """
         with Generator(self, image, prompt, max_new_tokens=max_new_tokens, raw_prompt=raw_prompt,
                        temperature=temperature, top_p=top_p, seed=seed, ignore_eos=ignore_eos,
-                       channels=channels) as gen:
-            stream = _call(capi.TokenizerStream_Create, self._live()) if on_text else None
-            try:
-                for token in gen:
-                    if stream is not None:
-                        delta = _call(capi.TokenizerStream_Decode, stream, token)
-                        if delta:
-                            on_text(delta)
+                       exact_boundary=exact_boundary, channels=channels) as gen:
+            return self._drive(gen, on_text)
+
+    def chat(self, image, channels: str | None = None) -> "Chat":
+        """A conversation about `image`: `chat.ask(question)` answers; later questions are follow-ups that append to
+        the KV cache without running the image through the vision graph again."""
+        return Chat(self, image, channels)
+
+    def _drive(self, gen: Generator, on_text) -> Result:
+        """Runs `gen` to its end, streaming text to `on_text`; its Result."""
+        stream = _call(capi.TokenizerStream_Create, self._live()) if on_text else None
+        try:
+            for token in gen:
+                if stream is not None and len(gen.token_ids) == 1 and gen.boundary_text:
+                    on_text(gen.boundary_text)
                 if stream is not None:
-                    rest = _call(capi.TokenizerStream_Flush, stream)
-                    if rest:
-                        on_text(rest)
-            finally:
-                if stream is not None:
-                    capi.TokenizerStream_Destroy(stream)
-            ids = gen.token_ids
-            timings = gen.timings
-            return Result(
-                token_ids=ids,
-                text=self.decode(ids),
-                stop_reason=gen.stop_reason,
-                visual_tokens=gen.visual_tokens,
-                prompt_tokens=len(gen.prompt_token_ids) - 1,
-                cache_slots_used=gen.cache_length,
-                ttft_s=timings["ttft_s"],
-                decode_tokens_per_s=timings["decode_tokens_per_s"],
-                timings=timings,
-            )
+                    delta = _call(capi.TokenizerStream_Decode, stream, token)
+                    if delta:
+                        on_text(delta)
+            if stream is not None:
+                rest = _call(capi.TokenizerStream_Flush, stream)
+                if rest:
+                    on_text(rest)
+        finally:
+            if stream is not None:
+                capi.TokenizerStream_Destroy(stream)
+        ids = gen.token_ids
+        timings = gen.timings
+        boundary = gen.boundary_text
+        return Result(
+            token_ids=ids,
+            text=boundary + self.decode(ids),
+            stop_reason=gen.stop_reason,
+            visual_tokens=gen.visual_tokens,
+            prompt_tokens=len(gen.prompt_token_ids) - 1,
+            cache_slots_used=gen.cache_length,
+            ttft_s=timings["ttft_s"],
+            decode_tokens_per_s=timings["decode_tokens_per_s"],
+            timings=timings,
+            boundary_text=boundary,
+        )
 
     def close(self) -> None:
         self._finalize()
 
     def __enter__(self) -> "Bundle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Chat:
+    """A conversation about one image (Bundle.chat). The first `ask` runs vision and prefill; each later `ask`
+    appends its question to the same KV cache (Generator.follow_up). A new image needs a new Chat."""
+
+    def __init__(self, bundle: Bundle, image, channels: str | None = None):
+        self._bundle, self._image, self._channels = bundle, image, channels
+        self._gen: Generator | None = None
+        self._fresh = False  # new_image was called: the next ask starts over on the same cache
+        self.turns: list[Result] = []
+
+    def ask(self, prompt: str, *, max_new_tokens: int = 32, raw_prompt: bool = False, temperature: float = 0.0,
+            top_p: float = 1.0, seed: int = 0, ignore_eos: bool = False, exact_boundary: bool = False,
+            on_text: Callable[[str], None] | None = None) -> Result:
+        """The answer to `prompt` (the chat template applied, unless `raw_prompt`); options as in Bundle.generate
+        (`exact_boundary` on the first question only). Raises RuntimeStatusError (CACHE_FULL when the conversation
+        no longer fits: start a new Chat)."""
+        options = dict(max_new_tokens=max_new_tokens, raw_prompt=raw_prompt, temperature=temperature, top_p=top_p,
+                       seed=seed, ignore_eos=ignore_eos)
+        if self._gen is None:
+            gen = Generator(self._bundle, self._image, prompt, channels=self._channels, exact_boundary=exact_boundary,
+                            **options)
+        elif self._fresh:  # a new image on the previous turn's cache
+            gen = self._gen.new_conversation(self._image, prompt, channels=self._channels,
+                                             exact_boundary=exact_boundary, **options)
+        elif exact_boundary:
+            raise RuntimeStatusError(Status.INVALID_ARGUMENT, "exact_boundary applies to a conversation's first question only")
+        else:
+            gen = self._gen.follow_up(prompt, **options)
+        if self._gen is not None:
+            self._gen.close()
+        self._gen, self._fresh = gen, False
+        result = self._bundle._drive(gen, on_text)
+        self.turns.append(result)
+        return result
+
+    def new_image(self, image, channels: str | None = None) -> None:
+        """Starts a new conversation about `image` on the same KV cache and buffers: the next `ask` runs the
+        vision graph and prefill again, and the earlier turns are forgotten."""
+        self._image, self._channels = image, channels
+        self._fresh = True
+
+    def close(self) -> None:
+        if self._gen is not None:
+            self._gen.close()
+            self._gen = None
+
+    def __enter__(self) -> "Chat":
         return self
 
     def __exit__(self, *exc) -> None:

@@ -7,8 +7,13 @@ Rules, so that a C binding could mirror this file one to one:
 - Every function returns a `Status` (an int, 0 = OK) and writes its result into an `Out` box.
 - After a non-OK status, `GetLastError()` on the same thread returns the one-line message.
 - Each docstring says who owns what a function returns and for how long it stays valid.
-- Threads: handles may be created and destroyed from any thread; one Generator must be driven
-  by one thread at a time, different Generators of one Bundle may run concurrently.
+- Threads (README "Many requests at once"): a Bundle is shared: every Bundle_* call, Generator_Create and
+  TokenizerStream_Create may run on any number of threads at once (ONNX Runtime's Run is thread-safe and
+  each Generator has its own KV cache and I/O binding; the weights and sessions are shared). A Generator or
+  TokenizerStream is driven by one thread at a time: a call on one that another thread is inside of returns
+  INVALID_ARGUMENT ("in use by another thread"), never a crash or a corrupted cache; it may be handed to
+  another thread between calls. Handles may be destroyed from any thread; a call still running on the
+  destroyed object finishes, later calls get INVALID_ARGUMENT, and so does a second destroy.
 - No exception leaves this layer, whatever the arguments (wrong types and arity included): the runtime
   raises RuntimeStatusError, which becomes its status; a call that does not match the function's
   signature is INVALID_ARGUMENT; MemoryError is RESOURCE_LIMIT; any other exception is a bug in the
@@ -25,6 +30,7 @@ Rules, so that a C binding could mirror this file one to one:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import itertools
@@ -51,6 +57,7 @@ class Out:
 _tls = threading.local()
 _lock = threading.Lock()
 _objects: dict[int, object] = {}
+_busy: dict[int, threading.Lock] = {}  # per Generator/TokenizerStream handle: held during a call on it
 _ids = itertools.count(1)
 
 
@@ -105,10 +112,28 @@ def _get(handle, kind: type, what: str):
     return obj
 
 
+@contextlib.contextmanager
+def _using(handle, kind: type, what: str):
+    """The live object of `handle`, held by this thread for the call (a Generator or TokenizerStream has state
+    one call at a time may change). INVALID_ARGUMENT when another thread is inside a call on it."""
+    obj = _get(handle, kind, what)
+    with _lock:
+        busy = _busy.setdefault(handle, threading.Lock())
+    if not busy.acquire(blocking=False):
+        raise RuntimeStatusError(Status.INVALID_ARGUMENT, f"{what} {handle} is in use by another thread; drive one "
+                                 f"{what} from one thread at a time (a Bundle may be shared)")
+    try:
+        yield obj
+    finally:
+        busy.release()
+
+
 def _drop(handle, kind: type, what: str) -> None:
     _get(handle, kind, what)
     with _lock:
-        _objects.pop(handle, None)
+        if _objects.pop(handle, None) is None:  # another thread destroyed it between the two lines
+            raise RuntimeStatusError(Status.INVALID_ARGUMENT, f"{checks.show(handle)} is not a live {what} handle (destroyed, or another kind)")
+        _busy.pop(handle, None)
 
 
 def _put(out, value) -> None:
@@ -225,8 +250,16 @@ def GeneratorParams_SetSeed(params: int, seed: int) -> Status:
 
 @_api
 def GeneratorParams_SetIgnoreEos(params: int, ignore_eos: bool) -> Status:
-    """When true, EOS does not stop generation (fixed-length runs for benchmarks)."""
+    """When true, EOS does not stop generation: it goes on until max_new_tokens or a full cache (long runs, benchmarks)."""
     _set(params, "ignore_eos", ignore_eos)
+
+
+@_api
+def GeneratorParams_SetExactBoundary(params: int, exact_boundary: bool) -> Status:
+    """When true, the prompt's last word (its last pre-token: " ta", a trailing space) is finished byte by byte from
+    exact next-byte probabilities, marginalised over all its tokenizations, before token-by-token generation
+    (README "Exact prompt boundaries"). Needs a byte-level BPE tokenizer and the bundle's step graph."""
+    _set(params, "exact_boundary", exact_boundary)
 
 
 @_api
@@ -261,9 +294,43 @@ def Generator_Create(bundle: int, params: int, image, prompt: str, raw_prompt: b
 
 
 @_api
+def Generator_CreateFollowUp(generator: int, params: int, prompt: str, raw_prompt: bool, out: Out) -> Status:
+    """The next turn of `generator`'s conversation (multi-turn): `prompt` goes into the bundle's follow-up template
+    (" USER: {prompt} ASSISTANT:" for LLaVA's vicuna template; verbatim when `raw_prompt`) and is appended to the
+    generator's KV cache with one step-graph call: no image, vision or prefill of earlier turns. The answer so far
+    stays in the cache (a final EOS does not, as the chat template writes none).
+
+    `generator` must be done; it hands its cache to the new one and can then be read but not stepped
+    (INVALID_ARGUMENT), and it may be destroyed independently. out.value: a Generator handle owned by the caller.
+    Fails with INVALID_ARGUMENT (not done, already followed up, an image token in the prompt, exact_boundary),
+    PROMPT_TOO_LONG, CACHE_FULL (the conversation and max_new_tokens do not fit: start a new one), INFERENCE_FAILED.
+    """
+    p = _get(params, GeneratorParams, "GeneratorParams")
+    _check_out(out)
+    with _using(generator, Generator, "Generator") as g:
+        if not isinstance(raw_prompt, (bool,)):
+            raise RuntimeStatusError(Status.INVALID_ARGUMENT, f"raw_prompt must be a bool, got {type(raw_prompt).__name__}")
+        _put(out, _new(g.follow_up(prompt, p, raw_prompt)))
+
+
+@_api
+def Generator_CreateOnCache(generator: int, params: int, image, prompt: str, raw_prompt: bool, out: Out,
+                            channels: str | None = None) -> Status:
+    """A new conversation (a new image) on the KV cache and decode buffers of `generator`, which must be done: as
+    Generator_Create, without allocating a cache. `generator` hands them over and can then be read but not stepped
+    (INVALID_ARGUMENT). out.value: a Generator handle owned by the caller. Fails as Generator_Create, and with
+    INVALID_ARGUMENT when `generator` is not done or was handed over already."""
+    p = _get(params, GeneratorParams, "GeneratorParams")
+    _check_out(out)
+    with _using(generator, Generator, "Generator") as g:
+        _put(out, _new(Generator(g.bundle, p, image, prompt, raw_prompt, channels, reuse=g)))
+
+
+@_api
 def Generator_IsDone(generator: int, out: Out) -> Status:
     """out.value: True once generation stopped (see Generator_GetStopReason)."""
-    _put(out, _get(generator, Generator, "Generator").done)
+    with _using(generator, Generator, "Generator") as g:
+        _put(out, g.done)
 
 
 @_api
@@ -274,23 +341,25 @@ def Generator_GenerateNextToken(generator: int) -> Status:
     for another reason, INFERENCE_FAILED when ORT fails.
     Invalidates the view returned by Generator_GetLogits.
     """
-    _get(generator, Generator, "Generator").generate_next_token()
+    with _using(generator, Generator, "Generator") as g:
+        g.generate_next_token()
 
 
 @_api
 def Generator_GetNextTokenId(generator: int, out: Out) -> Status:
     """out.value: the id produced by the latest Generator_GenerateNextToken (an int).
     INVALID_ARGUMENT before the first token."""
-    g = _get(generator, Generator, "Generator")
-    if not g.token_ids:
-        raise RuntimeStatusError(Status.INVALID_ARGUMENT, "no token yet; call Generator_GenerateNextToken first")
-    _put(out, g.token_ids[-1])
+    with _using(generator, Generator, "Generator") as g:
+        if not g.token_ids:
+            raise RuntimeStatusError(Status.INVALID_ARGUMENT, "no token yet; call Generator_GenerateNextToken first")
+        _put(out, g.token_ids[-1])
 
 
 @_api
 def Generator_GetTokenIds(generator: int, out: Out) -> Status:
     """out.value: every generated id so far (a tuple owned by the caller; EOS included when it stopped there)."""
-    _put(out, tuple(_get(generator, Generator, "Generator").token_ids))
+    with _using(generator, Generator, "Generator") as g:
+        _put(out, tuple(g.token_ids))
 
 
 @_api
@@ -302,10 +371,10 @@ def Generator_GetLogits(generator: int, out: Out) -> Status:
     The view aliases the generator's buffer: valid until the next call on this generator
     (GenerateNextToken overwrites it, Destroy frees it); copy it to keep it.
     """
-    g = _get(generator, Generator, "Generator")
-    view = g.logits.view()
-    view.flags.writeable = False
-    _put(out, view)
+    with _using(generator, Generator, "Generator") as g:
+        view = g.logits.view()
+        view.flags.writeable = False
+        _put(out, view)
 
 
 @_api
@@ -313,32 +382,67 @@ def Generator_GetStopReason(generator: int, out: Out) -> Status:
     """out.value: None while running, else "eos", "max_new_tokens" or "cache_full" (a str).
 
     "cache_full" is a normal stop: every KV-cache slot is used (a further GenerateNextToken returns CACHE_FULL)."""
-    _put(out, _get(generator, Generator, "Generator").stop_reason)
+    with _using(generator, Generator, "Generator") as g:
+        _put(out, g.stop_reason)
 
 
 @_api
 def Generator_GetVisualTokens(generator: int, out: Out) -> Status:
     """out.value: the number of valid visual slots the language model saw (an int)."""
-    _put(out, _get(generator, Generator, "Generator").visual_tokens)
+    with _using(generator, Generator, "Generator") as g:
+        _put(out, g.visual_tokens)
 
 
 @_api
 def Generator_GetPromptTokenIds(generator: int, out: Out) -> Status:
     """out.value: the prompt's token ids with the image token in place of the visual slots (a tuple owned by the caller)."""
-    _put(out, tuple(_get(generator, Generator, "Generator").prompt_token_ids))
+    with _using(generator, Generator, "Generator") as g:
+        _put(out, tuple(g.prompt_token_ids))
 
 
 @_api
 def Generator_GetCacheLength(generator: int, out: Out) -> Status:
     """out.value: KV-cache slots in use (prompt slots + decoded tokens), an int <= the capacity."""
-    _put(out, _get(generator, Generator, "Generator").cache.length)
+    with _using(generator, Generator, "Generator") as g:
+        _put(out, g.cache.length)
 
 
 @_api
 def Generator_GetTimings(generator: int, out: Out) -> Status:
     """out.value: a dict of seconds spent in runtime calls (image_s, preprocess_s, vision_s, prefill_s,
     ttft_s, decode_s), tokens and decode_tokens_per_s (None below two tokens); a copy owned by the caller."""
-    _put(out, _get(generator, Generator, "Generator").timings.to_dict())
+    with _using(generator, Generator, "Generator") as g:
+        _put(out, g.timings.to_dict())
+
+
+@_api
+def Generator_GetBoundaryText(generator: int, out: Out) -> Status:
+    """out.value: the text an exact-boundary generator chose byte by byte to finish the prompt's last word, before
+    its first token (a str owned by the caller; "" before the first GenerateNextToken and without exact_boundary).
+    The answer's text is this followed by the text of the token ids."""
+    with _using(generator, Generator, "Generator") as g:
+        _put(out, g.boundary_text)
+
+
+@_api
+def Generator_GetNextByteProbs(generator: int, continuation, out: Out) -> Status:
+    """out.value: P(next byte | prompt + `continuation`) as float64 [256] summing to 1, exact over every tokenization
+    of the prompt's last word and of `continuation` (bytes or str; b"" for the prompt itself). A new array owned by
+    the caller. Only for a generator made with exact_boundary and before its first GenerateNextToken
+    (INVALID_ARGUMENT otherwise, and for a continuation no token sequence can produce); RESOURCE_LIMIT when the
+    word has more tokenizations than byteprobs.MAX_NODES."""
+    _check_out(out)
+    with _using(generator, Generator, "Generator") as g:
+        _put(out, g.next_byte_probs(continuation))
+
+
+@_api
+def Generator_GetByteProbability(generator: int, continuation, out: Out) -> Status:
+    """out.value: P(the answer starts with the bytes `continuation` | prompt), a float summed over every
+    tokenization; the same conditions as Generator_GetNextByteProbs."""
+    _check_out(out)
+    with _using(generator, Generator, "Generator") as g:
+        _put(out, g.byte_probability(continuation))
 
 
 @_api
@@ -363,18 +467,18 @@ def TokenizerStream_Create(bundle: int, out: Out) -> Status:
 def TokenizerStream_Decode(stream: int, token_id: int, out: Out) -> Status:
     """out.value: the text `token_id` adds to the stream ("" while a character is incomplete), a str owned by the caller.
     INVALID_ARGUMENT for an id outside [0, vocabulary); the stream is left as it was."""
-    s = _get(stream, TextStream, "TokenizerStream")
     _check_out(out)
-    _put(out, s.put(token_id))
+    with _using(stream, TextStream, "TokenizerStream") as s:
+        _put(out, s.put(token_id))
 
 
 @_api
 def TokenizerStream_Flush(stream: int, out: Out) -> Status:
     """out.value: text held back so far (an incomplete character shows as U+FFFD); call it once
     generation is done so the pieces add up to the decoded text. A str owned by the caller."""
-    s = _get(stream, TextStream, "TokenizerStream")
     _check_out(out)
-    _put(out, s.flush())
+    with _using(stream, TextStream, "TokenizerStream") as s:
+        _put(out, s.flush())
 
 
 @_api

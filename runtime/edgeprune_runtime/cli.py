@@ -20,28 +20,83 @@ from edgeprune_runtime.errors import RuntimeStatusError, Status
 EXIT_USER_ERROR = 2
 
 
+MAX_TURNS_BYTES = 16 << 20
+
+
+def read_turns(path) -> list[str]:
+    """The follow-up questions of a `--turns` file: JSON Lines, one {"prompt": "..."} per non-empty line.
+
+    Raises RuntimeStatusError(INVALID_ARGUMENT) naming the file and line when it is missing or not such JSONL."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_TURNS_BYTES + 1)
+    except OSError as e:
+        raise RuntimeStatusError(Status.INVALID_ARGUMENT, f"cannot read --turns file {path}: {e.strerror}") from None
+    if len(data) > MAX_TURNS_BYTES:
+        raise RuntimeStatusError(Status.INVALID_ARGUMENT, f"--turns file {path} is over {MAX_TURNS_BYTES} bytes")
+    prompts = []
+    for n, line in enumerate(data.split(b"\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise RuntimeStatusError(Status.INVALID_ARGUMENT, f"--turns file {path} line {n} is not JSON ({e}); write one "
+                                     '{"prompt": "..."} per line (JSON Lines)') from None
+        if not isinstance(item, dict) or set(item) != {"prompt"} or not isinstance(item["prompt"], str):
+            raise RuntimeStatusError(Status.INVALID_ARGUMENT, f"--turns file {path} line {n} must be an object with one "
+                                     'string key "prompt", e.g. {"prompt": "What color is it?"}')
+        prompts.append(item["prompt"])
+    return prompts
+
+
 def run(bundle_path, image, prompt: str, *, max_new_tokens: int = 32, raw_prompt: bool = False,
         temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, as_json: bool = False,
-        verify_hashes: bool = True, stdout: TextIO | None = None, stderr: TextIO | None = None) -> Result:
-    """Loads the bundle, generates, and prints: the text as it comes (plus a summary line on stderr),
-    or with `as_json` one JSON object with the Result's fields. Raises RuntimeStatusError."""
+        verify_hashes: bool = True, ignore_eos: bool = False, exact_boundary: bool = False,
+        turns: list[str] | None = None, interactive: bool = False, stdin: TextIO | None = None,
+        stdout: TextIO | None = None, stderr: TextIO | None = None) -> Result:
+    """Loads the bundle, answers `prompt`, then each follow-up of `turns` and, with `interactive`, each line read
+    from stdin (until end of input), all in one conversation (Bundle.chat: the image is seen once). Prints per
+    answer the text as it comes (plus a summary line on stderr), or with `as_json` one JSON object per line.
+    Returns the last Result. Raises RuntimeStatusError."""
     stdout = stdout or sys.stdout
     stderr = stderr or sys.stderr
+    stdin = stdin or sys.stdin
 
     def stream(text: str) -> None:
         _write(stdout, text)
 
-    with Bundle(bundle_path, verify_hashes=verify_hashes) as bundle:
-        result = bundle.generate(image, prompt, max_new_tokens=max_new_tokens, raw_prompt=raw_prompt,
-                                 temperature=temperature, top_p=top_p, seed=seed,
-                                 on_text=None if as_json else stream)
-    if as_json:
-        _write(stdout, json.dumps(result.to_dict()) + "\n")
-    else:
+    def show(result: Result) -> None:
+        if as_json:
+            _write(stdout, json.dumps(result.to_dict()) + "\n")
+            return
         _write(stdout, "\n")  # flushed: the answer before the summary line when both go to one terminal
         rate = f"{result.decode_tokens_per_s:.1f} tokens/s" if result.decode_tokens_per_s is not None else "- tokens/s"
         _write(stderr, f"[{len(result.token_ids)} tokens, stop: {result.stop_reason}, {result.visual_tokens} visual tokens, "
                        f"ttft {result.ttft_s:.3f} s, {rate}]\n")
+
+    options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                   ignore_eos=ignore_eos, on_text=None if as_json else stream)
+    with Bundle(bundle_path, verify_hashes=verify_hashes) as bundle:
+        if not turns and not interactive:
+            result = bundle.generate(image, prompt, raw_prompt=raw_prompt, exact_boundary=exact_boundary, **options)
+            show(result)
+            return result
+        with bundle.chat(image) as chat:
+            result = chat.ask(prompt, raw_prompt=raw_prompt, exact_boundary=exact_boundary, **options)
+            show(result)
+            for follow_up in turns or []:
+                result = chat.ask(follow_up, **options)
+                show(result)
+            while interactive:
+                if stdin.isatty():
+                    _write(stderr, "> ")
+                line = stdin.readline()
+                if not line:
+                    break
+                if line.strip():
+                    result = chat.ask(line.strip(), **options)
+                    show(result)
     return result
 
 
@@ -105,7 +160,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1.0)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    p.add_argument("--ignore-eos", action="store_true", help="go on past EOS until --max-new-tokens or a full cache")
+    p.add_argument("--exact-boundary", action="store_true",
+                   help="finish a prompt that ends mid-word or with a space from exact next-byte probabilities")
+    p.add_argument("--turns", metavar="FILE", help='follow-up questions, JSON Lines {"prompt": "..."}, asked after '
+                   "--prompt in one conversation (the image is seen once)")
+    p.add_argument("--interactive", action="store_true", help="after the answer(s), read follow-up questions from stdin")
+    p.add_argument("--json", action="store_true", help="print one JSON object (per answer) instead of streaming text")
     p.add_argument("--skip-hash-check", action="store_true", help="do not verify the bundle files' sha256 (faster start)")
     p.add_argument("--version", action=VersionAction)
     return p
@@ -118,9 +179,11 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # argparse already printed usage and the error
         return int(e.code or 0)
     try:
+        turns = read_turns(args.turns) if args.turns is not None else None
         run(args.bundle, args.image, args.prompt, max_new_tokens=args.max_new_tokens, raw_prompt=args.raw_prompt,
             temperature=args.temperature, top_p=args.top_p, seed=args.seed, as_json=args.json,
-            verify_hashes=not args.skip_hash_check)
+            verify_hashes=not args.skip_hash_check, ignore_eos=args.ignore_eos, exact_boundary=args.exact_boundary,
+            turns=turns, interactive=args.interactive)
     except RuntimeStatusError as e:
         _report(f"error: {e.message}")
         return EXIT_USER_ERROR

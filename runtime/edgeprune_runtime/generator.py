@@ -15,13 +15,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgeprune_runtime import budget, checks, ortlib
+from edgeprune_runtime import budget, byteprobs, checks, ortlib
 from edgeprune_runtime.engine import Engine
 from edgeprune_runtime.errors import RuntimeStatusError, Status
 from edgeprune_runtime.kvcache import prefill_slot_valid
 from edgeprune_runtime.layout import layout_for, max_newline_rows
 from edgeprune_runtime.manifest import Manifest, load_manifest
 from edgeprune_runtime.sampling import Sampler, check_sampling
+from edgeprune_runtime.step import append_slots, step_runner
 from edgeprune_runtime.tokenize import PromptTokenizer, text_slots
 
 STOP_EOS = "eos"
@@ -76,6 +77,7 @@ class GeneratorParams:
     top_p: float = 1.0
     seed: int = 0
     ignore_eos: bool = False  # benchmarks: always generate max_new_tokens (EOS is still sampled, not a stop)
+    exact_boundary: bool = False  # the prompt's last word is continued byte by byte (byteprobs.py) before tokens
 
     def check(self) -> None:
         if not (isinstance(self.max_new_tokens, (int, np.integer)) and not isinstance(self.max_new_tokens, (bool, np.bool_))
@@ -83,8 +85,9 @@ class GeneratorParams:
             raise RuntimeStatusError(Status.INVALID_ARGUMENT,
                                      f"max_new_tokens must be an integer >= 0 (0 = until EOS or cache full), got {checks.show(self.max_new_tokens)}")
         check_sampling(self.temperature, self.top_p, self.seed)
-        if not isinstance(self.ignore_eos, (bool, np.bool_)):
-            raise RuntimeStatusError(Status.INVALID_ARGUMENT, f"ignore_eos must be a bool, got {checks.show(self.ignore_eos)}")
+        for name in ("ignore_eos", "exact_boundary"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise RuntimeStatusError(Status.INVALID_ARGUMENT, f"{name} must be a bool, got {checks.show(getattr(self, name))}")
 
 
 @dataclass
@@ -115,13 +118,18 @@ class Generator:
     """Runs vision and prefill at construction; each `generate_next_token` then yields one token id."""
 
     def __init__(self, bundle: LoadedBundle, params: GeneratorParams, image, prompt: str, raw_prompt: bool = False,
-                 channels: str | None = None):
+                 channels: str | None = None, reuse: "Generator | None" = None):
         """`image`: a path, encoded bytes, a PIL image, or a numpy uint8 [H, W, 3] frame with `channels`
-        ("rgb" or "bgr"; required for frames, refused otherwise). See `_load`."""
+        ("rgb" or "bgr"; required for frames, refused otherwise). See `_load`.
+
+        `reuse`: a done generator of the same bundle whose KV cache and decode binding this one takes over (a new
+        conversation without allocating buffers); it can then be read but not stepped."""
         t0 = time.perf_counter()
         if not isinstance(raw_prompt, (bool, np.bool_)):
             raise RuntimeStatusError(Status.INVALID_ARGUMENT, f"raw_prompt must be a bool, got {type(raw_prompt).__name__}")
         params.check()
+        if reuse is not None:
+            reuse._check_hand_over(bundle)
         self.bundle = bundle
         self.params = GeneratorParams(**params.__dict__)  # a snapshot: later changes to params do not leak in
         s = bundle.shapes
@@ -130,6 +138,17 @@ class Generator:
         text = tok.prompt_text(prompt, bundle.prompt_template, raw_prompt)
         before, after = tok.encode_prompt(text)  # prompt errors surface before any heavy work
         self.prompt_token_ids = before + [tok.image_token_id] + after
+        self.tail = ""  # exact boundary: the prompt's last pre-token, left out of the prefill (byteprobs.py)
+        self.boundary_text = ""  # exact boundary: the text chosen byte by byte before the first token
+        tail_tokens = 0
+        if self.params.exact_boundary:
+            table = byteprobs.token_bytes(bundle)  # INVALID_ARGUMENT for a tokenizer that is not byte-level
+            self._step = step_runner(bundle)  # INVALID_ARGUMENT for a bundle without a step graph
+            head, self.tail = byteprobs.split_tail(tok.tokenizer, text, tok.image_token)
+            head_before, head_after = tok.encode_prompt(head)
+            tail_tokens = len(before) + len(after) - len(head_before) - len(head_after)
+            before, after = head_before, head_after
+        self._context_ids = before + [tok.image_token_id] + after  # what the cache holds, in order (follow_up)
 
         self.timings = Timings()
         # what is left of the budget for the image once the bundle's own buffers are counted
@@ -159,7 +178,7 @@ class Generator:
         t1, t2 = s.text_slots_before_image, s.text_slots_after_image
         text_ids, text_valid = text_slots(before, after, t1, t2)
         slot_valid = prefill_slot_valid(text_valid, visual_valid, t1)
-        self.prompt_slots = int((slot_valid > 0.5).sum())
+        self.prompt_slots = int((slot_valid > 0.5).sum()) + tail_tokens
         m = self.params.max_new_tokens
         # Layer l holds the text tokens and at most V_l visual ones (the valid visual slots win the drop's TopK).
         visual = int((visual_valid > 0.5).sum())
@@ -176,16 +195,26 @@ class Generator:
 
         t = time.perf_counter()
         logits, keys, values, layer_valid = engine.run_prefill(text_ids, text_valid, embeds, visual_valid)
-        self.cache = engine.new_cache()
+        if reuse is None:
+            self.cache = engine.new_cache()
+        else:  # the same cache buffers: the prefill overwrites each layer's slots 0..n-1 and marks the rest invalid
+            self.cache = reuse.cache
+            reuse._handed_over = True
         self.cache.fill_from_prefill(keys, values, layer_valid)
-        self.decoder = engine.decoder(self.cache)
+        self.decoder = engine.decoder(self.cache)  # small: logits and one slot's K/V; its decode count starts at 0
         self.timings.prefill_s = time.perf_counter() - t
 
         self.logits = logits  # [vocab], of the last prompt token until the first decode step
+        self._byte_model = None
+        if self.params.exact_boundary:
+            head_logits = self._head_logits = logits.copy()
+            self._byte_model = byteprobs.ByteModel(
+                table, lambda seq: head_logits if not seq else self._step.run(seq, self.cache)[0])
         self.sampler = Sampler(self.params.temperature, self.params.top_p, self.params.seed)
         self.token_ids: list[int] = []
         self.stop_reason: str | None = None
         self._eos = set(tok.eos_token_ids)
+        self._handed_over = False  # a follow-up turn took the cache (follow_up)
         self.timings.ttft_s = time.perf_counter() - t0
 
     @property
@@ -198,6 +227,8 @@ class Generator:
         Raises RuntimeStatusError(CACHE_FULL) when generation stopped at a full cache, INVALID_ARGUMENT
         when it stopped for another reason.
         """
+        if self._handed_over:
+            raise RuntimeStatusError(Status.INVALID_ARGUMENT, "this turn has a follow-up, which owns the cache now")
         if self.stop_reason == STOP_CACHE_FULL:
             raise RuntimeStatusError(Status.CACHE_FULL, f"the KV cache is full ({self.cache.capacity} slots); "
                                      "raise `shapes.new_token_slots` in the recipe and re-export for longer answers")
@@ -207,6 +238,8 @@ class Generator:
         t = time.perf_counter()
         if self.token_ids:
             self.logits = self.decoder.step(self.token_ids[-1])
+        elif self._byte_model is not None:
+            self._finish_boundary()
         token = self.sampler(self.logits)
         self.token_ids.append(token)
         self.timings.tokens = len(self.token_ids)
@@ -222,6 +255,165 @@ class Generator:
         else:
             self.timings.decode_s += dt
         return token
+
+    def follow_up(self, prompt: str, params: GeneratorParams, raw_prompt: bool = False) -> "Generator":
+        """The next turn of this conversation: a new Generator that owns this one's KV cache, with the follow-up
+        question appended by one step-graph call (no vision graph, no prefill of earlier turns).
+
+        What the cache then holds is the conversation as the chat template writes it: this turn's prompt, its
+        answer (without a final EOS, which the template does not write) and `follow_up_text(prompt)`. This
+        generator must be done; afterwards it can still be read but not stepped (its cache moved on).
+        Raises RuntimeStatusError: INVALID_ARGUMENT (not done, handed over already, bad prompt or params),
+        PROMPT_TOO_LONG, CACHE_FULL (the follow-up does not fit), INFERENCE_FAILED."""
+        t0 = time.perf_counter()
+        params.check()
+        self._check_hand_over(self.bundle)
+        if params.exact_boundary:
+            raise RuntimeStatusError(Status.INVALID_ARGUMENT, "exact_boundary applies to a conversation's first turn only")
+        bundle, tok = self.bundle, self.bundle.tokenizer
+        text = follow_up_text(tok, bundle.prompt_template, prompt, raw_prompt)
+        ids = _encode_follow_up(tok, text)
+        # the answer's last token was sampled, never run: its K/V is not in the cache yet (a final EOS stays out)
+        pending = self.token_ids[-1:] if self.stop_reason != STOP_EOS else []
+        runner = step_runner(bundle)
+        new = pending + ids
+        if len(new) > runner.max_slots:
+            raise RuntimeStatusError(Status.PROMPT_TOO_LONG, f"the follow-up needs {len(new)} slots, a step takes at most "
+                                     f"{runner.max_slots}; shorten it")
+        if len(new) + params.max_new_tokens > self.cache.room():
+            raise RuntimeStatusError(Status.CACHE_FULL, f"the follow-up needs {len(new)} cache slots + "
+                                     f"{params.max_new_tokens} new, {self.cache.room()} are left of "
+                                     f"{self.cache.capacity}; start a new conversation or raise `shapes.new_token_slots` "
+                                     "and re-export")
+        turn = Generator.__new__(Generator)
+        turn.bundle, turn.params = bundle, GeneratorParams(**params.__dict__)
+        # the conversation's ids as the cache holds them; the image token stands for the visual slots
+        turn._context_ids = turn.prompt_token_ids = self._context_ids + self.token_ids[:len(self.token_ids) - 1] + new
+        turn.tail, turn.boundary_text, turn._byte_model = "", "", None
+        turn.visual_tokens, turn.visual_source = self.visual_tokens, self.visual_source
+        turn.timings = Timings()
+        t = time.perf_counter()
+        logits, keys, values = runner.run(new, self.cache)
+        append_slots(self.cache, keys, values)
+        turn.timings.prefill_s = time.perf_counter() - t  # vision_s stays 0: the image is in the cache already
+        turn.cache, turn.decoder = self.cache, self.decoder
+        turn.prompt_slots = self.cache.length
+        turn.logits = logits
+        turn.sampler = Sampler(turn.params.temperature, turn.params.top_p, turn.params.seed)
+        turn.token_ids, turn.stop_reason, turn._eos = [], None, self._eos
+        turn._handed_over = False
+        self._handed_over = True
+        turn.timings.ttft_s = time.perf_counter() - t0
+        return turn
+
+    def _check_hand_over(self, bundle: LoadedBundle) -> None:
+        """INVALID_ARGUMENT unless this generator may give its cache to a follow-up or a new conversation."""
+        if bundle is not self.bundle:
+            raise RuntimeStatusError(Status.INVALID_ARGUMENT, "a generator's cache can only be reused by its own bundle")
+        if not self.done:
+            raise RuntimeStatusError(Status.INVALID_ARGUMENT, "finish this turn (until the generator is done) before a "
+                                     "follow-up or a new conversation on its cache")
+        if self._handed_over:
+            raise RuntimeStatusError(Status.INVALID_ARGUMENT, "this turn's cache was handed over already; use the latest turn")
+
+    def next_byte_probs(self, continuation: bytes = b"") -> np.ndarray:
+        """P(next byte | prompt + continuation), float64 [256] summing to 1, exact over the tokenizations of the
+        prompt's last word (byteprobs.py). Only for a generator made with exact_boundary, before its first token."""
+        return self._boundary_model().next_byte_probs(self.tail.encode("utf-8") + _as_bytes(continuation))
+
+    def byte_probability(self, continuation: bytes) -> float:
+        """P(the answer starts with the bytes `continuation` | prompt), summed over all their tokenizations."""
+        model, tail = self._boundary_model(), self.tail.encode("utf-8")
+        return model.prefix_probability(tail + _as_bytes(continuation)) / model.prefix_probability(tail)
+
+    def _boundary_model(self) -> byteprobs.ByteModel:
+        if not self.params.exact_boundary:
+            raise RuntimeStatusError(Status.INVALID_ARGUMENT, "next-byte probabilities need a generator made with "
+                                     "exact_boundary=True (--exact-boundary)")
+        if self._byte_model is None:
+            raise RuntimeStatusError(Status.INVALID_ARGUMENT, "next-byte probabilities are for the prompt: ask "
+                                     "before the first GenerateNextToken")
+        return self._byte_model
+
+    def _finish_boundary(self) -> None:
+        """Chooses the bytes that finish the prompt's last word from the exact next-byte probabilities, until a
+        byte would start a new pre-token (or MAX_BOUNDARY_BYTES); then writes the canonical tokens of that word
+        into the cache with one step, so token-by-token decoding goes on from a pre-token boundary, where the
+        one canonical tokenization is the right condition."""
+        tok = self.bundle.tokenizer.tokenizer
+        tail = self.tail.encode("utf-8")
+        chosen = b""
+        while len(tail + chosen) < byteprobs.MAX_BOUNDARY_BYTES or not byteprobs.is_utf8_prefix_complete(tail + chosen):
+            probs = self._byte_model.next_byte_probs(tail + chosen)
+            byte = self.sampler(np.log(np.maximum(probs, 1e-300)))  # finite log-probabilities: bytes of mass 0 never win
+            word = tail + chosen + bytes([byte])
+            if byteprobs.is_utf8_prefix_complete(word) and len(tok.pre_tokenizer.pre_tokenize_str(word.decode("utf-8"))) > 1:
+                break  # `byte` starts the next pre-token: the word is complete, tokens take over
+            chosen += bytes([byte])
+        else:
+            byte = None  # the word reached MAX_BOUNDARY_BYTES: the first token is free
+        self.boundary_text = chosen.decode("utf-8", errors="replace")
+        table, self._byte_model = self._byte_model.table, None
+        word = (tail + chosen).decode("utf-8", errors="replace")
+        ids = tok.encode(word, add_special_tokens=False).ids if word else []
+        if ids:
+            logits, keys, values = self._step.run(ids, self.cache)
+            append_slots(self.cache, keys, values)
+            self._context_ids = self._context_ids + ids
+            self.logits = logits
+        if byte is not None:
+            # The first token must start with the byte chosen above: P(token | word, first byte) is the token
+            # distribution restricted to those tokens (every cover of one byte is one token).
+            keep = np.array(table.by_first[byte], np.int64)
+            self.logits = np.full_like(self.logits, -1e30)  # finite: the sampler refuses -inf as a broken graph
+            self.logits[keep] = logits[keep] if ids else self._head_logits[keep]
+
+
+def follow_up_template(prompt_template: str, image_token: str) -> str:
+    """The text a follow-up question adds after an answer: " " + the prompt template without its image.
+
+    LLaVA's vicuna chat template (the twins', LLaVA-1.6-vicuna's) writes an assistant turn as
+    "ASSISTANT: " + answer + " " and a user turn as "USER: " + text + " ", then "ASSISTANT:"; the bundle's
+    template is the first user turn with "<image>\n" in it (tests/test_multi_turn.py checks this against
+    transformers' apply_chat_template)."""
+    return " " + prompt_template.replace(image_token + "\n", "").replace(image_token, "")
+
+
+def follow_up_text(tok, prompt_template: str, prompt: str, raw: bool) -> str:
+    """The follow-up's text: the template around `prompt`, or `prompt` itself when `raw` (then without an image token)."""
+    from edgeprune_runtime.tokenize import apply_template
+
+    if not isinstance(prompt, str):
+        raise RuntimeStatusError(Status.INVALID_ARGUMENT, f"prompt must be a str, got {type(prompt).__name__}")
+    if tok.image_token in prompt:
+        raise RuntimeStatusError(Status.INVALID_ARGUMENT, f"a follow-up cannot contain {tok.image_token!r}: the "
+                                 "conversation's image is in the cache already; start a new conversation for a new image")
+    return prompt if raw else apply_template(follow_up_template(prompt_template, tok.image_token), prompt)
+
+
+def _encode_follow_up(tok, text: str) -> list[int]:
+    """Token ids of a follow-up's text, without BOS (the conversation has one)."""
+    if len(text) > MAX_FOLLOW_UP_CHARS:
+        raise RuntimeStatusError(Status.PROMPT_TOO_LONG, f"the follow-up has {len(text)} characters; shorten it")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise RuntimeStatusError(Status.INVALID_ARGUMENT, "the follow-up is not valid UTF-8 text") from None
+    ids = tok.tokenizer.encode(text, add_special_tokens=False).ids
+    if not ids:
+        raise RuntimeStatusError(Status.INVALID_ARGUMENT, "the follow-up is empty")
+    return ids
+
+
+MAX_FOLLOW_UP_CHARS = 1 << 16
+
+
+def _as_bytes(value) -> bytes:
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    raise RuntimeStatusError(Status.INVALID_ARGUMENT, f"a continuation must be bytes or str, got {type(value).__name__}")
 
 
 def _load(image, channels: str | None, max_pixels: int, max_bytes: int):

@@ -100,3 +100,37 @@ def test_a_closed_stdout_is_one_line(fake_bundle, images):
     err = (work / "err.txt").read_text()
     assert (work / "rc.txt").read_text().strip() == "2", err
     assert err.startswith("error: cannot write to <stdout>") and err.count("\n") == 1, err
+
+
+def test_ignore_eos_goes_on_past_eos(fake_bundle, images, capsys):
+    """The id generated third is made the EOS id: without --ignore-eos generation stops there; with it, it goes on to
+    --max-new-tokens with the same tokens before, and with --max-new-tokens 0 until the cache is full."""
+    from fake_bundle import set_manifest
+
+    root, _ = fake_bundle
+    base = [str(root), "--image", str(images["wide"]), "--prompt", "hi", "--json"]
+
+    def run(*extra):
+        assert main(base + list(extra)) == 0
+        return json.loads(capsys.readouterr().out)
+
+    free = run("--max-new-tokens", "8")
+    eos = free["token_ids"][2]
+    first = free["token_ids"].index(eos)
+    tok = json.loads((root / "manifest.json").read_text())["tokenizer"]
+    set_manifest(root, tokenizer=tok | {"eos_token_ids": [eos]})
+    stopped = run("--max-new-tokens", "8")
+    assert stopped["stop_reason"] == "eos" and stopped["token_ids"] == free["token_ids"][:first + 1]
+    going = run("--max-new-tokens", "8", "--ignore-eos")
+    assert going["stop_reason"] == "max_new_tokens" and going["token_ids"] == free["token_ids"]
+    full = run("--max-new-tokens", "0", "--ignore-eos")
+    assert full["stop_reason"] == "cache_full" and full["cache_slots_used"] == json.loads(
+        (root / "manifest.json").read_text())["shapes"]["cache_capacity"]
+    assert full["token_ids"][:8] == free["token_ids"]
+
+
+def test_exact_boundary_without_a_step_graph_is_one_error_line(fake_bundle, images, capsys):
+    root, _ = fake_bundle  # exported without lm/step.onnx
+    code = main([str(root), "--image", str(images["wide"]), "--prompt", "hi", "--exact-boundary"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and "step graph" in err[0]

@@ -1,0 +1,97 @@
+"""The step graph (`lm/step.onnx`) run over a request's KV cache: T new text slots after the cached ones.
+
+The step graph takes T new slots (dynamic T in [1, prefill_slots]), reads the fixed-size cache and
+returns the logits of its last valid slot plus the new slots' K/V; it writes nothing. Exact prompt
+boundaries (byteprobs.py) use it two ways:
+
+- `StepRunner.run(ids, cache)`: the logits after `ids` appended to what the cache holds, without
+  touching the cache (one call per tokenization being scored);
+- `append_slots(cache, keys, values)`: the one place where a step's K/V is written into the cache
+  (the tokens chosen for the prompt's last word, before token-by-token decoding goes on).
+
+The session shares the LM weights the Engine mapped once (engine.SharedWeights), so opening it costs
+no second copy of the language model. It is opened on first use: bundles without `graphs.step`
+(exported before the step graph existed) serve every request except exact boundaries.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from edgeprune_runtime.engine import Engine, _run, open_session, session_options
+from edgeprune_runtime.errors import RuntimeStatusError, Status
+from edgeprune_runtime.kvcache import KVCache
+
+
+class StepRunner:
+    """The step session of one bundle; stateless (the cache is an argument), safe to share between threads."""
+
+    def __init__(self, engine: Engine):
+        m = engine.manifest
+        if "step" not in m.graphs:
+            raise RuntimeStatusError(Status.INVALID_ARGUMENT, "this bundle has no step graph (lm/step.onnx), which "
+                                     "follow-up questions and exact prompt boundaries need; re-export it with this "
+                                     "edgeprune version")
+        onnx_info = m.data.get("onnx")
+        quantized = isinstance(onnx_info, dict) and onnx_info.get("precision") in ("int8", "int4")
+        options = session_options(prepacking=quantized)  # the same rule as the prefill/decode sessions (engine.py)
+        engine.weights.add_to(options, ("|i1", "|u1") if quantized else ())
+        self.session = open_session(m.path(m.graphs["step"]["file"], "graphs.step.file"), options, "step")
+        self.shapes = engine.shapes
+        self.per_layer_valid = engine.per_layer_valid  # cache_valid_<l> per layer, or layer 0's mask as cache_valid
+        self.cache_dtype = engine.cache_dtype
+        self.max_slots = engine.shapes.prefill_slots  # the exported range of T
+
+    def run(self, token_ids, cache: KVCache):
+        """ids (a sequence of T >= 1 token ids) after the `position` tokens the cache holds
+        -> (logits [vocab] f32 after the last id, keys, values: per layer [Hkv_l, T, Dh]). The cache is only read.
+
+        Raises RuntimeStatusError(INVALID_ARGUMENT) when T is outside [1, prefill_slots], INFERENCE_FAILED when ORT fails."""
+        t = len(token_ids)
+        if not 1 <= t <= self.max_slots:
+            raise RuntimeStatusError(Status.INVALID_ARGUMENT, f"a step takes 1 to {self.max_slots} slots, got {t}")
+        s = self.shapes
+        layers = range(s.num_layers)
+        feeds = {
+            "token_ids": np.asarray(token_ids, np.int64),
+            "visual_embeds": np.zeros((t, s.hidden_size), np.float32),  # [T, D], unused: no slot is visual
+            "is_visual": np.zeros(t, np.float32),
+            "slot_valid": np.ones(t, np.float32),
+            "position": np.array([cache.position], np.int64),  # tokens seen so far: the first new slot's position
+            **({f"cache_valid_{i}": cache.valid[i] for i in layers} if self.per_layer_valid
+               else {"cache_valid": cache.valid[0]}),
+            **{f"past_key_{i}": cache.keys[i] for i in layers},
+            **{f"past_value_{i}": cache.values[i] for i in layers},
+        }
+        names = ["logits"] + [f"new_key_{i}" for i in layers] + [f"new_value_{i}" for i in layers]
+        out = _run(self.session, "step", names, feeds)
+        n = s.num_layers
+        return out[0], out[1:1 + n], out[1 + n:]
+
+
+def append_slots(cache: KVCache, keys, values) -> None:
+    """Writes the K/V of T step slots (per layer [Hkv_l, T, Dh]) into the cache's next T slots, in order.
+
+    The only place where step outputs enter a cache. Raises RuntimeStatusError(CACHE_FULL) when they do not fit."""
+    t = keys[0].shape[1]
+    if t > cache.room():
+        raise RuntimeStatusError(Status.CACHE_FULL, f"{t} more tokens need cache slots, {cache.room()} are left "
+                                 f"of {cache.capacity}")
+    for i in range(t):
+        cache.append([k[:, i:i + 1] for k in keys], [v[:, i:i + 1] for v in values])
+
+
+_open_lock = threading.Lock()
+
+
+def step_runner(bundle) -> StepRunner:
+    """The bundle's StepRunner, opened once (thread-safe) and kept on the bundle."""
+    with _open_lock:
+        runner = getattr(bundle, "_step_runner", None)
+        if runner is None:
+            if bundle.engine is None:
+                raise RuntimeStatusError(Status.INVALID_ARGUMENT, "this bundle was loaded without sessions")
+            runner = bundle._step_runner = StepRunner(bundle.engine)
+        return runner

@@ -1,0 +1,141 @@
+"""One loaded bundle, many threads: shared bundle handles, one thread per Generator at a time, misuse gets statuses."""
+
+import threading
+
+import pytest
+
+from edgeprune_runtime import Bundle, capi
+from edgeprune_runtime.capi import Out
+from edgeprune_runtime.errors import Status
+
+PROMPTS = ["What is in the picture?", "Is there a dog?", "What color is the car?", "Where is the ball?", "Describe it."]
+
+
+@pytest.fixture
+def handles(fake_bundle):
+    root, _ = fake_bundle
+    start = capi.live_handles()
+    out = Out()
+    assert capi.Bundle_Create(str(root), out) == Status.OK
+    bundle = out.value
+    assert capi.GeneratorParams_Create(out) == Status.OK
+    params = out.value
+    assert capi.GeneratorParams_SetMaxNewTokens(params, 6) == Status.OK
+    yield bundle, params
+    capi.GeneratorParams_Destroy(params)
+    capi.Bundle_Destroy(bundle)
+    assert capi.live_handles() == start
+
+
+def _run_all(fn, n):
+    errors = []
+
+    def wrap(i):
+        try:
+            fn(i)
+        except BaseException as e:  # reported to the main thread, where pytest sees it
+            errors.append(e)
+
+    threads = [threading.Thread(target=wrap, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+
+
+def test_threads_sharing_a_bundle_get_the_single_threaded_tokens(fake_bundle, images):
+    root, _ = fake_bundle
+    requests = [(images[name], prompt) for name in ("wide", "tall", "square") for prompt in PROMPTS][:10]
+    with Bundle(root) as bundle:
+        expected = [bundle.generate(img, p, max_new_tokens=8, ignore_eos=True).token_ids for img, p in requests]
+        got = {}
+
+        def worker(i):
+            for j, (img, p) in enumerate(requests):
+                got[i, j] = bundle.generate(img, p, max_new_tokens=8, ignore_eos=True).token_ids
+
+        _run_all(worker, 4)
+    assert len(set(expected)) > 1  # the requests differ, so a mixed-up cache would show
+    assert all(got[i, j] == expected[j] for i in range(4) for j in range(len(requests)))
+
+
+def test_a_generator_busy_on_another_thread_gives_a_status(handles, images):
+    bundle, params = handles
+    out = Out()
+    assert capi.Generator_Create(bundle, params, str(images["wide"]), PROMPTS[0], False, out) == Status.OK
+    gen = out.value
+    obj = capi._objects[gen]
+    entered, release = threading.Event(), threading.Event()
+    step = obj.generate_next_token
+
+    def slow_step():
+        entered.set()
+        release.wait(10)
+        return step()
+
+    obj.generate_next_token = slow_step
+    statuses = []
+    worker = threading.Thread(target=lambda: statuses.append(capi.Generator_GenerateNextToken(gen)))
+    worker.start()
+    assert entered.wait(10)
+    assert capi.Generator_IsDone(gen, out) == Status.INVALID_ARGUMENT
+    assert "in use by another thread" in capi.GetLastError()
+    assert capi.Generator_GenerateNextToken(gen) == Status.INVALID_ARGUMENT
+    assert capi.Generator_Destroy(gen) == Status.OK  # allowed while the other thread is inside a call
+    release.set()
+    worker.join()
+    assert statuses == [Status.OK]  # the running call finished on the object it had
+    assert capi.Generator_IsDone(gen, out) == Status.INVALID_ARGUMENT and "not a live Generator" in capi.GetLastError()
+    assert capi.Generator_Destroy(gen) == Status.INVALID_ARGUMENT  # destroyed twice
+
+
+def test_threads_racing_on_one_generator_never_corrupt_it(handles, images):
+    """8 threads call GenerateNextToken on one generator: every call is OK or a status, and the tokens are the
+    single-threaded ones (each successful call advanced exactly one step)."""
+    bundle, params = handles
+    out = Out()
+    assert capi.GeneratorParams_SetMaxNewTokens(params, 0) == Status.OK
+    assert capi.GeneratorParams_SetIgnoreEos(params, True) == Status.OK
+    assert capi.Generator_Create(bundle, params, str(images["square"]), PROMPTS[1], False, out) == Status.OK
+    ref = out.value
+    while capi.Generator_IsDone(ref, out) == Status.OK and not out.value:
+        assert capi.Generator_GenerateNextToken(ref) == Status.OK
+    capi.Generator_GetTokenIds(ref, out)
+    expected = out.value
+    capi.Generator_Destroy(ref)
+
+    assert capi.Generator_Create(bundle, params, str(images["square"]), PROMPTS[1], False, out) == Status.OK
+    gen = out.value
+    seen = []
+
+    def hammer(_):
+        mine = Out()
+        for _ in range(200):
+            st = capi.Generator_GenerateNextToken(gen)
+            seen.append(st)
+            if st == Status.CACHE_FULL or (capi.Generator_IsDone(gen, mine) == Status.OK and mine.value):
+                return
+
+    _run_all(hammer, 8)
+    assert set(seen) <= {Status.OK, Status.INVALID_ARGUMENT, Status.CACHE_FULL}
+    assert capi.Generator_GetTokenIds(gen, out) == Status.OK and out.value == expected
+    assert seen.count(Status.OK) == len(expected)
+    capi.Generator_Destroy(gen)
+
+
+def test_bundle_destroyed_while_a_generator_runs(handles, images, fake_bundle):
+    root, _ = fake_bundle
+    _, params = handles
+    out = Out()
+    assert capi.Bundle_Create(str(root), out) == Status.OK
+    bundle = out.value
+    assert capi.Generator_Create(bundle, params, str(images["tall"]), PROMPTS[2], False, out) == Status.OK
+    gen = out.value
+    assert capi.Bundle_Destroy(bundle) == Status.OK
+    assert capi.Bundle_Destroy(bundle) == Status.INVALID_ARGUMENT  # destroyed twice
+    assert capi.Generator_Create(bundle, params, str(images["tall"]), PROMPTS[2], False, out) == Status.INVALID_ARGUMENT
+    assert capi.TokenizerStream_Create(bundle, out) == Status.INVALID_ARGUMENT
+    assert capi.Generator_GenerateNextToken(gen) == Status.OK  # its generator keeps what it uses alive
+    assert capi.Generator_Destroy(gen) == Status.OK
