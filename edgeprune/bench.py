@@ -6,6 +6,12 @@ parent, which exports the bundle, holds a copy of the model). The bundle side im
 
 Timings: ttft_s runs from the PIL image in memory to the first generated token id (image
 preprocessing, vision, prefill); decode_tokens_per_s = (generated - 1) / (time after the first).
+
+`--backend cuda`: the bundle runs on the runtime's CUDA backend and transformers on the same GPU, in the
+bundle's precision (fp32 or fp16: `--precision`), each in its own process; GPU memory is reported as the
+bytes in use on the device (bundle side, after generating) and torch's peak allocation (transformers side).
+Decode reads every LM weight but the embedding table, plus the whole fixed-size cache, once per token:
+`decode_bytes_per_token` and the bandwidth that implies (`decode_gb_per_s`) come with the figures.
 """
 
 from __future__ import annotations
@@ -37,9 +43,14 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+BACKENDS = ("cpu", "cuda")
+TORCH_DTYPES = {"fp32": "float32", "fp16": "float16"}
+
+
 def measure_transformers(model_name: str, model_dir: str | None, layers: int, image_path: str, prompt: str,
-                         max_new_tokens: int) -> dict:
-    """Runs transformers' greedy `generate` on the full image (no budget). Child-process side."""
+                         max_new_tokens: int, device: str = "cpu", precision: str = "fp32") -> dict:
+    """Runs transformers' greedy `generate` on the full image (no budget) on `device` ("cpu" | "cuda") in
+    `precision` (fp32 | fp16). Child-process side."""
     import torch
     from PIL import Image
     from transformers.generation.streamers import BaseStreamer
@@ -48,6 +59,9 @@ def measure_transformers(model_name: str, model_dir: str | None, layers: int, im
 
     loaded = registry.get(model_name).loader(model_dir, layers=layers)
     model, processor = loaded.model, loaded.processor
+    dtype = getattr(torch, TORCH_DTYPES[precision])
+    model = model.to(device=device, dtype=dtype)
+    cuda = device == "cuda"
     image = Image.open(image_path).convert("RGB")
     conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
     text = processor.apply_chat_template(conversation, add_generation_prompt=True)
@@ -58,6 +72,8 @@ def measure_transformers(model_name: str, model_dir: str | None, layers: int, im
             self.calls = 0
 
         def put(self, value):
+            if cuda:
+                torch.cuda.synchronize()  # the token exists when the GPU has computed it, not when it was queued
             self.calls += 1
             if self.calls > 1:  # the first call carries the prompt ids
                 self.times.append(time.perf_counter())
@@ -69,34 +85,52 @@ def measure_transformers(model_name: str, model_dir: str | None, layers: int, im
     with torch.inference_mode():
         start = time.perf_counter()
         inputs = processor(images=image, text=text, return_tensors="pt")
+        inputs = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items()}
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
                              do_sample=False, streamer=clock)
     generated = out.shape[1] - inputs["input_ids"].shape[1]
     ttft = clock.times[0] - start
     decode = (len(clock.times) - 1) / (clock.times[-1] - clock.times[0]) if len(clock.times) > 1 else 0.0
-    return {"ttft_s": ttft, "decode_tokens_per_s": decode, "peak_rss_bytes": _peak_rss_bytes(),
-            "generated_tokens": int(generated), "prefill_tokens": int(inputs["input_ids"].shape[1]),
-            "weights_bytes": loaded.weights_bytes}
+    report = {"ttft_s": ttft, "decode_tokens_per_s": decode, "peak_rss_bytes": _peak_rss_bytes(),
+              "generated_tokens": int(generated), "prefill_tokens": int(inputs["input_ids"].shape[1]),
+              "weights_bytes": loaded.weights_bytes, "device": device, "precision": precision}
+    if cuda:
+        report |= {"gpu_peak_allocated_bytes": int(torch.cuda.max_memory_allocated()), "gpu": torch.cuda.get_device_name(0)}
+    return report
 
 
-def measure_bundle(bundle: str, image_path: str, prompt: str, max_new_tokens: int) -> dict:
-    """Runs the bundle with edgeprune_runtime only. Child-process side (no torch imported)."""
+def measure_bundle(bundle: str, image_path: str, prompt: str, max_new_tokens: int, backend: str = "cpu") -> dict:
+    """Runs the bundle with edgeprune_runtime only, on `backend`. Child-process side (no torch imported)."""
     from edgeprune_runtime import Bundle
     from edgeprune_runtime.manifest import load_manifest
 
     manifest = load_manifest(bundle, verify_hashes=False)
-    with Bundle(bundle, verify_hashes=False) as b:  # just exported and checked; hashing GBs is not the benchmark
+    with Bundle(bundle, verify_hashes=False, backend=backend) as b:  # just exported and checked; hashing GBs is not the benchmark
         result = b.generate(image_path, prompt, max_new_tokens=max_new_tokens, ignore_eos=True)
+        gpu_bytes = None
+        if backend == "cuda":
+            from edgeprune_runtime.backends.device import gpu_memory_used
+
+            gpu_bytes = gpu_memory_used()  # sessions, weights and this request's cache still held
     s = manifest.shapes
-    weights = (manifest.path(manifest.graphs["lm_weights"]).stat().st_size
-               + manifest.path(manifest.graphs["vision"]["weights"]).stat().st_size)
-    cache = 2 * sum(h * s.cache_slots_at(i) * s.head_dim * 4 for i, h in enumerate(s.kv_heads))
-    return {"ttft_s": result.ttft_s, "decode_tokens_per_s": result.decode_tokens_per_s,
-            "peak_rss_bytes": _peak_rss_bytes(), "generated_tokens": len(result.token_ids),
-            "visual_tokens": result.visual_tokens, "weights_bytes": weights, "cache_bytes": cache,
-            "prefill_slots": s.prefill_slots, "visual_slots": s.visual_slots, "cache_slots": s.cache_capacity,
-            "lm_layers": s.num_layers, "kv_heads": list(s.kv_heads), "layer_visual_slots": list(s.layer_visual_slots),
-            "timings": dict(result.timings)}
+    lm_weights = manifest.path(manifest.graphs["lm_weights"]).stat().st_size
+    weights = lm_weights + manifest.path(manifest.graphs["vision"]["weights"]).stat().st_size
+    itemsize = 2 if manifest.data.get("onnx", {}).get("precision") == "fp16" else 4
+    cache = 2 * sum(h * s.cache_slots_at(i) * s.head_dim * itemsize for i, h in enumerate(s.kv_heads))
+    index = json.loads(manifest.path(manifest.graphs["lm_weights"] + ".json").read_text())["tensors"]
+    embedding = sum(t["length"] for t in index if "embed_tokens" in t["name"])  # one row of it is read per token
+    per_token = lm_weights - embedding + cache
+    report = {"ttft_s": result.ttft_s, "decode_tokens_per_s": result.decode_tokens_per_s,
+              "peak_rss_bytes": _peak_rss_bytes(), "generated_tokens": len(result.token_ids),
+              "visual_tokens": result.visual_tokens, "weights_bytes": weights, "cache_bytes": cache,
+              "prefill_slots": s.prefill_slots, "visual_slots": s.visual_slots, "cache_slots": s.cache_capacity,
+              "lm_layers": s.num_layers, "kv_heads": list(s.kv_heads), "layer_visual_slots": list(s.layer_visual_slots),
+              "timings": dict(result.timings), "backend": result.backend, "token_ids": list(result.token_ids),
+              "decode_bytes_per_token": per_token,
+              "decode_gb_per_s": per_token * result.decode_tokens_per_s / 1e9 if result.decode_tokens_per_s else None}
+    if gpu_bytes is not None:
+        report["gpu_memory_used_bytes"] = gpu_bytes
+    return report
 
 
 def _child(args: list[str]) -> dict:
@@ -112,10 +146,33 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a and b else None
 
 
+def check_backend(backend: str, precision: str) -> None:
+    """Refuses, before any export, a bench backend that cannot run here (RuntimeStatusError / MissingDependencyError)."""
+    from edgeprune.errors import ConfigError, MissingDependencyError
+
+    if backend not in BACKENDS:
+        raise ConfigError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "cpu":
+        return
+    from edgeprune_runtime.backends.select import cuda_device
+
+    cuda_device()  # onnxruntime-gpu and a GPU, or the runtime's one-line refusal
+    if precision not in TORCH_DTYPES:
+        raise ConfigError(f"bench --backend cuda compares {' and '.join(TORCH_DTYPES)} bundles with transformers in "
+                          f"the same precision; {precision} is a CPU quantization (use --precision fp32 or fp16)")
+    import torch
+
+    if not torch.cuda.is_available():
+        raise MissingDependencyError("bench --backend cuda runs transformers on the same GPU, but this torch has no CUDA; "
+                                     "install a CUDA build of torch (https://pytorch.org/get-started/locally/)")
+
+
 def run_bench(model_name: str, budget_recipe, model_dir: str | None, layers: int, image_path: str | None,
-              prompt: str, max_new_tokens: int, bundle_dir: str | None, on_stage=lambda s: None) -> dict:
+              prompt: str, max_new_tokens: int, bundle_dir: str | None, on_stage=lambda s: None,
+              backend: str = "cpu") -> dict:
     """Exports the bundle (or uses `bundle_dir`, which must hold one of `model_name`), then measures both
-    sides. Returns the report dict. Raises EdgePruneError / RuntimeStatusError for bad inputs up front."""
+    sides on `backend` ("cpu", or "cuda": the runtime's CUDA backend and transformers on the same GPU).
+    Returns the report dict. Raises EdgePruneError / RuntimeStatusError for bad inputs up front."""
     from edgeprune.errors import ConfigError
     from edgeprune.export import export_bundle
     from edgeprune.sample_image import write_sample_image
@@ -141,6 +198,7 @@ def run_bench(model_name: str, budget_recipe, model_dir: str | None, layers: int
         strategy, precision = budget_recipe.strategy, budget_recipe.onnx.precision
         vision_keep = budget_recipe.vision_keep
         rewrites = dataclasses.asdict(budget_recipe.rewrites)
+    check_backend(backend, precision)
     with tempfile.TemporaryDirectory(prefix="edgeprune-bench-") as tmp:
         image = image_path or str(write_sample_image(Path(tmp) / "sample.png"))
         bundle = bundle_dir or str(Path(tmp) / "bundle")
@@ -149,9 +207,11 @@ def run_bench(model_name: str, budget_recipe, model_dir: str | None, layers: int
             export_bundle(model_name, bundle, budget_recipe, model_dir=model_dir, model_options={"layers": layers},
                           on_stage=lambda s: on_stage(f"export: {s}"))
         on_stage("transformers generate (full budget)")
-        hf = _child(["transformers", model_name, model_dir or "", str(layers), image, prompt, str(max_new_tokens)])
-        on_stage(f"edgeprune bundle (budget {budget})")
-        ours = _child(["bundle", bundle, image, prompt, str(max_new_tokens)])
+        hf_precision = precision if backend == "cuda" else "fp32"  # on the CPU transformers runs as it loads (fp32)
+        hf = _child(["transformers", model_name, model_dir or "", str(layers), image, prompt, str(max_new_tokens),
+                     backend, hf_precision])
+        on_stage(f"edgeprune bundle (budget {budget}, {backend} backend)")
+        ours = _child(["bundle", bundle, image, prompt, str(max_new_tokens), backend])
     ratios = {
         "ttft_speedup": _ratio(hf["ttft_s"], ours["ttft_s"]),
         "decode_speedup": _ratio(ours["decode_tokens_per_s"], hf["decode_tokens_per_s"]),
@@ -161,7 +221,7 @@ def run_bench(model_name: str, budget_recipe, model_dir: str | None, layers: int
     from edgeprune.provenance import provenance
 
     return {"model": model_name, "budget": budget, "strategy": strategy, "precision": precision,
-            "vision_keep": vision_keep, "max_new_tokens": max_new_tokens,
+            "vision_keep": vision_keep, "max_new_tokens": max_new_tokens, "backend": backend,
             # the recipe's [rewrites] keys that are on (the stats file's path says nothing about the bundle)
             "rewrites": {k: v for k, v in rewrites.items() if v and k not in ("stats", "head_criterion")},
             "threads": os.cpu_count(), "transformers": hf, "edgeprune": ours, "ratios": ratios,
@@ -171,11 +231,11 @@ def run_bench(model_name: str, budget_recipe, model_dir: str | None, layers: int
 def _worker(argv: list[str]) -> None:
     kind = argv[0]
     if kind == "transformers":
-        name, model_dir, layers, image, prompt, n = argv[1:]
-        report = measure_transformers(name, model_dir or None, int(layers), image, prompt, int(n))
+        name, model_dir, layers, image, prompt, n, *where = argv[1:]  # where: [device, precision], or CPU fp32
+        report = measure_transformers(name, model_dir or None, int(layers), image, prompt, int(n), *where)
     elif kind == "bundle":
-        bundle, image, prompt, n = argv[1:]
-        report = measure_bundle(bundle, image, prompt, int(n))
+        bundle, image, prompt, n, *backend = argv[1:]  # backend: [name], or cpu (sweep.py's calls)
+        report = measure_bundle(bundle, image, prompt, int(n), *backend)
     else:
         raise SystemExit(f"unknown worker {kind!r}")
     print(json.dumps(report))

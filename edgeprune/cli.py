@@ -340,9 +340,11 @@ def tiny(model_name, out_dir, layers, as_json):
 @click.option("--turns", "turns_file", type=click.Path(), help='Follow-up questions, JSON Lines {"prompt": "..."}, '
               "asked after --prompt in one conversation (the image is seen once).")
 @click.option("--interactive", is_flag=True, help="After the answer(s), read follow-up questions from stdin.")
+@click.option("--backend", type=click.Choice(["auto", "cpu", "cuda", "trt"]), default="auto", show_default=True,
+              help="Where to run: the bundle's TensorRT engines, a CUDA GPU, or the CPU (auto: the first that can run here).")
 @user_errors
 def run(bundle, image, prompt, max_new_tokens, raw_prompt, temperature, top_p, seed, as_json, skip_hash_check,
-        ignore_eos, exact_boundary, turns_file, interactive):
+        ignore_eos, exact_boundary, turns_file, interactive, backend):
     """Answer PROMPT about IMAGE with BUNDLE on ONNX Runtime, streaming tokens as they come."""
     from edgeprune_runtime.cli import read_turns
     from edgeprune_runtime.cli import run as runtime_run
@@ -351,7 +353,7 @@ def run(bundle, image, prompt, max_new_tokens, raw_prompt, temperature, top_p, s
     runtime_run(bundle, image, prompt, max_new_tokens=max_new_tokens, raw_prompt=raw_prompt,
                 temperature=temperature, top_p=top_p, seed=seed, as_json=as_json,
                 verify_hashes=not skip_hash_check, ignore_eos=ignore_eos, exact_boundary=exact_boundary,
-                turns=turns, interactive=interactive)
+                turns=turns, interactive=interactive, backend=backend)
 
 
 @cli.command()
@@ -425,11 +427,13 @@ def compare(bundle, image, prompt, raw_prompt, model_dir, atol, rtol, save_dir, 
 @click.option("--selection-cost", "selection_strategies",
               help="Instead: time the vision graph of each listed strategy (comma-separated) against the "
                    "same graph without selection.")
+@click.option("--backend", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="cuda: the bundle on the runtime's CUDA backend vs transformers on the same GPU, in the bundle's precision.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @user_errors
 def bench(model_name, budget, layers, model_dir, recipe_file, bundle_dir, image, prompt, max_new_tokens,
           precision, vision_keep, prune_heads, skip_layers, drop_visual_after, skip_decode, stats_file,
-          selection_strategies, as_json):
+          selection_strategies, backend, as_json):
     """Time-to-first-token, decode tokens/s and peak memory: transformers (full) vs the bundle (budget)."""
     import json
 
@@ -453,7 +457,7 @@ def bench(model_name, budget, layers, model_dir, recipe_file, bundle_dir, image,
                        f"{100 * r['overhead']:+.2f}% of the vision graph")
         return
     report = run_bench(model_name, recipe, model_dir, layers, image, prompt, max_new_tokens, bundle_dir,
-                       on_stage=log)
+                       on_stage=log, backend=backend)
     if as_json:
         click.echo(json.dumps(report))
         return

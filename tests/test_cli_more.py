@@ -168,3 +168,22 @@ def test_runtime_usage_error_is_one_line(small_bundle):
     result = subprocess.run([sys.executable, "-m", "edgeprune_runtime", str(small_bundle), "--prompt", "x"],
                             capture_output=True, text=True)
     one_error_line(result, "--image")
+
+
+def test_bench_on_cuda_fails_here_before_exporting(tmp_path):
+    """No GPU build of ONNX Runtime here: one line naming the extra, and no export started (nothing written)."""
+    result = cli("bench", "llava-next-tiny", "--budget", "0.2", "--backend", "cuda", "--json")
+    assert result.returncode == 2 and result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert [ln for ln in lines if ln.startswith("error: ")] == [lines[-1]] and "Traceback" not in result.stderr
+    assert "onnxruntime-gpu" in lines[-1] and "export" not in result.stderr.replace(lines[-1], "")
+
+
+def test_bench_on_cuda_refuses_quantized_bundles(monkeypatch, tiny_recipe):
+    from edgeprune import bench
+    from edgeprune.errors import ConfigError
+    from edgeprune_runtime.backends import select
+
+    monkeypatch.setattr(select, "cuda_device", lambda: "9.0")
+    with pytest.raises(ConfigError, match="int8 is a CPU quantization"):
+        bench.check_backend("cuda", "int8")

@@ -206,3 +206,90 @@ def test_token_healing_baseline(loaded, image):
         naive = naive_next_byte_probs(gen._byte_model, ids)
         assert abs(healed.sum() - 1) < 1e-9 and abs(naive.sum() - 1) < 1e-9
         assert np.allclose(healed, exact, atol=1e-12) == same
+
+
+class ForcedBytes:
+    """A stand-in byte model that puts all the mass on the given bytes, in order: the bytes a test wants chosen."""
+
+    def __init__(self, model, tail: bytes, forced: bytes):
+        self.table, self.tail, self.forced = model.table, tail, forced
+
+    def next_byte_probs(self, x: bytes) -> np.ndarray:
+        p = np.zeros(256)
+        p[self.forced[len(x) - len(self.tail)]] = 1.0
+        return p
+
+
+@pytest.mark.parametrize("end, forced", [(" ", b" t"), ("\n", b" A")])
+def test_a_whitespace_run_gives_its_last_space_to_the_next_word(loaded, image, end, forced):
+    """GPT-2's pre-tokenizer splits "  t" as [" ", " t"] and "\\n A" as ["\\n", " A"]: the cache must hold the
+    canonical tokens up to the last piece's start and the first token must start with " t" / " A", so that the
+    whole text's tokenization (the tokenizers library, on the text) is what the model was conditioned on."""
+    prompt = HEAD + end
+    gen = exact_generator(loaded, image, prompt, max_new_tokens=1)
+    assert gen.tail == end
+    gen._byte_model = ForcedBytes(gen._byte_model, end.encode(), forced)
+    gen.generate_next_token()
+    first = loaded.tokenizer.tokenizer.decode([gen.token_ids[0]])
+    assert first.startswith(forced.decode()), first
+    before, after = loaded.tokenizer.encode_prompt(prompt + gen.boundary_text + first)
+    assert gen._context_ids + gen.token_ids == before + [loaded.tokenizer.image_token_id] + after
+    assert gen.boundary_text == ""  # the chosen space went to the first token, not to the word before it
+
+
+def test_a_failed_boundary_step_can_be_retried(loaded, image, monkeypatch):
+    """A step that fails while the finished word is written (INFERENCE_FAILED) leaves the generator as it was:
+    the retry gives the tokens of a run that never failed (it used to sample from the head's logits, tail lost)."""
+    from edgeprune_runtime import generator
+
+    expected = exact_generator(loaded, image, HEAD + " ta", max_new_tokens=3)
+    while not expected.done:
+        expected.generate_next_token()
+    gen = exact_generator(loaded, image, HEAD + " ta", max_new_tokens=3)
+    real, failed = generator.append_slots, []
+
+    def fail_once(*args):
+        if not failed:
+            failed.append(True)
+            raise RuntimeStatusError(Status.INFERENCE_FAILED, "injected")
+        return real(*args)
+
+    monkeypatch.setattr(generator, "append_slots", fail_once)
+    with pytest.raises(RuntimeStatusError):
+        gen.generate_next_token()
+    while not gen.done:
+        gen.generate_next_token()
+    assert failed and gen.boundary_text == expected.boundary_text != ""
+    assert gen.token_ids == expected.token_ids and gen._context_ids == expected._context_ids
+
+
+def test_the_boundary_word_has_its_cache_slots_reserved(loaded, image):
+    """The word finished byte by byte can take up to MAX_BOUNDARY_TOKENS tokens where the tail had fewer:
+    max_new_tokens that fits the prompt alone is refused up front, not met as CACHE_FULL mid-answer."""
+    from edgeprune_runtime.byteprobs import MAX_BOUNDARY_TOKENS
+
+    prompt = HEAD + " ta"
+    plain = Generator(loaded, GeneratorParams(max_new_tokens=1), image, prompt, raw_prompt=True)
+    room = loaded.shapes.cache_capacity - plain.prompt_slots  # every slot after the whole prompt's tokens
+    with pytest.raises(RuntimeStatusError) as e:
+        exact_generator(loaded, image, prompt, max_new_tokens=room)
+    assert e.value.status == Status.INVALID_ARGUMENT and "exact boundary" in e.value.message
+    tail_tokens = len(loaded.tokenizer.tokenizer.encode(" ta", add_special_tokens=False).ids)
+    m = room + tail_tokens - MAX_BOUNDARY_TOKENS
+    gen = exact_generator(loaded, image, prompt, max_new_tokens=m, ignore_eos=True)
+    while not gen.done:
+        gen.generate_next_token()
+    assert gen.stop_reason == "max_new_tokens" and len(gen.token_ids) == m
+
+
+def test_continuations_past_the_boundary_limit_are_refused(loaded, image):
+    """tail + continuation is bounded (12 bytes): a longer one is one INVALID_ARGUMENT line naming the limit, before
+    any scoring; up to the limit the probabilities are there (the memo holds float32 rows)."""
+    gen = exact_generator(loaded, image, HEAD + " ta")  # tail " ta": 3 bytes
+    for call in (gen.next_byte_probs, gen.byte_probability):
+        with pytest.raises(RuntimeStatusError) as e:
+            call(b"b" * 10)
+        assert e.value.status == Status.INVALID_ARGUMENT and "at most 12" in e.value.message
+    assert gen._byte_model.calls == 0  # refused before any step
+    assert abs(gen.next_byte_probs(b"ble le").sum() - 1) < 1e-9 and 0 < gen.byte_probability(b"ble le") < 1
+    assert {p.dtype for p in gen._byte_model._memo.values()} == {np.dtype(np.float32)}

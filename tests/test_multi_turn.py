@@ -197,6 +197,7 @@ def test_turns_file_and_interactive(tiny_bundles, image, tmp_path):
     ("What color is it?\n", "line 1 is not JSON"),
     ('{"prompt": "ok"}\n{"question": "x"}\n', 'line 2 must be an object with one string key "prompt"'),
     ('{"prompt": 3}\n', 'line 1 must be an object'),
+    ('{"prompt": "ok"}\n' + "[" * 100_000 + "\n", "line 2 is not JSON"),  # nesting past the parser's recursion limit
 ])
 def test_a_turns_file_that_is_not_jsonl_is_one_error_line(tiny_bundles, image, tmp_path, content, message):
     turns = tmp_path / "turns.jsonl"
@@ -240,3 +241,103 @@ def test_a_new_image_reuses_the_buffers(tiny_bundles, image, tmp_path):
             assert capi._objects[chat._gen._handle].cache.keys[0] is keys  # the same buffer, not a new one
     assert [r.token_ids for r in got] == expected
     assert got[0].timings["vision_s"] > 0 and got[1].timings["vision_s"] == 0
+
+
+@pytest.fixture(scope="module")
+def per_layer_bundle(tmp_path_factory, tiny, tiny_recipe):
+    """The tiny twin with per-layer caches: 12 visual slots go on after layer 0 (FastV), and from decode position 1
+    on layer 0 is skipped (SkipDecode), so the two layers hold different tokens."""
+    from edgeprune.export import export_bundle
+
+    recipe = tiny_recipe(0.2).override(drop_visual_after="0:12", skip_decode="1:1")
+    return export_bundle("llava-next-tiny", tmp_path_factory.mktemp("per-layer") / "bundle", recipe, loaded=tiny)
+
+
+def test_follow_up_on_per_layer_caches(per_layer_bundle, image):
+    """Each layer's cache holds what the schedules say, counted by hand: layer 0 every prompt token, the first
+    answer token's K/V (decode position 0 runs every layer, position 1 on skips layer 0), the follow-up's slots
+    (the step graph runs every layer) and nothing of the second answer; layer 1 the text, 12 of the visual
+    tokens and every token."""
+    bundle = LoadedBundle(per_layer_bundle)
+    assert bundle.shapes.layer_visual_slots == (bundle.shapes.visual_slots, 12)
+    first = run(Generator(bundle, GeneratorParams(max_new_tokens=3, ignore_eos=True), image, "What is on the table?"))
+    text, visual = len(first.prompt_token_ids) - 1, first.visual_tokens
+    assert visual > 12
+    second = run(first.follow_up("What color?", GeneratorParams(max_new_tokens=3, ignore_eos=True)))
+    follow = len(bundle.tokenizer.tokenizer.encode(" USER: What color? ASSISTANT:", add_special_tokens=False).ids)
+    new = 1 + follow  # the first answer's last token (sampled, never run) and the follow-up's text
+    assert second.cache.lengths == [text + visual + 1 + new, text + 12 + 2 + new + 2]
+    assert second.cache.position == text + visual + 2 + new + 2  # positions count every token, in every layer
+    assert len(second.token_ids) == 3 and np.isfinite(second.logits).all()
+
+
+def test_a_one_token_step_equals_a_decode_step_on_per_layer_caches(per_layer_bundle, image):
+    """StepRunner.run of one token over the per-layer cache gives the decode graph's logits and K/V (decode
+    position 0: every layer runs)."""
+    from edgeprune_runtime.step import step_runner
+
+    bundle = LoadedBundle(per_layer_bundle)
+    gen = Generator(bundle, GeneratorParams(max_new_tokens=3), image, "What is on the table?")
+    token = int(np.argmax(gen.logits))
+    logits, keys, values = step_runner(bundle).run([token], gen.cache)  # reads the cache, writes nothing
+    lengths = list(gen.cache.lengths)
+    decoded = gen.decoder.step(token).copy()
+    np.testing.assert_allclose(logits, decoded, atol=1e-4, rtol=0)
+    for layer in range(bundle.shapes.num_layers):
+        slot = lengths[layer]  # where the decode step wrote this token's K/V
+        np.testing.assert_allclose(keys[layer][:, 0], gen.cache.keys[layer][:, slot], atol=1e-5, rtol=0)
+        np.testing.assert_allclose(values[layer][:, 0], gen.cache.values[layer][:, slot], atol=1e-5, rtol=0)
+
+
+def test_exact_boundary_on_per_layer_caches(per_layer_bundle, image):
+    bundle = LoadedBundle(per_layer_bundle)
+    gen = Generator(bundle, GeneratorParams(max_new_tokens=3, exact_boundary=True, ignore_eos=True), image,
+                    "USER: <image>\nThe cat sits on the ta", raw_prompt=True)
+    for c in (b"", b"b"):
+        assert abs(gen.next_byte_probs(c).sum() - 1.0) < 1e-9
+    run(gen)
+    assert len(gen.token_ids) == 3 and gen.boundary_text
+    # both layers got the finished word's tokens; layer 1 holds 12 visual tokens, and the second answer token
+    # (decode position 1) that layer 0 skipped
+    assert gen.cache.lengths[1] - gen.cache.lengths[0] == 12 - gen.visual_tokens + 1
+
+
+def test_raw_prompt_takes_the_same_values_in_both_turns(tiny_bundles, image):
+    """Generator_Create and Generator_CreateFollowUp accept a numpy bool for raw_prompt alike, and refuse a str alike."""
+    from edgeprune_runtime import capi
+    from edgeprune_runtime.capi import Out
+
+    out = Out()
+    assert capi.Bundle_Create(str(tiny_bundles[0.2]), out) == Status.OK
+    bundle = out.value
+    capi.GeneratorParams_Create(out)
+    params = out.value
+    capi.GeneratorParams_SetMaxNewTokens(params, 2)
+
+    def done_turn(raw):
+        assert capi.Generator_Create(bundle, params, str(image), "What is it?", raw, out) == Status.OK
+        gen = out.value
+        while capi.Generator_IsDone(gen, out) == Status.OK and not out.value:
+            assert capi.Generator_GenerateNextToken(gen) == Status.OK
+        return gen
+
+    first, second = done_turn(np.False_), done_turn(False)
+    assert capi.Generator_CreateFollowUp(first, params, "And?", np.False_, out) == Status.OK
+    follow = out.value
+    assert capi.Generator_Create(bundle, params, str(image), "What is it?", "no", out) == Status.INVALID_ARGUMENT
+    assert "raw_prompt must be a bool" in capi.GetLastError()
+    assert capi.Generator_CreateFollowUp(second, params, "And?", "no", out) == Status.INVALID_ARGUMENT
+    assert "raw_prompt must be a bool" in capi.GetLastError()
+    for handle in (first, second, follow):
+        assert capi.Generator_Destroy(handle) == Status.OK
+    capi.GeneratorParams_Destroy(params)
+    capi.Bundle_Destroy(bundle)
+
+
+def test_a_handed_over_turn_keeps_its_logits(loaded, image):
+    """The first turn's logits (the decoder's buffer after a decode step) stay what they were while the follow-up,
+    which steps the same decoder, generates."""
+    first = run(Generator(loaded, GeneratorParams(max_new_tokens=3, ignore_eos=True), image, "What is on the table?"))
+    kept = first.logits.copy()
+    run(first.follow_up("What color?", GeneratorParams(max_new_tokens=3, ignore_eos=True)))
+    np.testing.assert_array_equal(first.logits, kept)

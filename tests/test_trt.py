@@ -273,6 +273,15 @@ def test_build_rtx_records_engines_and_the_bundle_still_runs(export_variant, tmp
         assert (bundle / e["file"]).stat().st_size == e["bytes"] > 0
     lm = entry["engines"]["lm"]
     assert lm["graph"] == "lm/step.onnx" and [p["name"] for p in lm["profiles"]] == ["prefill", "decode"]
+    _check_context_models(bundle, entry)
+    from tiny_inputs import random_image
+
+    random_image((60, 80), seed=1).save(tmp_path / "cam.png")
+    run = cli("run", bundle, "--image", tmp_path / "cam.png", "--prompt", "hi", "--backend", "trt")
+    assert run.returncode == 2 and run.stderr.count("\n") == 1 and "NvTensorRTRTXExecutionProvider" in run.stderr, run.stderr
+    auto = cli("run", bundle, "--image", tmp_path / "cam.png", "--prompt", "hi", "--backend", "auto", "--json",
+               "--max-new-tokens", "3")
+    assert auto.returncode == 0 and json.loads(auto.stdout)["backend"] == "cpu", auto.stderr
     assert not list(bundle.glob(".engines-*")) and not list((bundle / "engines").glob(".*"))
     # building again replaces the engines, nothing else
     again = json.loads(cli("build", bundle, "--target", "rtx", "--json").stdout)
@@ -405,3 +414,27 @@ def test_engines_execute_where_a_gpu_can_run_them(export_variant, sample_png, tm
         assert report["skipped"] == [f"rtx engines not compared: {reason}"]
         pytest.skip(reason)
     assert {"vision (trt)", "step (trt)"} <= {r["stage"] for r in report["outputs"]}
+
+
+def _check_context_models(bundle, entry) -> None:
+    """Each engine's EPContext wrapper: one com.microsoft::EPContext node naming the engine file beside it (embed_mode 0),
+    owned by the library's provider, with exactly the inputs and outputs of the graph the engine was built from."""
+    import onnx
+
+    from edgeprune_runtime.manifest import sha256_file
+
+    for e in entry["engines"].values():
+        ctx = bundle / e["context_file"]
+        assert ctx.parent == (bundle / e["file"]).parent
+        model = onnx.load(str(ctx))
+        onnx.checker.check_model(model)
+        (node,) = model.graph.node
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert (node.op_type, node.domain) == ("EPContext", "com.microsoft")
+        assert attrs == {"main_context": 1, "embed_mode": 0, "ep_cache_context": Path(e["file"]).name.encode(),
+                         "source": b"NvTensorRTRTXExecutionProvider"}
+        graph = onnx.load(str(bundle / e["graph"]), load_external_data=False).graph
+        assert [str(v) for v in model.graph.input] == [str(v) for v in graph.input]
+        assert [str(v) for v in model.graph.output] == [str(v) for v in graph.output]
+        assert list(node.input) == [v.name for v in graph.input] and list(node.output) == [v.name for v in graph.output]
+        assert entry["engines"] and sha256_file(ctx) == json.loads((bundle / "manifest.json").read_text())["files"][e["context_file"]]

@@ -12,6 +12,9 @@ weights), and a Jetson cannot hold two copies of a 7B model. The decode profile 
 rather than exactly 1: a profile fixed at one row gets a GEMV weight layout of its own and the
 weights are stored twice (measured with TensorRT-RTX 1.7; see README "Targets").
 
+Beside each engine, `<name>.ctx.onnx` is its EPContext wrapper model (trt/epcontext.py): what the runtime's
+`--backend trt` opens with ONNX Runtime's TensorRT (or TensorRT-RTX) provider.
+
 The engines are built in a scratch directory inside the bundle, then renamed into place and the
 manifest replaced, so a failure leaves the bundle as it was.
 """
@@ -29,6 +32,7 @@ from pathlib import Path
 from typing import Callable
 
 from edgeprune.errors import BuildError
+from edgeprune.trt.epcontext import CONTEXT_SUFFIX, write_context_model
 from edgeprune.trt.library import import_library, parse_onnx
 from edgeprune.trt.targets import Target
 
@@ -162,6 +166,8 @@ def build_bundle(bundle_dir: str | Path, target: Target, on_stage: Callable[[str
             start = time.perf_counter()
             size = build_engine(trt, spec, bundle, scratch / f"{spec.name}.engine", target, precision,
                                 on_progress=lambda p, n=spec.name: on_stage(f"{n}: {p}"))
+            write_context_model(bundle / spec.graph, scratch / f"{spec.name}.engine", target.library,
+                                scratch / f"{spec.name}{CONTEXT_SUFFIX}")
             built.append(BuiltEngine(spec, f"{rel_dir}/{spec.name}.engine", size, time.perf_counter() - start))
         on_stage("write manifest")
         entry = {
@@ -169,12 +175,15 @@ def build_bundle(bundle_dir: str | Path, target: Target, on_stage: Callable[[str
             "precision": precision, "built": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "engines": {b.spec.name: {"file": b.file, "sha256": sha256_file(scratch / Path(b.file).name), "bytes": b.bytes,
                                       "graph": b.spec.graph, "build_seconds": round(b.seconds, 3),
-                                      "profiles": b.spec.profiles} for b in built},
+                                      "profiles": b.spec.profiles,
+                                      "context_file": f"{rel_dir}/{b.spec.name}{CONTEXT_SUFFIX}"} for b in built},
         }
         data = json.loads((bundle / MANIFEST_NAME).read_text())
         data.setdefault("engines", {})[target.name] = entry
         data["files"] = {rel: digest for rel, digest in data["files"].items() if not rel.startswith(rel_dir + "/")}
         data["files"].update({e["file"]: e["sha256"] for e in entry["engines"].values()})
+        data["files"].update({e["context_file"]: sha256_file(scratch / Path(e["context_file"]).name)
+                              for e in entry["engines"].values()})
         tmp_manifest = scratch / MANIFEST_NAME
         tmp_manifest.write_text(json.dumps(data, indent=2))
         _install(scratch, bundle / rel_dir, tmp_manifest, bundle / MANIFEST_NAME)

@@ -10,7 +10,6 @@ this path is verified only where the README says.
 
 from __future__ import annotations
 
-import ctypes
 import time
 from collections import OrderedDict
 
@@ -20,21 +19,10 @@ from edgeprune.trt.targets import Target
 
 
 def gpu_compute_capability() -> tuple[str | None, str]:
-    """("major.minor", "") of GPU 0 through the CUDA driver API, or (None, why not)."""
-    try:
-        cuda = ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        return None, "no NVIDIA driver (libcuda.so.1) on this machine"
-    if cuda.cuInit(0) != 0:
-        return None, "the CUDA driver found no usable GPU (cuInit failed)"
-    count = ctypes.c_int()
-    if cuda.cuDeviceGetCount(ctypes.byref(count)) != 0 or count.value < 1:
-        return None, "no CUDA GPU on this machine"
-    major, minor = ctypes.c_int(), ctypes.c_int()
-    # CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR = 75, _MINOR = 76
-    cuda.cuDeviceGetAttribute(ctypes.byref(major), 75, 0)
-    cuda.cuDeviceGetAttribute(ctypes.byref(minor), 76, 0)
-    return f"{major.value}.{minor.value}", ""
+    """("major.minor", "") of GPU 0 through the CUDA driver API, or (None, why not): the runtime's probe."""
+    from edgeprune_runtime.backends.gpu import compute_capability
+
+    return compute_capability(0)
 
 
 def engine_runnable(target: Target) -> tuple[bool, str]:

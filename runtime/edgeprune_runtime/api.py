@@ -45,6 +45,7 @@ class Result:
     decode_tokens_per_s: float | None  # (tokens - 1) / time after the first token; None below 2 tokens
     timings: dict  # per stage seconds: image_s, preprocess_s, vision_s, prefill_s, ttft_s, decode_s
     boundary_text: str = ""  # exact_boundary: the bytes that finished the prompt's last word, chosen before token_ids
+    backend: str = "cpu"  # "cpu" | "cuda" | "trt": where it ran (Bundle.backend says why)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -203,11 +204,11 @@ class Bundle:
     """A loaded bundle (manifest checked, sessions open). Use as a context manager or call close()."""
 
     def __init__(self, path, *, verify_hashes: bool = True, memory_budget_mb: int | None = None,
-                 max_image_pixels: int | None = None):
-        """Options as in capi.Bundle_Create; raises RuntimeStatusError."""
+                 max_image_pixels: int | None = None, backend: str = "auto"):
+        """Options as in capi.Bundle_Create (backend: auto, cpu, cuda, trt); raises RuntimeStatusError."""
         out = capi.Out()
         _check(capi.Bundle_Create(path, out, verify_hashes=verify_hashes, memory_budget_mb=memory_budget_mb,
-                                  max_image_pixels=max_image_pixels))
+                                  max_image_pixels=max_image_pixels, backend=backend))
         self._handle = out.value
         self._finalize = weakref.finalize(self, capi.Bundle_Destroy, self._handle)
 
@@ -219,6 +220,11 @@ class Bundle:
     @property
     def shapes(self) -> Shapes:
         return _call(capi.Bundle_GetShapes, self._live())
+
+    @property
+    def backend(self) -> dict:
+        """{"backend": "cpu"|"cuda"|"trt", "reason": why (auto lists what it skipped), "target": engines' target}."""
+        return _call(capi.Bundle_GetBackend, self._live())
 
     @property
     def manifest(self) -> dict:
@@ -298,6 +304,7 @@ class Bundle:
             decode_tokens_per_s=timings["decode_tokens_per_s"],
             timings=timings,
             boundary_text=boundary,
+            backend=self.backend["backend"],
         )
 
     def close(self) -> None:

@@ -104,20 +104,25 @@ def _new(obj) -> int:
     return handle
 
 
-def _get(handle, kind: type, what: str):
-    with _lock:
-        obj = _objects.get(handle) if isinstance(handle, int) and not isinstance(handle, bool) else None
+def _live(handle, kind: type, what: str):
+    """The object of `handle`; the caller holds `_lock`. INVALID_ARGUMENT for a dead or wrong-kind handle."""
+    obj = _objects.get(handle) if isinstance(handle, int) and not isinstance(handle, bool) else None
     if not isinstance(obj, kind):
         raise RuntimeStatusError(Status.INVALID_ARGUMENT, f"{checks.show(handle)} is not a live {what} handle (destroyed, or another kind)")
     return obj
+
+
+def _get(handle, kind: type, what: str):
+    with _lock:
+        return _live(handle, kind, what)
 
 
 @contextlib.contextmanager
 def _using(handle, kind: type, what: str):
     """The live object of `handle`, held by this thread for the call (a Generator or TokenizerStream has state
     one call at a time may change). INVALID_ARGUMENT when another thread is inside a call on it."""
-    obj = _get(handle, kind, what)
-    with _lock:
+    with _lock:  # one critical section: a destroy cannot come between the look-up and the busy lock's creation
+        obj = _live(handle, kind, what)
         busy = _busy.setdefault(handle, threading.Lock())
     if not busy.acquire(blocking=False):
         raise RuntimeStatusError(Status.INVALID_ARGUMENT, f"{what} {handle} is in use by another thread; drive one "
@@ -129,10 +134,9 @@ def _using(handle, kind: type, what: str):
 
 
 def _drop(handle, kind: type, what: str) -> None:
-    _get(handle, kind, what)
     with _lock:
-        if _objects.pop(handle, None) is None:  # another thread destroyed it between the two lines
-            raise RuntimeStatusError(Status.INVALID_ARGUMENT, f"{checks.show(handle)} is not a live {what} handle (destroyed, or another kind)")
+        _live(handle, kind, what)
+        del _objects[handle]
         _busy.pop(handle, None)
 
 
@@ -158,11 +162,12 @@ def live_handles() -> int:
 
 @_api
 def Bundle_Create(path, out: Out, verify_hashes: bool = True, memory_budget_mb: int | None = None,
-                  max_image_pixels: int | None = None) -> Status:
+                  max_image_pixels: int | None = None, backend: str = "auto") -> Status:
     """Loads the bundle at `path` (untrusted input, see the README's threat model): manifest (and file
     hashes unless `verify_hashes` is False), tokenizer, preprocessing and the three ONNX Runtime sessions
     (LM weights mapped once). `memory_budget_mb` and `max_image_pixels` override EDGEPRUNE_MEMORY_BUDGET_MB
-    and EDGEPRUNE_MAX_IMAGE_PIXELS (budget.py).
+    and EDGEPRUNE_MAX_IMAGE_PIXELS (budget.py). `backend` is "auto", "cpu", "cuda" or "trt" (backends/select.py;
+    Bundle_GetBackend says which one auto chose and why).
 
     out.value: a Bundle handle, owned by the caller until Bundle_Destroy. Generators keep what they
     use alive, so destroying a bundle while its generators run is allowed.
@@ -172,8 +177,10 @@ def Bundle_Create(path, out: Out, verify_hashes: bool = True, memory_budget_mb: 
     _check_out(out)
     if not isinstance(verify_hashes, bool):
         raise RuntimeStatusError(Status.INVALID_ARGUMENT, f"verify_hashes must be a bool, got {type(verify_hashes).__name__}")
+    if not isinstance(backend, str):
+        raise RuntimeStatusError(Status.INVALID_ARGUMENT, f"backend must be a str (auto, cpu, cuda, trt), got {type(backend).__name__}")
     _put(out, _new(LoadedBundle(path, verify_hashes=verify_hashes, memory_budget_mb=memory_budget_mb,
-                                max_image_pixels=max_image_pixels)))
+                                max_image_pixels=max_image_pixels, backend=backend)))
 
 
 @_api
@@ -186,6 +193,12 @@ def Bundle_Destroy(bundle: int) -> Status:
 def Bundle_GetShapes(bundle: int, out: Out) -> Status:
     """out.value: the bundle's static sizes (a frozen `Shapes`, immutable, owned by the caller)."""
     _put(out, _get(bundle, LoadedBundle, "Bundle").shapes)
+
+
+@_api
+def Bundle_GetBackend(bundle: int, out: Out) -> Status:
+    """out.value: {"backend": "cpu"|"cuda"|"trt", "reason": str, "target": str | None}, a dict owned by the caller."""
+    _put(out, _get(bundle, LoadedBundle, "Bundle").backend.to_dict())
 
 
 @_api
@@ -301,15 +314,14 @@ def Generator_CreateFollowUp(generator: int, params: int, prompt: str, raw_promp
     stays in the cache (a final EOS does not, as the chat template writes none).
 
     `generator` must be done; it hands its cache to the new one and can then be read but not stepped
-    (INVALID_ARGUMENT), and it may be destroyed independently. out.value: a Generator handle owned by the caller.
+    (INVALID_ARGUMENT), and it may be destroyed independently; its logits are copied at the hand-over (the new
+    turn's steps write the decode buffers they came from). out.value: a Generator handle owned by the caller.
     Fails with INVALID_ARGUMENT (not done, already followed up, an image token in the prompt, exact_boundary),
     PROMPT_TOO_LONG, CACHE_FULL (the conversation and max_new_tokens do not fit: start a new one), INFERENCE_FAILED.
     """
     p = _get(params, GeneratorParams, "GeneratorParams")
     _check_out(out)
     with _using(generator, Generator, "Generator") as g:
-        if not isinstance(raw_prompt, (bool,)):
-            raise RuntimeStatusError(Status.INVALID_ARGUMENT, f"raw_prompt must be a bool, got {type(raw_prompt).__name__}")
         _put(out, _new(g.follow_up(prompt, p, raw_prompt)))
 
 

@@ -15,6 +15,7 @@ import sys
 from typing import TextIO
 
 from edgeprune_runtime.api import Bundle, Result
+from edgeprune_runtime.backends.select import BACKENDS
 from edgeprune_runtime.errors import RuntimeStatusError, Status
 
 EXIT_USER_ERROR = 2
@@ -40,7 +41,7 @@ def read_turns(path) -> list[str]:
             continue
         try:
             item = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: nesting too deep
             raise RuntimeStatusError(Status.INVALID_ARGUMENT, f"--turns file {path} line {n} is not JSON ({e}); write one "
                                      '{"prompt": "..."} per line (JSON Lines)') from None
         if not isinstance(item, dict) or set(item) != {"prompt"} or not isinstance(item["prompt"], str):
@@ -53,12 +54,12 @@ def read_turns(path) -> list[str]:
 def run(bundle_path, image, prompt: str, *, max_new_tokens: int = 32, raw_prompt: bool = False,
         temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, as_json: bool = False,
         verify_hashes: bool = True, ignore_eos: bool = False, exact_boundary: bool = False,
-        turns: list[str] | None = None, interactive: bool = False, stdin: TextIO | None = None,
+        turns: list[str] | None = None, interactive: bool = False, backend: str = "auto", stdin: TextIO | None = None,
         stdout: TextIO | None = None, stderr: TextIO | None = None) -> Result:
-    """Loads the bundle, answers `prompt`, then each follow-up of `turns` and, with `interactive`, each line read
-    from stdin (until end of input), all in one conversation (Bundle.chat: the image is seen once). Prints per
-    answer the text as it comes (plus a summary line on stderr), or with `as_json` one JSON object per line.
-    Returns the last Result. Raises RuntimeStatusError."""
+    """Loads the bundle on `backend` (auto, cpu, cuda, trt), answers `prompt`, then each follow-up of `turns` and, with
+    `interactive`, each line read from stdin (until end of input), all in one conversation (Bundle.chat: the image is
+    seen once). Prints per answer the text as it comes (plus a summary line on stderr), or with `as_json` one JSON
+    object per line (with "backend_reason": why that backend). Returns the last Result. Raises RuntimeStatusError."""
     stdout = stdout or sys.stdout
     stderr = stderr or sys.stderr
     stdin = stdin or sys.stdin
@@ -66,18 +67,22 @@ def run(bundle_path, image, prompt: str, *, max_new_tokens: int = 32, raw_prompt
     def stream(text: str) -> None:
         _write(stdout, text)
 
+    why = ""  # the backend's reason (auto: what it skipped and why), known once the bundle is loaded
+
     def show(result: Result) -> None:
         if as_json:
-            _write(stdout, json.dumps(result.to_dict()) + "\n")
+            _write(stdout, json.dumps(result.to_dict() | {"backend_reason": why}) + "\n")
             return
         _write(stdout, "\n")  # flushed: the answer before the summary line when both go to one terminal
         rate = f"{result.decode_tokens_per_s:.1f} tokens/s" if result.decode_tokens_per_s is not None else "- tokens/s"
-        _write(stderr, f"[{len(result.token_ids)} tokens, stop: {result.stop_reason}, {result.visual_tokens} visual tokens, "
+        _write(stderr, f"[{result.backend}: {len(result.token_ids)} tokens, stop: {result.stop_reason}, "
+                       f"{result.visual_tokens} visual tokens, "
                        f"ttft {result.ttft_s:.3f} s, {rate}]\n")
 
     options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                    ignore_eos=ignore_eos, on_text=None if as_json else stream)
-    with Bundle(bundle_path, verify_hashes=verify_hashes) as bundle:
+    with Bundle(bundle_path, verify_hashes=verify_hashes, backend=backend) as bundle:
+        why = bundle.backend["reason"]
         if not turns and not interactive:
             result = bundle.generate(image, prompt, raw_prompt=raw_prompt, exact_boundary=exact_boundary, **options)
             show(result)
@@ -167,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "--prompt in one conversation (the image is seen once)")
     p.add_argument("--interactive", action="store_true", help="after the answer(s), read follow-up questions from stdin")
     p.add_argument("--json", action="store_true", help="print one JSON object (per answer) instead of streaming text")
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="where to run: auto (engines, else a CUDA GPU, else CPU; default), cpu, cuda, trt")
     p.add_argument("--skip-hash-check", action="store_true", help="do not verify the bundle files' sha256 (faster start)")
     p.add_argument("--version", action=VersionAction)
     return p
@@ -183,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         run(args.bundle, args.image, args.prompt, max_new_tokens=args.max_new_tokens, raw_prompt=args.raw_prompt,
             temperature=args.temperature, top_p=args.top_p, seed=args.seed, as_json=args.json,
             verify_hashes=not args.skip_hash_check, ignore_eos=args.ignore_eos, exact_boundary=args.exact_boundary,
-            turns=turns, interactive=args.interactive)
+            turns=turns, interactive=args.interactive, backend=args.backend)
     except RuntimeStatusError as e:
         _report(f"error: {e.message}")
         return EXIT_USER_ERROR

@@ -36,12 +36,11 @@ from pathlib import Path
 import numpy as np
 
 from edgeprune_runtime import checks
+from edgeprune_runtime.backends.select import CPU, Backend
 from edgeprune_runtime.env import env_flag, env_int
 from edgeprune_runtime.errors import RuntimeStatusError, Status, bundle_invalid
 from edgeprune_runtime.kvcache import KVCache, prefill_slot_valid
 from edgeprune_runtime.manifest import Manifest, WeightEntry, per_layer_validity
-
-PROVIDERS = ["CPUExecutionProvider"]
 
 _ORT_DTYPES = {
     "tensor(float)": np.float32,
@@ -155,20 +154,36 @@ def session_options(prepacking: bool = True):
     return so
 
 
-def open_session(path: Path, options, what: str):
-    """Raises RuntimeStatusError(BUNDLE_INVALID) when ORT cannot load the graph."""
+def open_session(path: Path, options, what: str, backend: Backend = CPU):
+    """A session of `backend`'s providers. On a GPU backend no node may fall back to the CPU (a silent
+    fallback would move the cache through the host on every step): ORT then refuses the graph instead.
+
+    Raises RuntimeStatusError(BUNDLE_INVALID) when ORT cannot load the graph, DEVICE_UNSUPPORTED when the
+    GPU backend's provider cannot run one of its nodes."""
     import onnxruntime as ort
 
     if not path.is_file():
         raise bundle_invalid(f"{what} graph {path} is missing; re-export the bundle")
+    if backend.device != "cpu":
+        options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
     try:
-        return ort.InferenceSession(str(path), options, providers=PROVIDERS)
+        return ort.InferenceSession(str(path), options, providers=list(backend.providers))
     except Exception as e:  # ORT raises its own pybind exception types (Fail, InvalidGraph, ...)
+        if backend.device != "cpu":
+            raise RuntimeStatusError(Status.DEVICE_UNSUPPORTED, f"the {backend.name} backend cannot run the {what} graph "
+                                     f"{path.name}: {_one_line(e)}; use --backend cpu") from None
         raise bundle_invalid(f"ONNX Runtime cannot load {what} graph {path.name}: {_one_line(e)}") from None
 
 
 def _declared(args) -> dict[str, tuple[list, str]]:
     return {a.name: (list(a.shape), a.type) for a in args}
+
+
+def _same_shape(got: list, want: list) -> bool:
+    """A declared shape against the contract's: an int dim matches only itself, a str dim (a dynamic axis such as
+    the step graph's "T") matches any symbolic dim (ORT gives its name, or None when it has none)."""
+    return len(got) == len(want) and all((g is None or isinstance(g, str)) if isinstance(w, str) else g == w
+                                         for g, w in zip(got, want))
 
 
 def _check_io(what: str, declared: dict, expected: dict[str, list[int]], kind: str, optional=()) -> None:
@@ -179,7 +194,7 @@ def _check_io(what: str, declared: dict, expected: dict[str, list[int]], kind: s
                 continue
             raise bundle_invalid(f"{what} graph lacks the {kind} {name!r} required by the bundle contract (manifest.py); re-export")
         got = declared[name][0]
-        if got != shape:
+        if not _same_shape(got, shape):
             raise bundle_invalid(f"{what} graph {kind} {name!r} has shape {got}, the manifest's shapes say {shape}; re-export")
     extra = sorted(set(declared) - set(expected))
     if extra and kind == "input":
@@ -187,45 +202,78 @@ def _check_io(what: str, declared: dict, expected: dict[str, list[int]], kind: s
 
 
 class Engine:
-    """The three sessions of one bundle; stateless between requests (the cache lives in a Decoder)."""
+    """The sessions of one bundle on one backend; stateless between requests (the cache lives in a Decoder).
 
-    def __init__(self, manifest: Manifest):
+    The language model runs as one of two graph contracts (Backend.lm):
+        "prefill-decode"  prefill.onnx (S slots -> K/V of every slot) and decode.onnx (one token over the cache), plus
+                          SkipDecode's decode graphs: the CPU backend, where the sessions share one memory map of
+                          the weights, and the GPU backends for bundles whose layers hold different tokens
+        "step"            one graph, T slots over the cache (lm/step.onnx, or the TensorRT engine built from it):
+                          prefill is a step of S slots over an empty cache, decode a step of one slot. One session,
+                          so the weights are on the GPU once (two sessions would each copy them there)
+    Either way `start` returns the prefill's logits and a filled cache, and `decoder` binds that cache.
+    """
+
+    def __init__(self, manifest: Manifest, backend: Backend = CPU):
+        """Sessions of `backend` (backends.select): its providers run every graph, its device holds the cache."""
         self.manifest = manifest
         self.shapes = manifest.shapes
+        self.backend = backend
+        self.device = backend.make_device()
         graphs = manifest.graphs  # their presence and paths were checked by load_manifest
-        vision_path = manifest.path(graphs["vision"]["file"], "graphs.vision.file")
-        prefill_path = manifest.path(graphs["prefill"]["file"], "graphs.prefill.file")
-        decode_path = manifest.path(graphs["decode"]["file"], "graphs.decode.file")
+        engines = backend.engines  # trt: the EPContext wrapper models of the engines, bundle-relative
+        vision_path = manifest.path(engines.get("vision", graphs["vision"]["file"]), "graphs.vision.file")
         weights_path = manifest.path(graphs["lm_weights"], "graphs.lm_weights")
         index_path = manifest.path(graphs["lm_weights"] + ".json", "graphs.lm_weights index")
 
-        self.weights = SharedWeights(weights_path, index_path)
+        # a TensorRT LM engine holds its own weights: nothing to map for it
+        self.weights = SharedWeights(weights_path, index_path) if "lm" not in engines else None
         lm_prepack = env_flag("EDGEPRUNE_LM_PREPACK")
         # Quantized LM graphs (--precision int8/int4) need prepacking in both sessions: MatMulNBits unpacked
         # dequantizes every weight on every call (decode 24x slower on the tiny twin, measured), and the packed
         # copies are INT8/INT4-sized, not fp32 (the shared map is then only read while the sessions load).
         onnx_info = manifest.data.get("onnx")
         quantized = isinstance(onnx_info, dict) and onnx_info.get("precision") in ("int8", "int4")
-        self.vision = open_session(vision_path, session_options(prepacking=True), "vision")
-        prefill_opts = session_options(prepacking=lm_prepack or quantized)
-        decode_opts = session_options(prepacking=quantized)
+        self.vision = open_session(vision_path, session_options(prepacking=True), "vision", backend)
         # Quantized matmul weights (int8/uint8) are prepacked into a private copy anyway: ORT reads them itself and
         # frees them after packing, where a shared map would keep them resident too. Float tensors (embeddings,
         # norms) stay shared.
         skip = ("|i1", "|u1") if quantized else ()
-        self.weights.add_to(prefill_opts, skip)
-        self.weights.add_to(decode_opts, skip)
-        self.prefill = open_session(prefill_path, prefill_opts, "prefill")
-        self.decode = open_session(decode_path, decode_opts, "decode")
-        # SkipDecode: one decode graph per skip count (the lowest k layers skipped), the same shared weights
         self.skip_decode = manifest.skip_decode
         self.per_layer_valid = per_layer_validity(self.shapes, self.skip_decode)
+        self.prefill = self.decode = self.step = None
         self.decode_skip = {}
-        for k in self.skip_decode.skips[1:]:
-            rel = graphs["decode_skip"][str(k)]["file"]
-            opts = session_options(prepacking=quantized)
-            self.weights.add_to(opts, skip)
-            self.decode_skip[k] = open_session(manifest.path(rel, f"graphs.decode_skip.{k}.file"), opts, f"decode (skip {k})")
+        if backend.lm == "step":
+            if self.per_layer_valid:
+                raise RuntimeStatusError(Status.DEVICE_UNSUPPORTED, f"the {backend.name} backend's step graph path does "
+                                         "not run bundles whose layers hold different tokens (visual-token dropping, "
+                                         "SkipDecode) yet; use --backend cuda or cpu")
+            if "lm" in engines:
+                self.step = open_session(manifest.path(engines["lm"], "engines lm context_file"),
+                                         session_options(prepacking=False), "lm engine", backend)
+            else:
+                if "step" not in graphs:
+                    raise bundle_invalid(f"the {backend.name} backend runs the step graph, which this bundle lacks "
+                                         "(exported by an older edgeprune); re-export it or use --backend cpu")
+                step_opts = session_options(prepacking=quantized)
+                self.weights.add_to(step_opts, skip)
+                self.step = open_session(manifest.path(graphs["step"]["file"], "graphs.step.file"), step_opts, "step", backend)
+        else:
+            prefill_opts = session_options(prepacking=lm_prepack or quantized)
+            decode_opts = session_options(prepacking=quantized)
+            self.weights.add_to(prefill_opts, skip)
+            self.weights.add_to(decode_opts, skip)
+            self.prefill = open_session(manifest.path(graphs["prefill"]["file"], "graphs.prefill.file"), prefill_opts,
+                                        "prefill", backend)
+            self.decode = open_session(manifest.path(graphs["decode"]["file"], "graphs.decode.file"), decode_opts,
+                                       "decode", backend)
+            # SkipDecode: one decode graph per skip count (the lowest k layers skipped), the same shared weights
+            for k in self.skip_decode.skips[1:]:
+                rel = graphs["decode_skip"][str(k)]["file"]
+                opts = session_options(prepacking=quantized)
+                self.weights.add_to(opts, skip)
+                self.decode_skip[k] = open_session(manifest.path(rel, f"graphs.decode_skip.{k}.file"), opts,
+                                                   f"decode (skip {k})", backend)
         self._check_contract()
 
     def _check_contract(self) -> None:
@@ -249,6 +297,10 @@ class Engine:
                   {"visual_embeds": [V, s.hidden_size], "visual_valid": [V], "visual_source": [V]}, "output")
         self.vision_inputs = tuple(vin)
 
+        self.cache_dtype = None
+        if self.step is not None:
+            self._check_step()
+            return
         # prefill: layer l outputs K/V of its S_l slots; a layer on fewer slots (visual tokens dropped) also their validity
         kv = {}
         for layer, h in enumerate(s.kv_heads):
@@ -259,9 +311,36 @@ class Engine:
             "text_ids": [T], "text_valid": [T], "visual_embeds": [V, s.hidden_size], "visual_valid": [V],
         }, "input")
         _check_io("prefill", _declared(self.prefill.get_outputs()), {"logits": [s.vocab_size], **kv}, "output")
-        self.cache_dtype = None
         for k, session in {0: self.decode, **self.decode_skip}.items():
             self._check_decode(session, "decode" if not k else f"decode (skip {k})", k)
+
+    def _check_step(self) -> None:
+        """The step graph (or its engine's wrapper model, which declares the same): T slots, T dynamic (a name), every
+        layer on the one shared cache of C slots (Engine refuses per-layer bundles on this path)."""
+        s = self.shapes
+        din, dout = _declared(self.step.get_inputs()), _declared(self.step.get_outputs())
+        t = din.get("token_ids", ([None], ""))[0][0]
+        if isinstance(t, int) and t > 0:
+            raise bundle_invalid(f"step graph input 'token_ids' has the fixed size {t}; its first dimension must be dynamic (re-export)")
+        past, new = {}, {}
+        for layer, h in enumerate(s.kv_heads):
+            past[f"past_key_{layer}"] = past[f"past_value_{layer}"] = [h, s.cache_capacity, s.head_dim]
+            new[f"new_key_{layer}"] = new[f"new_value_{layer}"] = [h, t, s.head_dim]
+        _check_io("step", din, {"token_ids": [t], "visual_embeds": [t, s.hidden_size], "is_visual": [t], "slot_valid": [t],
+                                "position": [1], "cache_valid": [s.cache_capacity], **past}, "input")
+        _check_io("step", dout, {"logits": [s.vocab_size], **new}, "output")
+        kinds = {din[name][1] for name in past}
+        if len(kinds) != 1 or next(iter(kinds)) not in ("tensor(float)", "tensor(float16)"):
+            raise bundle_invalid(f"step graph cache inputs have types {sorted(kinds)}; float or float16 (one type) is required")
+        cache_type = next(iter(kinds))
+        self.cache_dtype = _ORT_DTYPES[cache_type]
+        bound = {**{n: (din, "tensor(int64)") for n in ("token_ids", "position")},
+                 **{n: (din, "tensor(float)") for n in ("is_visual", "slot_valid", "cache_valid")},
+                 "logits": (dout, "tensor(float)"), **{name: (dout, cache_type) for name in new}}
+        for name, (declared, want) in bound.items():
+            if declared[name][1] != want:
+                raise bundle_invalid(f"step graph {name!r} has type {declared[name][1]}, the runtime binds {want}; re-export")
+        self.embeds_dtype = _ORT_DTYPES.get(din["visual_embeds"][1], np.float32)
 
     def _check_decode(self, session, what: str, skip: int) -> None:
         """A decode graph running layers skip.. reads their caches [Hkv_l, C_l, Dh] and validity (per layer
@@ -304,28 +383,83 @@ class Engine:
         feeds.update({k: v for k, v in layout_feeds.items() if k in self.vision_inputs})
         return tuple(_run(self.vision, "vision", ["visual_embeds", "visual_valid", "visual_source"], feeds))
 
-    def run_prefill(self, text_ids, text_valid, visual_embeds, visual_valid):
-        """-> (logits [vocab], keys, values, slot_valid): keys/values per layer [Hkv_l, S_l, Dh]; slot_valid per
-        layer [S_l] (the prefill sequence's validity, `kvcache.prefill_slot_valid`, for a layer on every slot;
-        the graph's `slot_valid_<l>` for a layer after a visual-token drop)."""
+    def run_prefill(self, text_ids, text_valid, visual_embeds, visual_valid, cache: KVCache | None = None):
+        """-> (logits [vocab] on the host, keys, values, slot_valid): keys/values per layer [Hkv_l, S_l, Dh] Buffers on
+        the backend's device; slot_valid per layer [S_l] on the host (the prefill sequence's validity,
+        `kvcache.prefill_slot_valid`, for a layer on every slot; the graph's `slot_valid_<l>` for a layer after a
+        visual-token drop).
+
+        The K/V outputs stay where the graph computed them (ORT allocates them on the device); only the logits
+        (and drop validity) come back to the host. KVCache.fill_from_prefill then copies the valid slots on the
+        device. The step graph reads a cache too: `cache`'s buffers, all masked (cache_valid 0), stand in for an
+        empty one.
+        """
         s = self.shapes
-        layers = range(s.num_layers)
-        dropped = [i for i in layers if s.visual_slots_at(i) < s.visual_slots]
-        names = ["logits"] + [f"key_{i}" for i in layers] + [f"value_{i}" for i in layers] + \
-            [f"slot_valid_{i}" for i in dropped]
-        out = _run(self.prefill, "prefill", names, {
-            "text_ids": text_ids, "text_valid": text_valid, "visual_embeds": visual_embeds, "visual_valid": visual_valid,
-        })
         n = s.num_layers
         full = prefill_slot_valid(text_valid, visual_valid, s.text_slots_before_image)
-        given = dict(zip(dropped, out[1 + 2 * n:]))
-        return out[0], out[1:1 + n], out[1 + n:1 + 2 * n], [given.get(i, full) for i in layers]
+        if self.step is not None:
+            session, what = self.step, "step"
+            inputs = self._step_prefill_inputs(text_ids, text_valid, visual_embeds, visual_valid)
+            kv_out = [f"new_key_{i}" for i in range(n)] + [f"new_value_{i}" for i in range(n)]
+            dropped = []
+        else:
+            session, what = self.prefill, "prefill"
+            inputs = {"text_ids": text_ids, "text_valid": text_valid, "visual_embeds": visual_embeds, "visual_valid": visual_valid}
+            kv_out = [f"key_{i}" for i in range(n)] + [f"value_{i}" for i in range(n)]
+            dropped = [i for i in range(n) if s.visual_slots_at(i) < s.visual_slots]
+        binding = session.io_binding()
+        for name, array in inputs.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(array))
+        if self.step is not None:
+            cache = cache if cache is not None else self.new_cache()
+            for i in range(n):
+                binding.bind_ortvalue_input(f"past_key_{i}", cache.key_buffers[i].value)
+                binding.bind_ortvalue_input(f"past_value_{i}", cache.value_buffers[i].value)
+        binding.bind_output("logits", "cpu")
+        for name in kv_out:
+            binding.bind_output(name, self.device.name, self.device.device_id)
+        for i in dropped:
+            binding.bind_output(f"slot_valid_{i}", "cpu")
+        try:
+            session.run_with_iobinding(binding)
+        except Exception as e:  # ORT's pybind exceptions
+            raise RuntimeStatusError(Status.INFERENCE_FAILED, f"ONNX Runtime failed running the {what} graph: {_one_line(e)}") from None
+        out = binding.get_outputs()  # OrtValues, in binding order
+        kv = [self.device.wrap(v) for v in out[1:1 + 2 * n]]
+        given = {i: v.numpy() for i, v in zip(dropped, out[1 + 2 * n:])}
+        return out[0].numpy(), kv[:n], kv[n:], [given.get(i, full) for i in range(n)]
+
+    def _step_prefill_inputs(self, text_ids, text_valid, visual_embeds, visual_valid) -> dict[str, np.ndarray]:
+        """The prefill sequence as S step slots: text-before | visual | text-after, position 0, an empty cache."""
+        s = self.shapes
+        t1, v = s.text_slots_before_image, s.visual_slots
+        embeds = np.zeros((s.prefill_slots, s.hidden_size), self.embeds_dtype)  # [S, D]; text rows use token_ids
+        embeds[t1:t1 + v] = visual_embeds
+        is_visual = np.zeros(s.prefill_slots, np.float32)
+        is_visual[t1:t1 + v] = 1.0
+        return {"token_ids": np.concatenate([text_ids[:t1], np.zeros(v, np.int64), text_ids[t1:]]).astype(np.int64),
+                "visual_embeds": embeds, "is_visual": is_visual,
+                "slot_valid": prefill_slot_valid(text_valid, visual_valid, t1),
+                "position": np.zeros(1, np.int64), "cache_valid": np.zeros(s.cache_capacity, np.float32)}
+
+    def start(self, text_ids, text_valid, visual_embeds, visual_valid, cache: KVCache | None = None) -> tuple[np.ndarray, KVCache]:
+        """Prefill into `cache` (an earlier request's, reused as it is) or a new one: -> (logits [vocab] of the last
+        prompt slot, the cache holding the valid slots)."""
+        cache = cache if cache is not None else self.new_cache()
+        logits, keys, values, layer_valid = self.run_prefill(text_ids, text_valid, visual_embeds, visual_valid, cache)
+        cache.fill_from_prefill(keys, values, layer_valid)
+        return logits, cache
 
     def new_cache(self) -> KVCache:
         s = self.shapes
-        return KVCache(s.kv_heads, [s.cache_slots_at(i) for i in range(s.num_layers)], s.head_dim, self.cache_dtype)
+        return KVCache(s.kv_heads, [s.cache_slots_at(i) for i in range(s.num_layers)], s.head_dim, self.cache_dtype,
+                       self.device)
 
     def decoder(self, cache: KVCache) -> "Decoder":
+        if self.step is not None:
+            inputs = {"token_ids": np.zeros(1, np.int64), "visual_embeds": np.zeros((1, self.shapes.hidden_size), self.embeds_dtype),
+                      "is_visual": np.zeros(1, np.float32), "slot_valid": np.ones(1, np.float32)}
+            return Decoder({0: self.step}, cache, self.shapes.vocab_size, inputs=inputs, token_input="token_ids")
         return Decoder({0: self.decode, **self.decode_skip}, cache, self.shapes.vocab_size, self.per_layer_valid,
                        self.skip_decode)
 
@@ -338,18 +472,28 @@ def _run(session, what: str, names: list[str], feeds: dict):
 
 
 class Decoder:
-    """The decode sessions bound once to one cache: every input and output wraps a numpy buffer.
+    """The decode sessions bound once to one cache; only the small host inputs are bound again per step.
 
-    Per step only `token_id`/`position` are written (in place), ORT reads the cache buffers where
-    they are and writes logits and the new K/V slice into preallocated buffers; the runtime then
-    copies that slice ([Hkv_l, 1, Dh] per layer) into the cache. No per-token copy of the cache.
+    Buffers (backends/device.py), all allocated once:
+        past_key_l / past_value_l   the cache's [Hkv_l, C_l, Dh] buffers, on the backend's device (read in place)
+        new_key_l / new_value_l     [Hkv_l, 1, Dh] staging buffers on the same device; after each run the cache
+                                    copies them into each layer's next slot (KVCache.append: a 2-D copy on the device)
+        logits                      [vocab] host numpy buffer: the only output that comes back per token
+        token_id, position [1], cache validity [C_l] (and a step graph's one-slot inputs): host arrays, bound again
+                                    before every run, because ORT copies a host input to the device when it is bound
+    The graph cannot write its new slice straight into the cache: the slot is Hkv_l strided rows of a
+    [Hkv_l, C_l, Dh] buffer, and ORT binds contiguous tensors only; a slot-major cache would need the decode
+    graph to transpose the whole cache every step instead (README "GPU backends").
 
     SkipDecode: `sessions` {skip count k: decode session running layers k..}; each step runs the one the
     schedule names for its decode position, and only layers k.. get the token's K/V. Validity is bound per
     layer (`cache_valid_<l>`) or, when every layer holds the same tokens, layer 0's mask as `cache_valid`.
     """
 
-    def __init__(self, sessions: dict, cache: KVCache, vocab: int, per_layer_valid: bool = False, schedule=None):
+    def __init__(self, sessions: dict, cache: KVCache, vocab: int, per_layer_valid: bool = False, schedule=None,
+                 inputs: dict[str, np.ndarray] | None = None, token_input: str = "token_id"):
+        """`inputs`: the graphs' per-step host inputs besides position and validity (default: token_id; a step graph:
+        token_ids, visual_embeds, is_visual, slot_valid for one text slot); `token_input` names the one the token goes in."""
         import onnxruntime as ort
 
         from edgeprune_runtime.manifest import SkipDecode
@@ -358,28 +502,29 @@ class Decoder:
         self.cache = cache
         self.schedule = schedule or SkipDecode()
         self.steps = 0  # decode position of the next step
-        self.token_id = np.zeros(1, np.int64)
+        self.inputs = inputs if inputs is not None else {"token_id": np.zeros(1, np.int64)}
+        self.token_id = self.inputs[token_input]  # [1]
         self.position = np.zeros(1, np.int64)
         self.logits = np.zeros(vocab, np.float32)
-        self.new_keys = [np.zeros((k.shape[0], 1, k.shape[2]), k.dtype) for k in cache.keys]  # [Hkv_l, 1, Dh]
-        self.new_values = [np.zeros((v.shape[0], 1, v.shape[2]), v.dtype) for v in cache.values]
-        self.bindings = {}
-        self._keep = []  # the OrtValues must live as long as the bindings
+        device = cache.device
+        self.new_keys = [device.zeros((k.shape[0], 1, k.shape[2]), k.dtype) for k in cache.key_buffers]  # [Hkv_l, 1, Dh]
+        self.new_values = [device.zeros((v.shape[0], 1, v.shape[2]), v.dtype) for v in cache.value_buffers]
+        layers = len(cache.key_buffers)
+        self.bindings, self.host_inputs = {}, {}
+        self._keep = [ort.OrtValue.ortvalue_from_numpy(self.logits)]  # the OrtValues must live as long as the bindings
         for skip, session in sessions.items():
-            run = range(skip, len(cache.keys))
+            run = range(skip, layers)
             valid = [(f"cache_valid_{i}", cache.valid[i]) for i in run] if per_layer_valid else [("cache_valid", cache.valid[0])]
             binding = session.io_binding()
-            for name, buf in [("token_id", self.token_id), ("position", self.position), *valid] + \
-                    [(f"past_key_{i}", cache.keys[i]) for i in run] + [(f"past_value_{i}", cache.values[i]) for i in run]:
-                value = ort.OrtValue.ortvalue_from_numpy(buf)  # CPU: shares the numpy memory
-                binding.bind_ortvalue_input(name, value)
-                self._keep.append(value)
-            for name, buf in [("logits", self.logits)] + \
-                    [(f"new_key_{i}", self.new_keys[i]) for i in run] + [(f"new_value_{i}", self.new_values[i]) for i in run]:
-                value = ort.OrtValue.ortvalue_from_numpy(buf)
-                binding.bind_ortvalue_output(name, value)
-                self._keep.append(value)
+            for i in run:
+                binding.bind_ortvalue_input(f"past_key_{i}", cache.key_buffers[i].value)
+                binding.bind_ortvalue_input(f"past_value_{i}", cache.value_buffers[i].value)
+            binding.bind_ortvalue_output("logits", self._keep[0])
+            for i in run:
+                binding.bind_ortvalue_output(f"new_key_{i}", self.new_keys[i].value)
+                binding.bind_ortvalue_output(f"new_value_{i}", self.new_values[i].value)
             self.bindings[skip] = binding
+            self.host_inputs[skip] = [*self.inputs.items(), ("position", self.position), *valid]
 
     def step(self, token_id: int) -> np.ndarray:
         """Runs `token_id` at the next position, appends its K/V to the cache; returns the logits buffer.
@@ -388,12 +533,15 @@ class Decoder:
         when no slot is left and INFERENCE_FAILED when ORT fails.
         """
         skip = self.schedule.skip_at(self.steps)
-        if self.cache.room(range(skip, len(self.cache.keys))) <= 0:
+        if self.cache.room(range(skip, len(self.cache.key_buffers))) <= 0:
             raise RuntimeStatusError(Status.CACHE_FULL, f"the KV cache is full ({self.cache.capacity} slots)")
         self.token_id[0] = token_id
         self.position[0] = self.cache.position  # the token's position; each layer's slots are compacted apart
+        binding = self.bindings[skip]
         try:
-            self.sessions[skip].run_with_iobinding(self.bindings[skip])
+            for name, array in self.host_inputs[skip]:
+                binding.bind_cpu_input(name, array)
+            self.sessions[skip].run_with_iobinding(binding)
         except Exception as e:
             raise RuntimeStatusError(Status.INFERENCE_FAILED, f"ONNX Runtime failed running the decode graph: {_one_line(e)}") from None
         self.cache.append(self.new_keys[skip:], self.new_values[skip:], first_layer=skip)

@@ -19,6 +19,8 @@ class Status(enum.IntEnum):
     RESOURCE_LIMIT = 8  # the bundle or image needs more memory than the budget (EDGEPRUNE_MEMORY_BUDGET_MB)
     OUTPUT_FAILED = 9  # the command line could not write its answer (closed pipe, full disk)
     INTERNAL_ERROR = 10  # a bug in the runtime, never an answer to bad input; the message names the exception
+    DEVICE_UNSUPPORTED = 11  # the backend asked for cannot run here: no GPU, no GPU build of ONNX Runtime, engines
+    #                          for another TensorRT or compute capability, a precision the device cannot run
 
 
 class RuntimeStatusError(Exception):

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgeprune_runtime import budget, byteprobs, checks, ortlib
+from edgeprune_runtime.backends.select import CPU, open_with
 from edgeprune_runtime.engine import Engine
 from edgeprune_runtime.errors import RuntimeStatusError, Status
 from edgeprune_runtime.kvcache import prefill_slot_valid
@@ -34,13 +35,15 @@ class LoadedBundle:
     """Everything a request needs that does not change between requests."""
 
     def __init__(self, path: str | os.PathLike, verify_hashes: bool = True, with_engine: bool = True,
-                 memory_budget_mb: int | None = None, max_image_pixels: int | None = None):
+                 memory_budget_mb: int | None = None, max_image_pixels: int | None = None, backend: str = "auto"):
         """`with_engine=False` skips the ONNX Runtime sessions (tools that only need preprocessing and
-        the tokenizer, such as the toolchain's compare, which runs the graphs itself).
+        the tokenizer, such as the toolchain's compare, which runs the graphs itself). `backend`: auto, cpu, cuda
+        or trt (backends/select.py); `self.backend` is the one chosen, with the reason.
 
         The memory budget and image pixel limit come from the arguments, else the environment (budget.py).
         Raises RuntimeStatusError: INVALID_ARGUMENT (bad path type or option), BUNDLE_INVALID, RESOURCE_LIMIT
-        (the bundle's static sizes need more than the budget: checked before any request buffer exists)."""
+        (the bundle's static sizes need more than the budget: checked before any request buffer exists),
+        DEVICE_UNSUPPORTED / DEPENDENCY_MISSING (the backend asked for cannot run here, saying why)."""
         from edgeprune_runtime.preprocess import PreprocessParams
 
         if with_engine:
@@ -61,7 +64,7 @@ class LoadedBundle:
             m.path(tok["file"], "tokenizer.file"), tok["image_token"], tok["image_token_id"], tok["eos_token_ids"],
             s.text_slots_before_image, s.text_slots_after_image, s.vocab_size)
         self.prompt_template = m.data["prompt_template"]
-        self.engine = Engine(m) if with_engine else None
+        self.backend, self.engine = open_with(backend, m, lambda b: Engine(m, b)) if with_engine else (CPU, None)
         cache_itemsize = np.dtype(self.engine.cache_dtype).itemsize if self.engine else 4
         self.request_bytes = budget.check_request(budget.request_bytes(s, pp, cache_itemsize), self.limits)
 
@@ -125,8 +128,7 @@ class Generator:
         `reuse`: a done generator of the same bundle whose KV cache and decode binding this one takes over (a new
         conversation without allocating buffers); it can then be read but not stepped."""
         t0 = time.perf_counter()
-        if not isinstance(raw_prompt, (bool, np.bool_)):
-            raise RuntimeStatusError(Status.INVALID_ARGUMENT, f"raw_prompt must be a bool, got {type(raw_prompt).__name__}")
+        _check_raw_prompt(raw_prompt)
         params.check()
         if reuse is not None:
             reuse._check_hand_over(bundle)
@@ -178,29 +180,32 @@ class Generator:
         t1, t2 = s.text_slots_before_image, s.text_slots_after_image
         text_ids, text_valid = text_slots(before, after, t1, t2)
         slot_valid = prefill_slot_valid(text_valid, visual_valid, t1)
-        self.prompt_slots = int((slot_valid > 0.5).sum()) + tail_tokens
+        in_cache = int((slot_valid > 0.5).sum())  # the prefill's tokens (the tail is not among them)
+        self.prompt_slots = in_cache + tail_tokens
         m = self.params.max_new_tokens
+        # exact boundary: the finished word's tokens replace the tail's, at most one per byte of the word, so the
+        # worst case is reserved (then the boundary's append always fits, whatever the bytes chosen)
+        boundary = byteprobs.MAX_BOUNDARY_TOKENS if self.params.exact_boundary else 0
         # Layer l holds the text tokens and at most V_l visual ones (the valid visual slots win the drop's TopK).
         visual = int((visual_valid > 0.5).sum())
-        held = [self.prompt_slots - visual + min(visual, s.visual_slots_at(i)) for i in range(s.num_layers)]
+        held = [in_cache + boundary - visual + min(visual, s.visual_slots_at(i)) for i in range(s.num_layers)]
         worst = max(range(s.num_layers), key=lambda i: held[i] - s.cache_slots_at(i))
-        if m and held[worst] + m > s.cache_slots_at(worst):
+        if (m or boundary) and held[worst] + m > s.cache_slots_at(worst):
             where = f" in layer {worst}" if s.drops_visual else ""
+            word = f", up to {boundary} of them for the exact boundary's last word" if boundary else ""
             raise RuntimeStatusError(
                 Status.INVALID_ARGUMENT,
-                f"--max-new-tokens {m} needs {held[worst] + m} cache slots{where} ({held[worst]} prompt + {m} new), "
+                f"--max-new-tokens {m} needs {held[worst] + m} cache slots{where} ({held[worst]} prompt{word} + {m} new), "
                 f"the bundle has {s.cache_slots_at(worst)}; lower it or raise `shapes.new_token_slots` in the recipe "
                 "and re-export",
             )
 
         t = time.perf_counter()
-        logits, keys, values, layer_valid = engine.run_prefill(text_ids, text_valid, embeds, visual_valid)
-        if reuse is None:
-            self.cache = engine.new_cache()
-        else:  # the same cache buffers: the prefill overwrites each layer's slots 0..n-1 and marks the rest invalid
-            self.cache = reuse.cache
+        # reuse: the same cache buffers; the prefill overwrites each layer's slots 0..n-1 and marks the rest invalid
+        logits, self.cache = engine.start(text_ids, text_valid, embeds, visual_valid,
+                                          cache=None if reuse is None else reuse.cache)
+        if reuse is not None:
             reuse._handed_over = True
-        self.cache.fill_from_prefill(keys, values, layer_valid)
         self.decoder = engine.decoder(self.cache)  # small: logits and one slot's K/V; its decode count starts at 0
         self.timings.prefill_s = time.perf_counter() - t
 
@@ -266,6 +271,7 @@ class Generator:
         Raises RuntimeStatusError: INVALID_ARGUMENT (not done, handed over already, bad prompt or params),
         PROMPT_TOO_LONG, CACHE_FULL (the follow-up does not fit), INFERENCE_FAILED."""
         t0 = time.perf_counter()
+        _check_raw_prompt(raw_prompt)
         params.check()
         self._check_hand_over(self.bundle)
         if params.exact_boundary:
@@ -297,6 +303,7 @@ class Generator:
         append_slots(self.cache, keys, values)
         turn.timings.prefill_s = time.perf_counter() - t  # vision_s stays 0: the image is in the cache already
         turn.cache, turn.decoder = self.cache, self.decoder
+        self.logits = self.logits.copy()  # it may be the decoder's buffer, which the new turn's steps overwrite
         turn.prompt_slots = self.cache.length
         turn.logits = logits
         turn.sampler = Sampler(turn.params.temperature, turn.params.top_p, turn.params.seed)
@@ -319,12 +326,21 @@ class Generator:
     def next_byte_probs(self, continuation: bytes = b"") -> np.ndarray:
         """P(next byte | prompt + continuation), float64 [256] summing to 1, exact over the tokenizations of the
         prompt's last word (byteprobs.py). Only for a generator made with exact_boundary, before its first token."""
-        return self._boundary_model().next_byte_probs(self.tail.encode("utf-8") + _as_bytes(continuation))
+        return self._boundary_model().next_byte_probs(self._boundary_bytes(continuation))
 
     def byte_probability(self, continuation: bytes) -> float:
         """P(the answer starts with the bytes `continuation` | prompt), summed over all their tokenizations."""
-        model, tail = self._boundary_model(), self.tail.encode("utf-8")
-        return model.prefix_probability(tail + _as_bytes(continuation)) / model.prefix_probability(tail)
+        model, x = self._boundary_model(), self._boundary_bytes(continuation)
+        return model.prefix_probability(x) / model.prefix_probability(self.tail.encode("utf-8"))
+
+    def _boundary_bytes(self, continuation) -> bytes:
+        """tail + continuation; INVALID_ARGUMENT beyond MAX_BOUNDARY_BYTES (the scored tokenizations, and their memo,
+        grow with every byte)."""
+        x = self.tail.encode("utf-8") + _as_bytes(continuation)
+        if len(x) > byteprobs.MAX_BOUNDARY_BYTES:
+            raise RuntimeStatusError(Status.INVALID_ARGUMENT, f"the prompt's last word and the continuation have {len(x)} "
+                                     f"bytes, next-byte probabilities take at most {byteprobs.MAX_BOUNDARY_BYTES}; shorten the continuation")
+        return x
 
     def _boundary_model(self) -> byteprobs.ByteModel:
         if not self.params.exact_boundary:
@@ -339,34 +355,48 @@ class Generator:
         """Chooses the bytes that finish the prompt's last word from the exact next-byte probabilities, until a
         byte would start a new pre-token (or MAX_BOUNDARY_BYTES); then writes the canonical tokens of that word
         into the cache with one step, so token-by-token decoding goes on from a pre-token boundary, where the
-        one canonical tokenization is the right condition."""
+        one canonical tokenization is the right condition.
+
+        The new pre-token starts where the pre-tokenizer's last piece starts, which is not always at the byte just
+        chosen: GPT-2's `\\s+(?!\\S)` gives a run of spaces' last space to the next word ("  t" -> " ", " t"). The
+        cache then gets the word up to that start, and the first token must start with the bytes from it on.
+        The byte model is kept until the cache holds the word: a failed step can be retried with the same state."""
         tok = self.bundle.tokenizer.tokenizer
+        model = self._byte_model
         tail = self.tail.encode("utf-8")
         chosen = b""
         while len(tail + chosen) < byteprobs.MAX_BOUNDARY_BYTES or not byteprobs.is_utf8_prefix_complete(tail + chosen):
-            probs = self._byte_model.next_byte_probs(tail + chosen)
+            probs = model.next_byte_probs(tail + chosen)
             byte = self.sampler(np.log(np.maximum(probs, 1e-300)))  # finite log-probabilities: bytes of mass 0 never win
             word = tail + chosen + bytes([byte])
-            if byteprobs.is_utf8_prefix_complete(word) and len(tok.pre_tokenizer.pre_tokenize_str(word.decode("utf-8"))) > 1:
-                break  # `byte` starts the next pre-token: the word is complete, tokens take over
+            if byteprobs.is_utf8_prefix_complete(word):
+                text = word.decode("utf-8")
+                pieces = tok.pre_tokenizer.pre_tokenize_str(text)
+                if len(pieces) > 1:  # the word is complete, tokens take over from the last piece's start
+                    cut = len(text[:pieces[-1][1][0]].encode("utf-8"))  # offsets are in characters
+                    break
             chosen += bytes([byte])
         else:
-            byte = None  # the word reached MAX_BOUNDARY_BYTES: the first token is free
-        self.boundary_text = chosen.decode("utf-8", errors="replace")
-        table, self._byte_model = self._byte_model.table, None
-        word = (tail + chosen).decode("utf-8", errors="replace")
-        ids = tok.encode(word, add_special_tokens=False).ids if word else []
+            word, cut = tail + chosen, len(tail + chosen)  # the word reached MAX_BOUNDARY_BYTES: the first token is free
+        # rest: the bytes the first token must start with (b"" = any token). A cut inside the tail (a prompt ending in
+        # two spaces, then a letter) gives the prompt's last space to the first token, whose text then repeats it.
+        head, rest = word[:cut], word[cut:]
+        ids = tok.encode(head.decode("utf-8", errors="replace"), add_special_tokens=False).ids if head else []
+        logits = self._head_logits
         if ids:
             logits, keys, values = self._step.run(ids, self.cache)
-            append_slots(self.cache, keys, values)
+            append_slots(self.cache, keys, values)  # fits: Generator() reserved MAX_BOUNDARY_TOKENS slots
             self._context_ids = self._context_ids + ids
-            self.logits = logits
-        if byte is not None:
-            # The first token must start with the byte chosen above: P(token | word, first byte) is the token
-            # distribution restricted to those tokens (every cover of one byte is one token).
-            keep = np.array(table.by_first[byte], np.int64)
-            self.logits = np.full_like(self.logits, -1e30)  # finite: the sampler refuses -inf as a broken graph
-            self.logits[keep] = logits[keep] if ids else self._head_logits[keep]
+        self._byte_model = None
+        self.boundary_text = head[len(tail):].decode("utf-8", errors="replace")
+        self.logits = logits
+        if rest:
+            # P(token | word, rest) is the token distribution restricted to the tokens whose bytes start with `rest`
+            # (the canonical first token of the next pre-token covers what was chosen of it)
+            table = model.table
+            keep = [i for i in table.by_first[rest[0]] if table.of[i].startswith(rest)] or list(table.by_first[rest[0]])
+            self.logits = np.full_like(logits, -1e30)  # finite: the sampler refuses -inf as a broken graph
+            self.logits[keep] = logits[keep]
 
 
 def follow_up_template(prompt_template: str, image_token: str) -> str:
@@ -406,6 +436,12 @@ def _encode_follow_up(tok, text: str) -> list[int]:
 
 
 MAX_FOLLOW_UP_CHARS = 1 << 16
+
+
+def _check_raw_prompt(raw_prompt) -> None:
+    """A first turn and a follow-up take the same raw_prompt values: a Python or numpy bool."""
+    if not isinstance(raw_prompt, (bool, np.bool_)):
+        raise RuntimeStatusError(Status.INVALID_ARGUMENT, f"raw_prompt must be a bool, got {type(raw_prompt).__name__}")
 
 
 def _as_bytes(value) -> bytes:

@@ -375,7 +375,8 @@ def _check_tokenizer_and_template(data: dict[str, Any], shapes: Shapes) -> None:
 
 def _check_graphs(data: dict[str, Any]) -> None:
     graphs = checks.need_dict(data["graphs"], "manifest `graphs`")
-    for name in ("vision", "prefill", "decode"):
+    # the step graph is optional (bundles from before it existed); when named, it is checked like the others
+    for name in ("vision", "prefill", "decode", *(("step",) if "step" in graphs else ())):
         entry = checks.need_dict(graphs.get(name), f"manifest graphs.{name}")
         if "file" not in entry:
             raise bundle_invalid(f"manifest graphs.{name} lacks 'file'; re-export the bundle")

@@ -20,8 +20,8 @@ import threading
 
 import numpy as np
 
-from edgeprune_runtime.engine import Engine, _run, open_session, session_options
-from edgeprune_runtime.errors import RuntimeStatusError, Status
+from edgeprune_runtime.engine import Engine, _check_io, _declared, _run, open_session, session_options
+from edgeprune_runtime.errors import RuntimeStatusError, Status, bundle_invalid
 from edgeprune_runtime.kvcache import KVCache
 
 
@@ -30,6 +30,9 @@ class StepRunner:
 
     def __init__(self, engine: Engine):
         m = engine.manifest
+        if engine.backend.device != "cpu":  # this runner reads and writes the cache as host arrays
+            raise RuntimeStatusError(Status.DEVICE_UNSUPPORTED, f"follow-up questions and exact prompt boundaries run on "
+                                     f"the cpu backend only for now, not on {engine.backend.name}; use --backend cpu")
         if "step" not in m.graphs:
             raise RuntimeStatusError(Status.INVALID_ARGUMENT, "this bundle has no step graph (lm/step.onnx), which "
                                      "follow-up questions and exact prompt boundaries need; re-export it with this "
@@ -43,12 +46,39 @@ class StepRunner:
         self.per_layer_valid = engine.per_layer_valid  # cache_valid_<l> per layer, or layer 0's mask as cache_valid
         self.cache_dtype = engine.cache_dtype
         self.max_slots = engine.shapes.prefill_slots  # the exported range of T
+        self._check_contract()
+
+    def _check_contract(self) -> None:
+        """Every input the runtime feeds and output it reads is declared with the manifest's shapes (T symbolic) and
+        the type `run` feeds or reads, as the prefill/decode graphs are checked (engine.Engine._check_contract).
+        Raises RuntimeStatusError(BUNDLE_INVALID) naming the first mismatch."""
+        s = self.shapes
+        layers = range(s.num_layers)
+        cache = {np.float32: "tensor(float)", np.float16: "tensor(float16)"}[np.dtype(self.cache_dtype).type]
+        valid = ({f"cache_valid_{i}": [s.cache_slots_at(i)] for i in layers} if self.per_layer_valid
+                 else {"cache_valid": [s.cache_capacity]})
+        past = {f"past_{kv}_{i}": [s.kv_heads[i], s.cache_slots_at(i), s.head_dim] for kv in ("key", "value") for i in layers}
+        new = {f"new_{kv}_{i}": [s.kv_heads[i], "T", s.head_dim] for kv in ("key", "value") for i in layers}
+        inputs = {"token_ids": ["T"], "visual_embeds": ["T", s.hidden_size], "is_visual": ["T"], "slot_valid": ["T"],
+                  "position": [1], **valid, **past}
+        din, dout = _declared(self.session.get_inputs()), _declared(self.session.get_outputs())
+        _check_io("step", din, inputs, "input")
+        _check_io("step", dout, {"logits": [s.vocab_size], **new}, "output")
+        types = {"token_ids": (din, "tensor(int64)"), "position": (din, "tensor(int64)"),
+                 **{name: (din, "tensor(float)") for name in ("visual_embeds", "is_visual", "slot_valid", *valid)},
+                 **{name: (din, cache) for name in past}, "logits": (dout, "tensor(float)"),
+                 **{name: (dout, cache) for name in new}}
+        for name, (declared, want) in types.items():
+            if declared[name][1] != want:
+                raise bundle_invalid(f"step graph {name!r} has type {declared[name][1]}, the runtime needs {want} "
+                                     "(the decode graph's cache type); re-export")
 
     def run(self, token_ids, cache: KVCache):
         """ids (a sequence of T >= 1 token ids) after the `position` tokens the cache holds
         -> (logits [vocab] f32 after the last id, keys, values: per layer [Hkv_l, T, Dh]). The cache is only read.
 
-        Raises RuntimeStatusError(INVALID_ARGUMENT) when T is outside [1, prefill_slots], INFERENCE_FAILED when ORT fails."""
+        Raises RuntimeStatusError: INVALID_ARGUMENT when T is outside [1, prefill_slots], INFERENCE_FAILED when ORT
+        fails, BUNDLE_INVALID when an output's shape is not the manifest's."""
         t = len(token_ids)
         if not 1 <= t <= self.max_slots:
             raise RuntimeStatusError(Status.INVALID_ARGUMENT, f"a step takes 1 to {self.max_slots} slots, got {t}")
@@ -67,6 +97,12 @@ class StepRunner:
         }
         names = ["logits"] + [f"new_key_{i}" for i in layers] + [f"new_value_{i}" for i in layers]
         out = _run(self.session, "step", names, feeds)
+        # ORT does not hold outputs to their declared shapes: a graph could broadcast into the cache or desync it
+        expected = [(s.vocab_size,)] + [(s.kv_heads[i], t, s.head_dim) for i in layers] * 2
+        for name, value, shape in zip(names, out, expected):
+            if value.shape != shape:
+                raise bundle_invalid(f"the step graph returned {name!r} of shape {list(value.shape)} for {t} slots, "
+                                     f"the manifest's shapes say {list(shape)}; re-export the bundle")
         n = s.num_layers
         return out[0], out[1:1 + n], out[1 + n:]
 

@@ -183,7 +183,7 @@ def check_status(status, allowed=None) -> Status:
 
 
 def load_and_serve(master: Master, root: Path, budget_mb: int = BUDGET_MB, note: dict | None = None) -> Outcome:
-    """Bundle_Create under `budget_mb`, then (if it loaded) one request of two tokens and a decode; checks that
+    """Bundle_Create under `budget_mb`, then (if it loaded) one request of two tokens, a decode and a follow-up; checks that
     the statuses are statuses, the traced peak stays within the budget and nothing outside the bundle is read."""
     master.decoys.arm()
     READS.paths.clear()
@@ -210,6 +210,9 @@ def load_and_serve(master: Master, root: Path, budget_mb: int = BUDGET_MB, note:
                         break
                 check_status(capi.Generator_GetTokenIds(gen.value, text))
                 check_status(capi.Bundle_DecodeTokens(bundle, text.value, text))
+                follow = capi.Out()  # a follow-up opens the step graph a manifest may name (graphs.step)
+                if check_status(capi.Generator_CreateFollowUp(gen.value, params.value, "And?", False, follow)) == Status.OK:
+                    capi.Generator_Destroy(follow.value)
                 capi.Generator_Destroy(gen.value)
             capi.GeneratorParams_Destroy(params.value)
             capi.Bundle_Destroy(bundle)

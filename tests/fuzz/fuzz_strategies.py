@@ -93,7 +93,7 @@ def json_mutation(draw, base: dict, decoy: str, max_ops: int = 3):
         elif kind == "scale" and isinstance(parent[key], (int, float)) and not isinstance(parent[key], bool):
             parent[key] = parent[key] * draw(st.sampled_from([0, -1, 2, 10, 1000, 10 ** 6])) + draw(st.sampled_from([0, 1, -1]))
         elif kind == "insert" and isinstance(parent[key], dict):
-            parent[key][draw(st.sampled_from(["file", "weights", "x_file", "extra", "lm_weights"]))] = draw(json_values())
+            parent[key][draw(st.sampled_from(["file", "weights", "x_file", "extra", "lm_weights", "step"]))] = draw(json_values())
         elif kind == "escape":
             parent[key] = draw(st.sampled_from(ESCAPES)).replace("DECOY", decoy)
         else:

@@ -139,3 +139,40 @@ def test_bundle_destroyed_while_a_generator_runs(handles, images, fake_bundle):
     assert capi.TokenizerStream_Create(bundle, out) == Status.INVALID_ARGUMENT
     assert capi.Generator_GenerateNextToken(gen) == Status.OK  # its generator keeps what it uses alive
     assert capi.Generator_Destroy(gen) == Status.OK
+
+
+class _DestroyBetween:
+    """Stands in for capi's handle-table lock: before the second time a call takes it, another "thread" destroys
+    `handle` (run right there, as a thread switch could). A call that looks its handle up in one critical
+    section and registers it as busy in another then works on a dead handle and leaves a stale busy lock."""
+
+    def __init__(self, real, destroy):
+        self.real, self.destroy, self.taken, self.fired = real, destroy, 0, False
+
+    def __enter__(self):
+        self.taken += 1
+        if self.taken == 2 and not self.fired:
+            self.fired = True
+            self.destroy()
+        return self.real.__enter__()
+
+    def __exit__(self, *exc):
+        return self.real.__exit__(*exc)
+
+
+def test_a_destroy_between_look_up_and_busy_lock_cannot_revive_a_handle(handles, images, monkeypatch):
+    bundle, params = handles
+    out = Out()
+    assert capi.Generator_Create(bundle, params, str(images["wide"]), "Hi", False, out) == Status.OK
+    gen = out.value
+    real = capi._lock
+    gate = _DestroyBetween(real, lambda: capi.Generator_Destroy(gen))
+    monkeypatch.setattr(capi, "_lock", gate)
+    status = capi.Generator_GenerateNextToken(gen)
+    monkeypatch.setattr(capi, "_lock", real)
+    if gate.fired:  # the destroy came between two critical sections of the call: it must have won
+        assert status == Status.INVALID_ARGUMENT
+    else:  # one critical section: the call ran on the live handle
+        assert status == Status.OK and capi.Generator_Destroy(gen) == Status.OK
+    assert set(capi._busy) <= set(capi._objects)  # no busy lock left for a dead handle
+    assert capi.Generator_Destroy(gen) == Status.INVALID_ARGUMENT

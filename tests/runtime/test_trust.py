@@ -612,3 +612,110 @@ def test_a_file_name_with_a_newline_keeps_the_message_on_one_line(fake_bundle):
     root, _ = fake_bundle
     (root / "evil\nname").write_text("x")
     assert "'evil\\nname' is not listed" in refused(root)
+
+
+# --- the step graph (follow-ups, exact boundaries): checked like the others, its outputs at every run ---------
+
+
+@pytest.mark.parametrize("step", [{}, "x", [], {"dynamic": {}}])
+def test_a_step_entry_that_is_not_a_graph_is_refused_at_load(fake_bundle, step):
+    root, _ = fake_bundle
+    edit(root, lambda d: d["graphs"].__setitem__("step", step))
+    assert "graphs.step" in refused(root)
+
+
+def _handles(root):
+    """(bundle, params handle with max_new_tokens 2, an Out) on `root`; the caller destroys the handles."""
+    out = Out()
+    assert capi.Bundle_Create(str(root), out) == Status.OK, capi.GetLastError()
+    bundle = out.value
+    capi.GeneratorParams_Create(out)
+    params = out.value
+    capi.GeneratorParams_SetMaxNewTokens(params, 2)
+    return bundle, params, out
+
+
+def _follow_up_status(root, image) -> tuple[Status, str]:
+    """The status and message of a follow-up after a two-token first turn on the bundle at `root`."""
+    bundle, params, out = _handles(root)
+    try:
+        assert capi.Generator_Create(bundle, params, str(image), PROMPT, False, out) == Status.OK, capi.GetLastError()
+        gen = out.value
+        while capi.Generator_IsDone(gen, out) == Status.OK and not out.value:
+            assert capi.Generator_GenerateNextToken(gen) == Status.OK
+        status = capi.Generator_CreateFollowUp(gen, params, "And what color is it?", False, out)
+        message = capi.GetLastError()
+        if status == Status.OK:
+            capi.Generator_Destroy(out.value)
+        capi.Generator_Destroy(gen)
+        return status, message
+    finally:
+        capi.GeneratorParams_Destroy(params)
+        capi.Bundle_Destroy(bundle)
+
+
+def test_a_step_entry_naming_another_graph_fails_its_contract(fake_bundle, images):
+    """graphs.step pointing at the decode graph (listed, hashed, loadable): the contract check names what is missing
+    before anything runs (it used to reach ORT and come back as INFERENCE_FAILED)."""
+    root, _ = fake_bundle
+    edit(root, lambda d: d["graphs"].__setitem__("step", {"file": "lm/decode.onnx"}))
+    status, message = _follow_up_status(root, images["wide"])
+    assert status == Status.BUNDLE_INVALID and "step graph lacks the input 'token_ids'" in message
+    assert "\n" not in message
+
+
+def _tamper_step(root, output: str, axis: int, end: int, declared=None, cast=None) -> None:
+    """Rewrites lm/step.onnx so that `output` is cut to [:end] on `axis` (or cast to `cast`) while its declared shape
+    stays (or becomes `declared`), and re-lists the file: a hostile graph whose outputs lie about their shape."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import helper
+
+    path = root / "lm" / "step.onnx"
+    model = onnx.load(str(path), load_external_data=False)  # the weights stay in lm/lm.weights
+    inner = output + "_inner"
+    for node in model.graph.node:  # the graph's own nodes keep using the true tensor
+        node.output[:] = [inner if o == output else o for o in node.output]
+        node.input[:] = [inner if i == output else i for i in node.input]
+    if cast is not None:
+        model.graph.node.append(helper.make_node("Cast", [inner], [output], to=cast))
+        next(o for o in model.graph.output if o.name == output).type.tensor_type.elem_type = cast
+    else:
+        consts = {"_starts": 0, "_end": end, "_axes": axis, "_zero": 0}
+        for suffix, value in consts.items():
+            model.graph.node.append(helper.make_node("Constant", [], [output + suffix],
+                                                     value=helper.make_tensor(output + suffix, onnx.TensorProto.INT64, [1], [value])))
+        # end + 0 * position: not a constant, so ORT cannot infer the cut shape and report it at load
+        model.graph.node.append(helper.make_node("Mul", ["position", output + "_zero"], [output + "_off"]))
+        model.graph.node.append(helper.make_node("Add", [output + "_end", output + "_off"], [output + "_ends"]))
+        model.graph.node.append(helper.make_node("Slice", [inner, output + "_starts", output + "_ends", output + "_axes"],
+                                                 [output]))
+    if declared is not None:
+        dims = next(o for o in model.graph.output if o.name == output).type.tensor_type.shape.dim
+        for dim, value in zip(dims, declared):
+            if isinstance(value, int):
+                dim.dim_value = value
+    onnx.save(model, str(path))
+    rehash(root, "lm/step.onnx")
+
+
+@pytest.fixture
+def tiny_copy(tiny_bundles, tmp_path):
+    dst = tmp_path / "tiny"
+    shutil.copytree(tiny_bundles[0.2], dst)
+    return dst
+
+
+@pytest.mark.parametrize("output, axis, end, declared, cast, words", [
+    # run time: outputs that lie about their declared shape (kv_heads[0] = 2 heads, 512 logits, T rows)
+    ("new_key_0", 0, 1, None, None, "'new_key_0' of shape [1, "),  # 1 head: would broadcast into both cache heads
+    ("new_value_1", 1, 1, None, None, "'new_value_1' of shape [2, 1, 32]"),  # 1 row for T slots: desyncs the cache
+    ("logits", 0, 500, None, None, "'logits' of shape [500]"),
+    # load time: declared shapes and types outside the contract
+    ("new_key_0", 0, 1, [1], None, "step graph output 'new_key_0' has shape [1, 'T', 32]"),
+    ("logits", 0, 0, None, 10, "step graph 'logits' has type tensor(float16)"),
+])
+def test_a_step_graph_outside_its_contract_is_a_bundle_error(tiny_copy, images, output, axis, end, declared, cast, words):
+    _tamper_step(tiny_copy, output, axis, end, declared, cast)
+    status, message = _follow_up_status(tiny_copy, images["wide"])
+    assert status == Status.BUNDLE_INVALID, (status, message)
+    assert words in message and "\n" not in message
