@@ -265,3 +265,42 @@ def test_rewritten_bundle_checks_and_builds_with_tensorrt(bundles, name):
         entry = build_bundle(bundle, get_target("rtx"))
         assert set(entry["engines"]) == {"vision", "lm"}
         assert all((bundle / e["file"]).stat().st_size > 0 for e in entry["engines"].values())
+
+
+def test_pyramid_stages_and_a_two_step_schedule_on_a_deeper_twin(tiny, tiny_recipe, tmp_path):
+    """Several drop stages (PyramidDrop: KEEP decreasing) and a SkipDecode schedule with two steps need more than
+    the twin's two layers: a four-layer copy (layers 2, 3 = fresh copies of 0, 1 with other weights)."""
+    import dataclasses
+
+    from edgeprune.export import export_bundle
+    from edgeprune.rewrites.reference import generate
+    from edgeprune_runtime import Bundle
+
+    model = copy.deepcopy(tiny.model)
+    layers = model.model.language_model.layers
+    torch.manual_seed(4)
+    for source in (0, 1):
+        extra = copy.deepcopy(layers[source])
+        with torch.no_grad():
+            for p in extra.parameters():
+                p.mul_(1.0 + 0.3 * torch.randn_like(p))
+        layers.append(extra)
+    for i, layer in enumerate(layers):
+        layer.layer_idx = layer.self_attn.layer_idx = i
+    model.config.text_config.num_hidden_layers = model.model.language_model.config.num_hidden_layers = 4
+    deeper = dataclasses.replace(tiny, model=model)
+    recipe = tiny_recipe(1.0).override(drop_visual_after="0:60,2:10", skip_decode="1:1,3:2")
+    bundle = export_bundle("llava-next-tiny", tmp_path / "b", recipe, loaded=deeper)
+    m = _manifest(bundle)
+    v = m["shapes"]["visual_slots"]
+    assert m["shapes"]["layer_visual_slots"] == [v, 60, 60, 10] and set(m["graphs"]["decode_skip"]) == {"1", "2"}
+    image, steps = random_image((150, 230), seed=3), 7
+    with Bundle(bundle) as b:
+        hf = tiny.processor(images=image, text=m["prompt_template"].replace("{prompt}", QUESTION), return_tensors="pt")
+        ref = generate(model, hf, steps, {0: 60, 2: 10}, SkipDecode(((1, 1), (3, 2))).skip_at)
+        assert [len(k) for k in ref.kept_visual] == [60, 10] and set(ref.kept_visual[1]) <= set(ref.kept_visual[0])
+        with b.generator(image, QUESTION, max_new_tokens=steps) as gen:
+            for step in range(steps):
+                gen.generate_next_token()
+                np.testing.assert_allclose(gen.logits, ref.logits[step].numpy(), atol=1e-4, rtol=0)
+            assert list(gen.token_ids) == ref.tokens

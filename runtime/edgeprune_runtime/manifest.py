@@ -20,12 +20,16 @@ slots before/after the image, S = T1 + V + T2 prefill slots, C cache slots, D LM
                   partition_real f32[P], released_valid f32[P,N], released_key f32[P,N]
              out: visual_embeds f32[V,D], visual_valid f32[V], visual_source i64[V]
     prefill  in:  text_ids i64[T1+T2], text_valid f32[T1+T2], visual_embeds f32[V,D], visual_valid f32[V]
-             out: logits f32[vocab], key_<l> / value_<l> f32[Hkv_l,S,Dh] per layer l
-    decode   in:  token_id i64[1], position i64[1], cache_valid f32[C],
-                  past_key_<l> / past_value_<l> f32[Hkv_l,C,Dh]
+             out: logits f32[vocab], key_<l> / value_<l> f32[Hkv_l,S_l,Dh] per layer l,
+                  slot_valid_<l> f32[S_l] for each layer on fewer slots than S (visual tokens dropped)
+    decode   in:  token_id i64[1], position i64[1], cache_valid f32[C] (or cache_valid_<l> f32[C_l] per layer,
+                  see `per_layer_validity`), past_key_<l> / past_value_<l> f32[Hkv_l,C_l,Dh]
              out: logits f32[vocab], new_key_<l> / new_value_<l> f32[Hkv_l,1,Dh]
+    decode_skip<k>  (SkipDecode, graphs.decode_skip.<k>): decode's interface for layers l >= k only
 
-Validity inputs are 0/1 floats; each graph turns them into additive masks itself.
+In-LLM visual-token dropping leaves layer l V_l visual slots (`Shapes.layer_visual_slots`): S_l = S - V + V_l,
+C_l = C - V + V_l; without it S_l = S and C_l = C. Validity inputs are 0/1 floats; each graph turns them into
+additive masks itself.
 
 Trust (README "Threat model"): `load_manifest` treats the bundle as untrusted input. Every value is
 checked for type and bound; every path the manifest names is relative, stays inside the bundle and
