@@ -36,3 +36,33 @@ def images(tmp_path_factory):
         Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8)).save(path)
         out[name] = path
     return out
+
+
+@pytest.fixture
+def capi_handles(fake_bundle):
+    """Opens (bundle, params) C-API handles on the fake bundle (max_new_tokens set when given) and destroys them
+    afterwards (a test may have destroyed them itself), asserting no handle leaked."""
+    from edgeprune_runtime import capi
+    from edgeprune_runtime.capi import Out
+    from edgeprune_runtime.errors import Status
+
+    root, _ = fake_bundle
+    start = capi.live_handles()
+    opened = []
+
+    def open_handles(max_new_tokens: int | None = None):
+        out = Out()
+        assert capi.Bundle_Create(str(root), out) == Status.OK
+        bundle = out.value
+        assert capi.GeneratorParams_Create(out) == Status.OK
+        params = out.value
+        if max_new_tokens is not None:
+            assert capi.GeneratorParams_SetMaxNewTokens(params, max_new_tokens) == Status.OK
+        opened.append((bundle, params))
+        return bundle, params
+
+    yield open_handles
+    for bundle, params in opened:
+        capi.GeneratorParams_Destroy(params)
+        capi.Bundle_Destroy(bundle)
+    assert capi.live_handles() == start

@@ -13,19 +13,9 @@ PROMPT = "What is in the picture?"
 
 
 @pytest.fixture
-def handles(fake_bundle):
-    """(bundle, params) handles, destroyed afterwards; asserts nothing leaked."""
-    root, _ = fake_bundle
-    start = capi.live_handles()
-    out = Out()
-    assert capi.Bundle_Create(str(root), out) == Status.OK
-    bundle = out.value
-    assert capi.GeneratorParams_Create(out) == Status.OK
-    params = out.value
-    yield bundle, params
-    assert capi.GeneratorParams_Destroy(params) == Status.OK
-    assert capi.Bundle_Destroy(bundle) == Status.OK
-    assert capi.live_handles() == start
+def handles(capi_handles):
+    """(bundle, params) handles, destroyed afterwards; asserts nothing leaked (conftest.capi_handles)."""
+    return capi_handles()
 
 
 def test_full_request(handles, images):

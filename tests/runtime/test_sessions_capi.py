@@ -9,19 +9,8 @@ from edgeprune_runtime.errors import Status
 
 
 @pytest.fixture
-def handles(fake_bundle):
-    root, _ = fake_bundle
-    start = capi.live_handles()
-    out = Out()
-    assert capi.Bundle_Create(str(root), out) == Status.OK
-    bundle = out.value
-    assert capi.GeneratorParams_Create(out) == Status.OK
-    params = out.value
-    assert capi.GeneratorParams_SetMaxNewTokens(params, 5) == Status.OK
-    yield bundle, params
-    capi.GeneratorParams_Destroy(params)
-    capi.Bundle_Destroy(bundle)
-    assert capi.live_handles() == start
+def handles(capi_handles):
+    return capi_handles(max_new_tokens=5)
 
 
 def _finish(gen) -> tuple:

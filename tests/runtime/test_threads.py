@@ -12,19 +12,8 @@ PROMPTS = ["What is in the picture?", "Is there a dog?", "What color is the car?
 
 
 @pytest.fixture
-def handles(fake_bundle):
-    root, _ = fake_bundle
-    start = capi.live_handles()
-    out = Out()
-    assert capi.Bundle_Create(str(root), out) == Status.OK
-    bundle = out.value
-    assert capi.GeneratorParams_Create(out) == Status.OK
-    params = out.value
-    assert capi.GeneratorParams_SetMaxNewTokens(params, 6) == Status.OK
-    yield bundle, params
-    capi.GeneratorParams_Destroy(params)
-    capi.Bundle_Destroy(bundle)
-    assert capi.live_handles() == start
+def handles(capi_handles):
+    return capi_handles(max_new_tokens=6)
 
 
 def _run_all(fn, n):

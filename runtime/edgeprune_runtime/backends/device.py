@@ -62,10 +62,8 @@ class HostDevice:
     def copy2d(self, dst: Buffer, dst_offset: int, dst_pitch: int, src: Buffer, src_offset: int, src_pitch: int,
                width: int, rows: int) -> None:
         """Byte offsets and pitches, as cudaMemcpy2D takes them; see the module docstring."""
-        if rows <= 0 or width <= 0:
+        if not _copy_needed(dst, dst_offset, dst_pitch, src, src_offset, src_pitch, width, rows):
             return
-        _check_span(dst, dst_offset, dst_pitch, width, rows, "destination")
-        _check_span(src, src_offset, src_pitch, width, rows, "source")
         dst_rows = _strided_bytes(dst.ptr + dst_offset, dst_pitch, width, rows)
         src_rows = _strided_bytes(src.ptr + src_offset, src_pitch, width, rows)
         dst_rows[...] = src_rows
@@ -79,6 +77,16 @@ def _strided_bytes(address: int, pitch: int, width: int, rows: int) -> np.ndarra
     span = (rows - 1) * pitch + width
     flat = np.ctypeslib.as_array((ctypes.c_uint8 * span).from_address(address))
     return np.lib.stride_tricks.as_strided(flat, shape=(rows, width), strides=(pitch, 1))
+
+
+def _copy_needed(dst: Buffer, dst_offset: int, dst_pitch: int, src: Buffer, src_offset: int, src_pitch: int,
+                 width: int, rows: int) -> bool:
+    """False for an empty copy; raises unless both spans lie inside their buffers (every device's copy2d)."""
+    if rows <= 0 or width <= 0:
+        return False
+    _check_span(dst, dst_offset, dst_pitch, width, rows, "destination")
+    _check_span(src, src_offset, src_pitch, width, rows, "source")
+    return True
 
 
 def _check_span(buf: Buffer, offset: int, pitch: int, width: int, rows: int, what: str) -> None:
@@ -124,10 +132,8 @@ class CudaDevice:
 
     def copy2d(self, dst: Buffer, dst_offset: int, dst_pitch: int, src: Buffer, src_offset: int, src_pitch: int,
                width: int, rows: int) -> None:
-        if rows <= 0 or width <= 0:
+        if not _copy_needed(dst, dst_offset, dst_pitch, src, src_offset, src_pitch, width, rows):
             return
-        _check_span(dst, dst_offset, dst_pitch, width, rows, "destination")
-        _check_span(src, src_offset, src_pitch, width, rows, "source")
         self._call("cudaMemcpy2DAsync", ctypes.c_void_p(dst.ptr + dst_offset), ctypes.c_size_t(dst_pitch),
                    ctypes.c_void_p(src.ptr + src_offset), ctypes.c_size_t(src_pitch), ctypes.c_size_t(width),
                    ctypes.c_size_t(rows), MEMCPY_DEVICE_TO_DEVICE, ctypes.c_void_p(0))
