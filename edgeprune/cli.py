@@ -438,7 +438,16 @@ def bench(model_name, budget, layers, model_dir, recipe_file, bundle_dir, image,
     import json
 
     from edgeprune.bench import run_bench, selection_cost
+    from edgeprune.errors import ConfigError
 
+    if bundle_dir:  # the bundle is measured as it was exported: a flag that shapes an export would be ignored
+        shaping = {"--budget": budget, "--precision": precision, "--vision-keep": vision_keep, "--prune-heads": prune_heads,
+                   "--skip-layers": skip_layers, "--drop-visual-after": drop_visual_after, "--skip-decode": skip_decode,
+                   "--stats": stats_file}
+        given = [flag for flag, value in shaping.items() if value is not None]
+        if given:
+            raise ConfigError(f"{', '.join(given)} shape{'s' if len(given) == 1 else ''} an export, but --bundle "
+                              f"{bundle_dir} is measured as it was exported: leave out {', '.join(given)} or --bundle")
     recipe = _recipe(model_name, recipe_file, budget=budget, precision=precision, vision_keep=vision_keep,
                      prune_heads=prune_heads, **_skip_layers_flag(skip_layers), drop_visual_after=drop_visual_after,
                      skip_decode=skip_decode, stats=stats_file)

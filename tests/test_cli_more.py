@@ -94,14 +94,16 @@ def small_bundle(tmp_path_factory):
 @pytest.mark.parametrize("args, pattern", [
     (["--max-new-tokens", "1"], "--max-new-tokens"),
     (["--image", "/nonexistent.png"], "nonexistent.png"),
-    (["--bundle", "BUNDLE", "--budget", "0.5"], None),  # runs: a real bundle of the same model
+    (["--bundle", "BUNDLE"], None),  # runs: a real bundle of the same model
+    (["--bundle", "BUNDLE", "--budget", "0.5"], "--budget shapes an export, but --bundle"),
+    (["--bundle", "BUNDLE", "--prune-heads", "0.5", "--skip-decode", "4:1"], "leave out --prune-heads, --skip-decode or --bundle"),
 ])
 def test_bench_bad_input(small_bundle, args, pattern):
     args = [str(small_bundle) if a == "BUNDLE" else a for a in args]
     result = cli("bench", "llava-next-tiny", *args, "--json")
     if pattern is None:
         assert result.returncode == 0, result.stderr
-        assert json.loads(result.stdout)["budget"] == 0.2  # the bundle's budget, not the flag's
+        assert json.loads(result.stdout)["budget"] == 0.2  # the bundle's budget
     else:
         one_error_line(result, pattern)
 
