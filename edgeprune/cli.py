@@ -441,10 +441,14 @@ def bench(model_name, budget, layers, model_dir, recipe_file, bundle_dir, image,
     from edgeprune.errors import ConfigError
 
     if bundle_dir:  # the bundle is measured as it was exported: a flag that shapes an export would be ignored
+        from edgeprune_runtime.manifest import load_manifest
+
+        data = load_manifest(bundle_dir, verify_hashes=False).data
         shaping = {"--budget": budget, "--precision": precision, "--vision-keep": vision_keep, "--prune-heads": prune_heads,
                    "--skip-layers": skip_layers, "--drop-visual-after": drop_visual_after, "--skip-decode": skip_decode,
                    "--stats": stats_file}
-        given = [flag for flag, value in shaping.items() if value is not None]
+        as_built = {"--budget": data["recipe"]["budget"], "--precision": data.get("onnx", {}).get("precision", "fp32")}
+        given = [flag for flag, value in shaping.items() if value is not None and value != as_built.get(flag)]
         if given:
             raise ConfigError(f"{', '.join(given)} shape{'s' if len(given) == 1 else ''} an export, but --bundle "
                               f"{bundle_dir} is measured as it was exported: leave out {', '.join(given)} or --bundle")

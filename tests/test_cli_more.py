@@ -94,7 +94,7 @@ def small_bundle(tmp_path_factory):
 @pytest.mark.parametrize("args, pattern", [
     (["--max-new-tokens", "1"], "--max-new-tokens"),
     (["--image", "/nonexistent.png"], "nonexistent.png"),
-    (["--bundle", "BUNDLE"], None),  # runs: a real bundle of the same model
+    (["--bundle", "BUNDLE", "--budget", "0.2"], None),  # runs: a real bundle of the same model, flags as it was built
     (["--bundle", "BUNDLE", "--budget", "0.5"], "--budget shapes an export, but --bundle"),
     (["--bundle", "BUNDLE", "--prune-heads", "0.5", "--skip-decode", "4:1"], "leave out --prune-heads, --skip-decode or --bundle"),
 ])
