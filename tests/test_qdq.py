@@ -5,28 +5,16 @@ cosine floor of eager PyTorch, while the CPU's dynamic INT8 and INT4 stay refuse
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-EDGEPRUNE = Path(sys.executable).with_name("edgeprune")
+from cli_helpers import cli, needs_rtx
 
-try:
-    import tensorrt_rtx_bindings  # noqa: F401
 
-    HAVE_RTX = True
-except ImportError:
-    HAVE_RTX = False
-needs_rtx = pytest.mark.skipif(not HAVE_RTX, reason="TensorRT-RTX is not installed (pip install 'edgeprune[trt-rtx]')")
 GRAPHS = ("vision/vision.onnx", "lm/prefill.onnx", "lm/decode.onnx", "lm/step.onnx")
-
-
-def cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([str(EDGEPRUNE), *map(str, args)], capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")

@@ -4,19 +4,13 @@ drift against the fp32 bundle and eager PyTorch, and the targets that must refus
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-EDGEPRUNE = Path(sys.executable).with_name("edgeprune")
-
-
-def cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([str(EDGEPRUNE), *map(str, args)], capture_output=True, text=True, timeout=300)
+from cli_helpers import cli
 
 
 @pytest.fixture(scope="module")

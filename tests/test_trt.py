@@ -18,15 +18,7 @@ import pytest
 
 from edgeprune.trt.targets import get_target, targets
 
-try:
-    import tensorrt_rtx_bindings  # noqa: F401
-
-    HAVE_RTX = True
-except ImportError:
-    HAVE_RTX = False
-
-needs_rtx = pytest.mark.skipif(not HAVE_RTX, reason="TensorRT-RTX is not installed (pip install 'edgeprune[trt-rtx]')")
-EDGEPRUNE = Path(sys.executable).with_name("edgeprune")
+from cli_helpers import EDGEPRUNE, needs_rtx
 
 
 def cli(*args, env_block: str | None = None) -> subprocess.CompletedProcess:

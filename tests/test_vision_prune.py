@@ -6,9 +6,6 @@ keep-all schedule must change nothing), ONNX Runtime vs torch (compare), TensorR
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,12 +15,9 @@ from edgeprune.errors import ConfigError
 from edgeprune.strategies import SPECS
 from edgeprune.vision_prune import NAMED, keep_counts, parse_schedule
 
-EDGEPRUNE = Path(sys.executable).with_name("edgeprune")
+from cli_helpers import cli, needs_rtx
+
 HW = (200, 300)  # a 2-crop-wide image: real patches in 3 of the 5 partitions
-
-
-def cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([str(EDGEPRUNE), *map(str, args)], capture_output=True, text=True, timeout=300)
 
 
 # --- the schedule -----------------------------------------------------------------------------------
@@ -167,16 +161,8 @@ def test_default_export_has_no_pruning(tmp_path, tiny, tiny_recipe):
     assert "vision_keep" not in json.loads((b / "manifest.json").read_text())
 
 
-try:
-    import tensorrt_rtx_bindings  # noqa: F401
-
-    HAVE_RTX = True
-except ImportError:
-    HAVE_RTX = False
-
-
 @pytest.mark.tensorrt
-@pytest.mark.skipif(not HAVE_RTX, reason="TensorRT-RTX is not installed (pip install 'edgeprune[trt-rtx]')")
+@needs_rtx
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])  # the precisions the rtx target allows
 def test_pruned_bundle_checks_and_builds_for_rtx(tmp_path, tiny, tiny_recipe, precision):
     from edgeprune.export import export_bundle
