@@ -307,6 +307,24 @@ def render_multiturn(r: dict, file: str = "multiturn-tiny.json") -> str:
     return "\n".join([command(r, file), "", *rows, "", note, "", where(r, file)])
 
 
+def render_cache_policies(r: dict, file: str = "cache-policies-7b-shape.json") -> str:
+    marks = ("10%", "50%", "100%", "10x")
+    rows = ["| policy | " + " | ".join(f"tokens/s to {m} of C" for m in marks) + " | slots evicted | RSS at 10% / 10x | stop |",
+            "|---|" + "---|" * (len(marks) + 3)]
+    for x in r["policies"]:
+        at = x["marks"]
+        rate = lambda m: f"{at[m]['tokens_per_s']:.1f}" if at.get(m) else "-"  # noqa: E731
+        last = next(at[m] for m in reversed(marks) if at.get(m))
+        rss = f"{at['10%']['rss_mib'] / 1024:.2f} / {last['rss_mib'] / 1024:.2f} GiB" if at.get("10%") else "-"
+        rows.append(f"| {x['policy']} | " + " | ".join(rate(m) for m in marks) +
+                    f" | {last['evicted_slots']} | {rss} | {x['stop_reason']} after {x['tokens']} tokens |")
+    note = (f"Cache capacity C = {r['cache_capacity']} slots ({r['policies'][0]['prompt_slots']} of them the prompt), "
+            f"{r['sinks']} sinks, eviction chunk {r['eviction_chunk']} slots. Each rate is the decode tokens/s "
+            "between the previous mark and this one (generated tokens = 0.1 C, 0.5 C, C, 10 C); `stop` ends when "
+            "the cache is full, so its later marks are empty. RSS at 10x is at the last mark the run reached.")
+    return "\n".join([command(r, file), "", *rows, "", note, "", where(r, file)])
+
+
 def render_rewrites_quality(r: dict) -> str:
     rows = ["| rewrite | what it changed | KL mean | KL max | same greedy tokens |", "|---|---|---|---|---|"]
     for name, v in r["variants"].items():
@@ -362,6 +380,7 @@ SECTIONS = {
     "multiturn-llava-shape": ("multiturn-7b-shape.json", lambda r: render_multiturn(r, "multiturn-7b-shape.json")),
     "concurrency-llava-shape": ("concurrency-7b-shape.json", lambda r: render_concurrency(r, "concurrency-7b-shape.json")),
     "boundary": ("boundary-tiny.json", render_boundary),
+    "cache-policies": ("cache-policies-7b-shape.json", render_cache_policies),
     "concurrency": ("concurrency-tiny.json", render_concurrency),
     "trt-build": (TRT_FILES[0], render_trt_build),
     "trt-memory": (TRT_FILES[0], render_trt_memory),

@@ -167,3 +167,21 @@ def test_rewrites_bench_table(monkeypatch, tmp_path):
     assert "| heads-50 | prune_heads 0.5 | 4 / 64 | 576, 576, 576, 576 | 8.0 s (5.0 s, 2.0 s) | 15.0 tokens/s | 1.25x, 2.00x, 1.50x |" in text
     assert "| drop-visual-after-1 | drop_visual_after 1:288 | 4 / 128 | 576, 576, 288, 288 |" in text
     assert "docs/results/rewrites-bench-7b-shape-heads-25.json -- \\\n    edgeprune bench x --b" in text
+
+
+def test_cache_policies_table():
+    def mark(rate, evicted, rss):
+        return {"tokens": 1, "tokens_per_s": rate, "rss_mib": rss, "evicted_slots": evicted}
+
+    report = {"recorded_command": ".venv/bin/python scripts/cache_policy_figures.py b --image i", "provenance": PROVENANCE,
+              "cache_capacity": 336, "sinks": 4, "eviction_chunk": 41, "policies": [
+                  {"policy": "stop", "stop_reason": "cache_full", "tokens": 147, "prompt_slots": 190,
+                   "marks": {"10%": mark(12.5, 0, 4096), "50%": None, "100%": None, "10x": None}},
+                  {"policy": "heavy-hitter", "stop_reason": "max_new_tokens", "tokens": 3360, "prompt_slots": 190,
+                   "marks": {"10%": mark(12.0, 0, 4096), "50%": mark(11.0, 0, 4096), "100%": mark(10.0, 41, 4100),
+                             "10x": mark(9.5, 3200, 4100)}}]}
+    text = rt.render_cache_policies(report)
+    assert "| stop | 12.5 | - | - | - | 0 | 4.00 / 4.00 GiB | cache_full after 147 tokens |" in text
+    assert "| heavy-hitter | 12.0 | 11.0 | 10.0 | 9.5 | 3200 | 4.00 / 4.00 GiB | max_new_tokens after 3360 tokens |" in text
+    assert "C = 336 slots (190 of them the prompt), 4 sinks, eviction chunk 41 slots" in text
+    assert "scripts/record_result.py docs/results/cache-policies-7b-shape.json" in text
