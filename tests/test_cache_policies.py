@@ -392,3 +392,35 @@ def test_tensorrt_check_and_build_pass_on_a_heavy_hitter_bundle(hh_bundle, tmp_p
     build = cli("build", bundle, "--target", "rtx", "--json")
     assert build.returncode == 0, build.stderr
     assert set(json.loads(build.stdout)["engines"]) == {"vision", "lm"}
+
+
+def test_c_shaped_api_sets_the_policy_and_reports_evictions(hh_bundle, image):
+    from edgeprune_runtime import capi
+    from edgeprune_runtime.capi import Out
+
+    out = Out()
+    assert capi.Bundle_Create(str(hh_bundle), out) == Status.OK
+    bundle = out.value
+    assert capi.GeneratorParams_Create(out) == Status.OK
+    params = out.value
+    assert capi.GeneratorParams_SetCachePolicy(params, "lru") == Status.INVALID_ARGUMENT
+    assert "not one of stop, sink-window, heavy-hitter" in capi.GetLastError()
+    assert capi.GeneratorParams_SetCacheSinks(params, -1) == Status.INVALID_ARGUMENT
+    assert capi.GeneratorParams_SetCachePinImage(params, "yes") == Status.INVALID_ARGUMENT
+    assert capi.GeneratorParams_SetCachePolicy(params, "sink-window") == Status.OK
+    assert capi.GeneratorParams_SetCacheSinks(params, 2) == Status.OK
+    assert capi.GeneratorParams_SetIgnoreEos(params, True) == Status.OK
+    assert capi.Bundle_GetShapes(bundle, out) == Status.OK
+    capacity = out.value.cache_capacity
+    assert capi.GeneratorParams_SetMaxNewTokens(params, 2 * capacity) == Status.OK
+    assert capi.Generator_Create(bundle, params, str(image), "hi", False, out) == Status.OK
+    gen = out.value
+    while capi.Generator_IsDone(gen, out) == Status.OK and not out.value:
+        assert capi.Generator_GenerateNextToken(gen) == Status.OK
+    assert capi.Generator_GetStopReason(gen, out) == Status.OK and out.value == "max_new_tokens"
+    assert capi.Generator_GetCacheStats(gen, out) == Status.OK
+    assert out.value["cache_policy"] == "sink-window" and out.value["cache_sinks"] == 2
+    assert out.value["evicted_slots"] >= capacity
+    for destroy, handle in ((capi.Generator_Destroy, gen), (capi.GeneratorParams_Destroy, params),
+                            (capi.Bundle_Destroy, bundle)):
+        assert destroy(handle) == Status.OK
