@@ -424,3 +424,12 @@ def test_c_shaped_api_sets_the_policy_and_reports_evictions(hh_bundle, image):
     for destroy, handle in ((capi.Generator_Destroy, gen), (capi.GeneratorParams_Destroy, params),
                             (capi.Bundle_Destroy, bundle)):
         assert destroy(handle) == Status.OK
+
+
+def test_compare_checks_attn_mass_against_eager_pytorch(hh_bundle, image):
+    out = cli("compare", hh_bundle, "--image", image, "--json")
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["passed"]
+    assert {(r["stage"], r["passed"]) for r in report["outputs"] if r["output"] == "attn_mass"} == {("decode", True),
+                                                                                                    ("step", True)}
