@@ -197,9 +197,9 @@ class Evictor:
         count = max(self.chunk, needed - room)
         slots = choose_evictions(self.policy.name, count, self.candidates(), self.mass[:self.cache.lengths[0]])
         if room + len(slots) < needed:
+            image = " and the image" if self.policy.name == HEAVY_HITTER and self.policy.pin_image else ""
             raise RuntimeStatusError(Status.CACHE_FULL, f"{needed} cache slots are needed and only {room + len(slots)} "
-                                     f"can be freed: pinned slots fill the cache ({self.policy.sinks} sinks"
-                                     f"{' and the image' if self.policy.pin_image and self.needs_mass else ''}); "
+                                     f"can be freed: pinned slots fill the cache ({self.policy.sinks} sinks{image}); "
                                      "lower --cache-sinks or use --no-cache-pin-image")
         self.evict(slots)
         return len(slots)

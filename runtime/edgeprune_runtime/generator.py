@@ -299,7 +299,8 @@ class Generator:
         answer (without a final EOS, which the template does not write) and `follow_up_text(prompt)`. This
         generator must be done; afterwards it can still be read but not stepped (its cache moved on).
         Raises RuntimeStatusError: INVALID_ARGUMENT (not done, handed over already, bad prompt or params),
-        PROMPT_TOO_LONG, CACHE_FULL (the follow-up does not fit), INFERENCE_FAILED."""
+        PROMPT_TOO_LONG, CACHE_FULL (the follow-up does not fit: under the stop policy; an evicting policy evicts to
+        make room and fails only when pinned slots leave too few), INFERENCE_FAILED."""
         t0 = time.perf_counter()
         _check_raw_prompt(raw_prompt)
         params.check()
