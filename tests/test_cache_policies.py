@@ -433,3 +433,16 @@ def test_compare_checks_attn_mass_against_eager_pytorch(hh_bundle, image):
     assert report["passed"]
     assert {(r["stage"], r["passed"]) for r in report["outputs"] if r["output"] == "attn_mass"} == {("decode", True),
                                                                                                     ("step", True)}
+
+
+def test_a_cache_full_of_pinned_slots_is_a_status_not_a_loop():
+    capacity, dh = 12, 4
+    cache = KVCache([1], capacity, dh)
+    ones = np.ones((1, capacity, dh), np.float32)
+    cache.fill_from_prefill([ones], [ones], np.ones(capacity, np.float32))
+    # 2 sinks + the image on slots 2..11: nothing left to evict
+    evictor = Evictor(CachePolicy("heavy-hitter", 2, True), cache, np.ones(dh // 2), image_slots=(2, 10))
+    with pytest.raises(RuntimeStatusError) as e:
+        evictor.make_room(1)
+    assert e.value.status == Status.CACHE_FULL and "--no-cache-pin-image" in e.value.message
+    assert cache.length == capacity and evictor.evicted == 0  # nothing half-done
