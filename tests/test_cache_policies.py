@@ -446,3 +446,18 @@ def test_a_cache_full_of_pinned_slots_is_a_status_not_a_loop():
         evictor.make_room(1)
     assert e.value.status == Status.CACHE_FULL and "--no-cache-pin-image" in e.value.message
     assert cache.length == capacity and evictor.evicted == 0  # nothing half-done
+
+
+def test_heavy_hitter_on_a_quantized_bundle_decodes_through_the_step_graph(tmp_path, tiny, tiny_recipe, image):
+    """int8 CPU bundles run the LM through lm/step.onnx (engine.Engine); its attn_mass feeds the same eviction."""
+    from edgeprune.export import export_bundle
+
+    recipe = tiny_recipe(0.2).override(cache_policy="heavy-hitter", precision="int8")
+    bundle = LoadedBundle(export_bundle("llava-next-tiny", tmp_path / "q", recipe, loaded=tiny))
+    assert bundle.engine.step is not None and bundle.engine.decode is None
+    n = 3 * bundle.shapes.cache_capacity
+    gen = Generator(bundle, GeneratorParams(max_new_tokens=n, ignore_eos=True), image, "What is on the table?")
+    _run(gen)
+    evictor = gen.decoder.evictor
+    assert gen.stop_reason == "max_new_tokens" and len(gen.token_ids) == n and gen.evicted_slots >= n - gen.cache.capacity
+    assert evictor.mass[:gen.cache.length].sum() > 0  # the step graph's attn_mass was bound and accumulated
