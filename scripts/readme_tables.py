@@ -325,6 +325,18 @@ def render_cache_policies(r: dict, file: str = "cache-policies-7b-shape.json") -
     return "\n".join([command(r, file), "", *rows, "", note, "", where(r, file)])
 
 
+def render_eviction_cost(r: dict, file: str = "eviction-cost-7b-shape.json") -> str:
+    rows = ["| policy | cache capacity C | slots per eviction | ms per eviction | ms per evicted slot (amortised per token) |",
+            "|---|---|---|---|---|"]
+    for x in r["rows"]:
+        rows.append(f"| {x['policy']} | {x['capacity']} | {x['evicted_per_chunk']} | {x['ms_per_eviction']:.1f} | "
+                    f"{x['ms_per_evicted_slot']:.2f} |")
+    note = (f"A host cache of {r['layers']} layers x {r['kv_heads']} KV heads x head dim {r['head_dim']} (the 7B shape), "
+            f"{r['sinks']} sinks; median of {r['repeats']} evictions, each choosing the chunk, moving the survivors "
+            "and re-rotating their keys.")
+    return "\n".join([command(r, file), "", *rows, "", note, "", where(r, file)])
+
+
 def render_rewrites_quality(r: dict) -> str:
     rows = ["| rewrite | what it changed | KL mean | KL max | same greedy tokens |", "|---|---|---|---|---|"]
     for name, v in r["variants"].items():
@@ -381,6 +393,7 @@ SECTIONS = {
     "concurrency-llava-shape": ("concurrency-7b-shape.json", lambda r: render_concurrency(r, "concurrency-7b-shape.json")),
     "boundary": ("boundary-tiny.json", render_boundary),
     "cache-policies": ("cache-policies-7b-shape.json", render_cache_policies),
+    "eviction-cost": ("eviction-cost-7b-shape.json", render_eviction_cost),
     "concurrency": ("concurrency-tiny.json", render_concurrency),
     "trt-build": (TRT_FILES[0], render_trt_build),
     "trt-memory": (TRT_FILES[0], render_trt_memory),
