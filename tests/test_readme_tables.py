@@ -185,3 +185,13 @@ def test_cache_policies_table():
     assert "| heavy-hitter | 12.0 | 11.0 | 10.0 | 9.5 | 3200 | 4.00 / 4.00 GiB | max_new_tokens after 3360 tokens |" in text
     assert "C = 336 slots (190 of them the prompt), 4 sinks, eviction chunk 41 slots" in text
     assert "scripts/record_result.py docs/results/cache-policies-7b-shape.json" in text
+
+
+def test_eviction_cost_table():
+    report = {"recorded_command": ".venv/bin/python scripts/eviction_cost.py", "provenance": PROVENANCE, "kv_heads": 32,
+              "head_dim": 128, "layers": 2, "sinks": 4, "repeats": 30,
+              "rows": [{"policy": "sink-window", "capacity": 336, "evicted_per_chunk": 41, "ms_per_eviction": 29.93,
+                        "ms_per_evicted_slot": 0.73}]}
+    text = rt.render_eviction_cost(report)
+    assert "| sink-window | 336 | 41 | 29.9 | 0.73 |" in text
+    assert "2 layers x 32 KV heads x head dim 128" in text and "median of 30 evictions" in text
