@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from edgeprune_runtime import preprocess as preprocess_module
 from edgeprune_runtime.errors import RuntimeStatusError, Status
-from edgeprune_runtime.preprocess import PreprocessParams, image_from_array, load_image_bytes
+from edgeprune_runtime.preprocess import PreprocessParams, image_from_array, load_image, load_image_bytes, preprocess
 
 # A valid `preprocess` block at the low edge of every bound: one 1x1 pinpoint, 1-pixel crops, resample 0.
 SMALLEST = {"image_grid_pinpoints": [[1, 1]], "crop_size": 1, "shortest_edge": 1, "image_mean": [0.5, 0.5, 0.5],
@@ -98,10 +99,10 @@ def _gray(image: Image.Image) -> list[int]:
 
 @pytest.mark.parametrize("mode", ["I;16", "I;16B"])
 def test_sixteen_bit_images_scale_by_65535(mode):
-    values = [0, 257, 32768, 65535, 300]  # x 255 / 65535: 0, 1, 127.5019 (-> 128), 255, 1.1670 (-> 1)
-    image = Image.new(mode, (5, 1))
+    values = [0, 257, 32768, 65535, 300, 60010]  # x 255 / 65535: 0, 1, 127.5019, 255, 1.1670, 233.5019 (/ 65536: 233.498)
+    image = Image.new(mode, (6, 1))
     image.putdata(values)
-    assert _gray(load_image_bytes(_png_bytes(image)) if mode == "I;16" else _decode_direct(image)) == [0, 1, 128, 255, 1]
+    assert _gray(load_image_bytes(_png_bytes(image)) if mode == "I;16" else _decode_direct(image)) == [0, 1, 128, 255, 1, 234]
 
 
 def _decode_direct(image: Image.Image) -> Image.Image:
@@ -116,6 +117,8 @@ def _decode_direct(image: Image.Image) -> Image.Image:
     ("F", [0.0, 1000.0, 65535.0, 256.0], [0, 4, 255, 1]),  # max <= 65535: 1000 x 255 / 65535 = 3.89
     ("F", [0.0, 50000.0, 100000.0, 20000.0], [0, 128, 255, 51]),  # beyond 65535: its own maximum
     ("F", [float("nan"), -3.0, 1.0, 0.5], [0, 0, 255, 128]),  # NaN -> 0, negatives clip to 0
+    ("F", [float("-inf"), 0.5, 0.25, 1.0], [0, 128, 64, 255]),  # -inf -> 0
+    ("F", [float("inf"), 1e30, 0.0, 3e38], [255, 0, 0, 225]),  # +inf -> float32's maximum, the full scale
     ("I", [0, 17, 255, 128], [0, 17, 255, 128]),
     ("I", [0, 257, 65535, -5], [0, 1, 255, 0]),
     ("I", [0, 2 ** 30, 2 ** 31 - 1, 65536], [0, 128, 255, 0]),  # 2^30 x 255 / (2^31 - 1) = 127.50000006
@@ -124,6 +127,10 @@ def test_wide_images_scale_by_the_smallest_full_scale_that_holds_them(mode, valu
     image = Image.new(mode, (len(values), 1))
     image.putdata(values)
     assert _gray(_decode_direct(image)) == expected
+
+
+def test_an_empty_wide_image_stays_empty():
+    assert _decode_direct(Image.new("F", (0, 0))).size == (0, 0)
 
 
 # --- encoded bytes
@@ -157,7 +164,7 @@ def test_a_truncated_png_names_the_truncation_on_one_line():
     with pytest.raises(RuntimeStatusError) as e:
         load_image_bytes(cut)
     assert e.value.status == Status.IMAGE_INVALID
-    assert e.value.message.startswith(f"image (encoded bytes, {len(cut)} bytes) is truncated (")
+    assert e.value.message.startswith(f"image (encoded bytes, {len(cut)} bytes) is truncated (image file is truncated")
     assert e.value.message.endswith("); re-export or re-copy the file") and "\n" not in e.value.message
 
 
@@ -169,7 +176,8 @@ def test_a_corrupt_stream_that_is_not_truncated_is_called_corrupt():
         load_image_bytes(bytes(data))
     assert e.value.status == Status.IMAGE_INVALID and "\n" not in e.value.message
     assert e.value.message.startswith(f"image (encoded bytes, {len(data)} bytes) is ")
-    assert f"bytes) is unreadable or corrupt (OSError: " in e.value.message  # PIL's zlib error, one line
+    assert e.value.message.endswith("is unreadable or corrupt (OSError: broken data stream when reading image file); "
+                                    "re-export or re-copy the file")  # Pillow's own words for a bad zlib stream
     assert e.value.message.endswith("; re-export or re-copy the file")
 
 
@@ -260,3 +268,114 @@ def test_frame_limits_name_the_frame():
     with pytest.raises(RuntimeStatusError) as e:
         image_from_array(frame, "rgb", max_bytes=0)
     assert e.value.status == Status.RESOURCE_LIMIT and e.value.message.startswith("image (frame 20x10) (20x10) needs")
+
+
+def test_a_one_pixel_frame_is_not_empty():
+    assert image_from_array(np.full((1, 1, 3), 9, np.uint8), "rgb").size == (1, 1)
+
+
+# --- files, decoding failures, and preprocess's own checks
+
+def test_load_image_refuses_paths_that_are_not_text():
+    with pytest.raises(RuntimeStatusError) as e:
+        load_image(12)
+    assert (e.value.status, e.value.message) == (Status.INVALID_ARGUMENT, "image path must be a str or os.PathLike, got int")
+    with pytest.raises(RuntimeStatusError) as e:
+        load_image(b"a.png")
+    assert (e.value.status, e.value.message) == (Status.INVALID_ARGUMENT, "image path must be text without NUL characters, got b'a.png'")
+    with pytest.raises(RuntimeStatusError) as e:
+        load_image("a\0.png")
+    assert (e.value.status, e.value.message) == (
+        Status.INVALID_ARGUMENT, "image path must be text without NUL characters, got 'a\\x00.png'")
+
+
+def test_load_image_passes_exif_and_limits_on(tmp_path):
+    frame = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3) * 10
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "turned.png"
+    path.write_bytes(_png_bytes(Image.fromarray(frame), exif=exif))
+    assert (np.asarray(load_image(path)) == frame).all()
+    assert (np.asarray(load_image(path, exif_transpose=True)) == np.rot90(frame, k=-1)).all()
+    with pytest.raises(RuntimeStatusError) as e:
+        load_image(path, max_bytes=0)
+    assert e.value.status == Status.RESOURCE_LIMIT and e.value.message.startswith(f"image {str(path)!r} (3x2) needs about ")
+
+
+class _Fails:
+    """Stands in for PIL.Image.open (or the RGB conversion), raising `error`."""
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+    def __call__(self, *args, **kwargs):
+        raise self.error
+
+
+@pytest.mark.parametrize("error, status, message", [
+    (MemoryError(), Status.RESOURCE_LIMIT, "out of memory decoding image (encoded bytes, 3 bytes); downscale it"),
+    (SyntaxError("bad\n  chunk"), Status.IMAGE_INVALID,
+     "image (encoded bytes, 3 bytes) is corrupt (SyntaxError: bad chunk); re-export or re-copy the file"),
+    (OSError("no\n decoder"), Status.IMAGE_INVALID,
+     "image (encoded bytes, 3 bytes) is unreadable or corrupt (OSError: no decoder); re-export or re-copy the file"),
+    (OSError("image file is\nTruncated"), Status.IMAGE_INVALID,
+     "image (encoded bytes, 3 bytes) is truncated (image file is Truncated); re-export or re-copy the file"),
+])
+def test_what_the_decoder_raises_becomes_one_line(monkeypatch, error, status, message):
+    monkeypatch.setattr(Image, "open", _Fails(error))
+    with pytest.raises(RuntimeStatusError) as e:
+        load_image_bytes(b"abc")
+    assert (e.value.status, e.value.message) == (status, message)
+
+
+@pytest.mark.parametrize("size", [(0, 4), (4, 0)])
+def test_an_image_that_decodes_to_nothing_is_empty(monkeypatch, size):
+    monkeypatch.setattr(preprocess_module, "_convert_to_rgb", lambda image: Image.new("RGB", size))
+    with pytest.raises(RuntimeStatusError) as e:
+        load_image_bytes(_png_bytes(Image.new("RGB", (4, 4))))
+    assert e.value.status == Status.IMAGE_INVALID
+    assert e.value.message.endswith(f"is empty ({size[0]}x{size[1]}); pass a non-empty image")
+
+
+def test_preprocess_checks_its_image_before_any_work(monkeypatch):
+    params = _params()
+    with pytest.raises(RuntimeStatusError) as e:
+        preprocess(np.zeros((2, 2, 3), np.uint8), params)
+    assert (e.value.status, e.value.message) == (
+        Status.INVALID_ARGUMENT, "preprocess expects a PIL image, got ndarray; use load_image(path)")
+    for size in ((0, 3), (3, 0)):
+        with pytest.raises(RuntimeStatusError) as e:
+            preprocess(Image.new("RGB", size), params)
+        assert (e.value.status, e.value.message) == (
+            Status.IMAGE_INVALID, f"image is empty ({size[0]}x{size[1]}); pass a non-empty image")
+    assert preprocess(Image.new("RGB", (1, 1)), params)[1] == (1, 1)
+    with pytest.raises(RuntimeStatusError) as e:
+        preprocess(Image.new("RGB", (30, 20)), params, max_bytes=0)
+    assert e.value.status == Status.RESOURCE_LIMIT and e.value.message.startswith("image (PIL image) (30x20) needs about ")
+    monkeypatch.setattr(preprocess_module, "_convert_to_rgb", _Fails(ValueError("mode\n  unknown")))
+    with pytest.raises(RuntimeStatusError) as e:
+        preprocess(Image.new("RGB", (3, 3)), params)
+    assert (e.value.status, e.value.message) == (Status.IMAGE_INVALID, "cannot convert the RGB image to RGB: mode unknown")
+
+
+# --- the transforms, against transformers' own (image_transforms)
+
+@pytest.mark.parametrize("hw", [(5, 7), (7, 5), (4, 4), (2, 9), (9, 2), (3, 3), (1, 6)])
+@pytest.mark.parametrize("crop", [1, 3, 4, 6, 8])
+def test_center_crop_is_transformers_center_crop(hw, crop):
+    from transformers.image_transforms import center_crop
+
+    arr = np.random.default_rng(hw[0] * 10 + hw[1]).integers(1, 256, (*hw, 3), dtype=np.uint8)
+    ours = preprocess_module._center_crop(arr, crop)
+    theirs = center_crop(arr, (crop, crop), input_data_format="channels_last")
+    assert ours.shape == theirs.shape == (crop, crop, 3) and ours.dtype == theirs.dtype == np.uint8
+    assert (ours == theirs).all()
+
+
+@pytest.mark.parametrize("hw", [(90, 300), (300, 90), (112, 112), (113, 112), (112, 113), (7, 500)])
+def test_shortest_edge_size_is_transformers(hw):
+    from transformers.image_transforms import get_resize_output_image_size
+
+    theirs = get_resize_output_image_size(np.zeros((*hw, 3), np.uint8), 112, default_to_square=False,
+                                          input_data_format="channels_last")
+    assert preprocess_module._shortest_edge_size(hw, 112) == tuple(theirs)
