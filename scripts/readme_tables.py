@@ -68,7 +68,8 @@ def where(report: dict, file: str) -> str:
 
 def command(report: dict, file: str) -> str:
     """The command that wrote docs/results/FILE: record_result.py around the measuring command."""
-    return (f"```\n.venv/bin/python scripts/record_result.py docs/results/{file} -- \\\n"
+    options = f" {report['recorded_options']}" if report.get("recorded_options") else ""
+    return (f"```\n.venv/bin/python scripts/record_result.py docs/results/{file}{options} -- \\\n"
             f"    {report['recorded_command']}\n```")
 
 

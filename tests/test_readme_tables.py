@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -90,6 +91,28 @@ def test_sweep_table():
     assert "| hired | 0.1 | 288 | 14.2 s | 15.1 tokens/s | 3.81 GiB |" in text
     assert "scripts/record_result.py docs/results/sweep-7b-shape.json -- \\\n    edgeprune sweep x" in text
     assert "agreement" not in text and "(no `--data`: speed and memory only)" in text
+    report["recorded_options"] = "--take export/s/sweep.json --copy=export/s/sweep.png=docs/results/s.png"
+    assert ("scripts/record_result.py docs/results/sweep-7b-shape.json --take export/s/sweep.json "
+            "--copy=export/s/sweep.png=docs/results/s.png -- \\\n    edgeprune sweep x") in rt.render_sweep(report)
+
+
+def test_record_result_keeps_its_own_options(tmp_path):
+    """The README prints record_result.py's --take/--copy too, so the printed command reproduces the file."""
+    import subprocess
+    import sys
+
+    made = tmp_path / "made.json"
+    plot = tmp_path / "plot.png"
+    plot.write_bytes(b"png")
+    write = f"import json; open({str(made)!r}, 'w').write(json.dumps({{'provenance': {{}}}}))"
+    out = tmp_path / "result.json"
+    proc = subprocess.run([sys.executable, str(rt.ROOT / "scripts" / "record_result.py"), str(out), "--take", str(made),
+                           "--copy", f"{plot}={tmp_path / 'kept.png'}", "--", sys.executable, "-c", write],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    assert report["recorded_options"] == f"--take {made} --copy={plot}={tmp_path / 'kept.png'}"
+    assert (tmp_path / "kept.png").read_bytes() == b"png"
 
 
 def test_genai_side_by_side_table():
