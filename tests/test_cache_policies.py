@@ -461,3 +461,17 @@ def test_heavy_hitter_on_a_quantized_bundle_decodes_through_the_step_graph(tmp_p
     evictor = gen.decoder.evictor
     assert gen.stop_reason == "max_new_tokens" and len(gen.token_ids) == n and gen.evicted_slots >= n - gen.cache.capacity
     assert evictor.mass[:gen.cache.length].sum() > 0  # the step graph's attn_mass was bound and accumulated
+
+
+def test_an_endless_follow_up_under_an_evicting_policy_is_refused(loaded, image):
+    """max_new_tokens 0 with ignore_eos never stops under an evicting policy (no EOS, no full cache): a first turn
+    is refused, and so must a follow-up be (it used to generate forever)."""
+    gen = Generator(loaded, GeneratorParams(max_new_tokens=3, ignore_eos=True, cache_policy="sink-window"), image,
+                    "What is on the table?")
+    _run(gen)
+    with pytest.raises(RuntimeStatusError) as e:
+        gen.follow_up("And then?", GeneratorParams(max_new_tokens=0, ignore_eos=True))
+    assert e.value.status == Status.INVALID_ARGUMENT and "--max-new-tokens N > 0" in e.value.message
+    assert not gen._handed_over and gen.cache.length == gen.prompt_slots + 2  # nothing changed: it can still go on
+    turn = gen.follow_up("And then?", GeneratorParams(max_new_tokens=2, ignore_eos=True))
+    assert _run(turn) and turn.stop_reason == "max_new_tokens"

@@ -336,7 +336,8 @@ def Generator_CreateFollowUp(generator: int, params: int, prompt: str, raw_promp
     `generator` must be done; it hands its cache to the new one and can then be read but not stepped
     (INVALID_ARGUMENT), and it may be destroyed independently; its logits are copied at the hand-over (the new
     turn's steps write the decode buffers they came from). out.value: a Generator handle owned by the caller.
-    Fails with INVALID_ARGUMENT (not done, already followed up, an image token in the prompt, exact_boundary),
+    Fails with INVALID_ARGUMENT (not done, already followed up, an image token in the prompt, exact_boundary,
+    max_new_tokens 0 with ignore_eos under an evicting cache policy: it would never stop),
     PROMPT_TOO_LONG, CACHE_FULL (the conversation and max_new_tokens do not fit: start a new one), INFERENCE_FAILED.
     """
     p = _get(params, GeneratorParams, "GeneratorParams")

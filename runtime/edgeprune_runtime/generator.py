@@ -152,9 +152,7 @@ class Generator:
         p = self.params
         self.policy = bundle.cache_info.resolve(p.cache_policy, p.cache_sinks, p.cache_pin_image, s.cache_capacity,
                                                 engine.per_layer_valid, engine.device is HOST)
-        if self.policy.evicts and p.max_new_tokens == 0 and p.ignore_eos:
-            raise RuntimeStatusError(Status.INVALID_ARGUMENT, f"--cache-policy {self.policy.name} never fills the cache: "
-                                     "with --ignore-eos, give --max-new-tokens N > 0")
+        _check_ends(self.policy, p)
 
         text = tok.prompt_text(prompt, bundle.prompt_template, raw_prompt)
         before, after = tok.encode_prompt(text)  # prompt errors surface before any heavy work
@@ -298,7 +296,8 @@ class Generator:
         What the cache then holds is the conversation as the chat template writes it: this turn's prompt, its
         answer (without a final EOS, which the template does not write) and `follow_up_text(prompt)`. This
         generator must be done; afterwards it can still be read but not stepped (its cache moved on).
-        Raises RuntimeStatusError: INVALID_ARGUMENT (not done, handed over already, bad prompt or params),
+        Raises RuntimeStatusError: INVALID_ARGUMENT (not done, handed over already, bad prompt or params, a turn
+        that would never end: max_new_tokens 0 with ignore_eos under an evicting policy),
         PROMPT_TOO_LONG, CACHE_FULL (the follow-up does not fit: under the stop policy; an evicting policy evicts to
         make room and fails only when pinned slots leave too few), INFERENCE_FAILED."""
         t0 = time.perf_counter()
@@ -317,6 +316,7 @@ class Generator:
         if len(new) > runner.max_slots:
             raise RuntimeStatusError(Status.PROMPT_TOO_LONG, f"the follow-up needs {len(new)} slots, a step takes at most "
                                      f"{runner.max_slots}; shorten it")
+        _check_ends(self.policy, params)  # a follow-up keeps the conversation's policy
         evictor = self.decoder.evictor
         if evictor is not None:
             evictor.make_room(len(new))  # the conversation's policy makes room for the new turn; CACHE_FULL if pinned
@@ -432,6 +432,14 @@ class Generator:
             keep = [i for i in table.by_first[rest[0]] if table.of[i].startswith(rest)] or list(table.by_first[rest[0]])
             self.logits = np.full_like(logits, -1e30)  # finite: the sampler refuses -inf as a broken graph
             self.logits[keep] = logits[keep]
+
+
+def _check_ends(policy: cache_policy.CachePolicy, params: GeneratorParams) -> None:
+    """INVALID_ARGUMENT for a turn that would never stop: an evicting policy never fills the cache, so with
+    ignore_eos only max_new_tokens can end it (a first turn and a follow-up alike)."""
+    if policy.evicts and params.max_new_tokens == 0 and params.ignore_eos:
+        raise RuntimeStatusError(Status.INVALID_ARGUMENT, f"--cache-policy {policy.name} never fills the cache: "
+                                 "with --ignore-eos, give --max-new-tokens N > 0")
 
 
 def follow_up_template(prompt_template: str, image_token: str) -> str:
