@@ -475,3 +475,40 @@ def test_an_endless_follow_up_under_an_evicting_policy_is_refused(loaded, image)
     assert not gen._handed_over and gen.cache.length == gen.prompt_slots + 2  # nothing changed: it can still go on
     turn = gen.follow_up("And then?", GeneratorParams(max_new_tokens=2, ignore_eos=True))
     assert _run(turn) and turn.stop_reason == "max_new_tokens"
+
+
+def _edited_copy(bundle, tmp_path, change):
+    import shutil
+
+    root = tmp_path / "b"
+    shutil.copytree(bundle, root)
+    data = json.loads((root / "manifest.json").read_text())
+    change(data)
+    (root / "manifest.json").write_text(json.dumps(data))
+    return root
+
+
+def _refused(root) -> str:
+    from edgeprune_runtime import capi
+    from edgeprune_runtime.capi import Out
+
+    out = Out()
+    status = capi.Bundle_Create(str(root), out, backend="cpu")
+    message = capi.GetLastError()
+    assert status == Status.BUNDLE_INVALID and out.value is None, (status, message)
+    assert "\n" not in message
+    return message
+
+
+@pytest.mark.parametrize("freqs", [
+    lambda n: [1e308] * n,  # finite, but every angle overflows: NaN keys after the first eviction
+    lambda n: [0.0] + [0.5] * (n - 1),
+    lambda n: [-0.5] * n,
+    lambda n: [2.0] + [0.5] * (n - 1),
+])
+def test_rotary_frequencies_outside_rope_s_range_are_bundle_invalid(hh_bundle, tmp_path, freqs):
+    """RoPE's inverse frequencies are base**(-2i/Dh) (scaled variants divide them further): in (0, 1]. Others in
+    the untrusted manifest are refused at load, not turned into NaN keys mid-generation."""
+    root = _edited_copy(hh_bundle, tmp_path, lambda d: d["cache"].update(
+        rope_inv_freq=freqs(len(d["cache"]["rope_inv_freq"]))))
+    assert "cache.rope_inv_freq" in _refused(root)

@@ -84,6 +84,11 @@ class BundleCache:
         # [Dh/2]: RoPE rotates the whole head (Llama's rotate_half form)
         freqs = [checks.need_number(f, "manifest cache.rope_inv_freq[]")
                  for f in checks.need_list(d["rope_inv_freq"], "manifest cache.rope_inv_freq", head_dim // 2, head_dim // 2)]
+        # RoPE's base**(-2j/Dh), which scaled variants (linear, llama3, yarn) only divide: (0, 1] radians per position.
+        # Bounded, every re-rotation angle (shift < C) is finite; an overflowing one would write NaN keys.
+        if not all(0.0 < f <= 1.0 for f in freqs):
+            raise bundle_invalid("manifest cache.rope_inv_freq must hold rotary inverse frequencies in (0, 1]; "
+                                 "re-export the bundle")
         if name == HEAVY_HITTER and not d["attn_mass"]:
             raise bundle_invalid("manifest cache.policy is heavy-hitter but attn_mass is false; re-export the bundle")
         return cls(CachePolicy(name, sinks, d["pin_image"]), np.asarray(freqs, np.float64), d["attn_mass"])
