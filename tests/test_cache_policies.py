@@ -512,3 +512,26 @@ def test_rotary_frequencies_outside_rope_s_range_are_bundle_invalid(hh_bundle, t
     root = _edited_copy(hh_bundle, tmp_path, lambda d: d["cache"].update(
         rope_inv_freq=freqs(len(d["cache"]["rope_inv_freq"]))))
     assert "cache.rope_inv_freq" in _refused(root)
+
+
+def test_an_attn_mass_of_another_type_is_bundle_invalid_at_load(hh_bundle, tmp_path):
+    """The Decoder binds attn_mass to a float32 [C] host buffer, as it binds the logits: a graph declaring it as
+    double is refused when the bundle loads (it used to load and fail at the first heavy-hitter decode step)."""
+    import hashlib
+
+    import onnx
+    from onnx import TensorProto, helper
+
+    root = _edited_copy(hh_bundle, tmp_path, lambda d: None)
+    path = root / "lm" / "decode.onnx"
+    model = onnx.load(str(path), load_external_data=False)
+    for node in model.graph.node:
+        node.output[:] = ["attn_mass_f32" if o == "attn_mass" else o for o in node.output]
+    model.graph.node.append(helper.make_node("Cast", ["attn_mass_f32"], ["attn_mass"], to=TensorProto.DOUBLE))
+    (out,) = [o for o in model.graph.output if o.name == "attn_mass"]
+    out.type.tensor_type.elem_type = TensorProto.DOUBLE
+    onnx.save(model, str(path))
+    data = json.loads((root / "manifest.json").read_text())
+    data["files"]["lm/decode.onnx"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    (root / "manifest.json").write_text(json.dumps(data))
+    assert "'attn_mass' has type tensor(double)" in _refused(root)

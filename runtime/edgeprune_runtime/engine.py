@@ -345,7 +345,8 @@ class Engine:
         self.cache_dtype = _ORT_DTYPES[cache_type]
         bound = {**{n: (din, "tensor(int64)") for n in ("token_ids", "position")},
                  **{n: (din, "tensor(float)") for n in ("is_visual", "slot_valid", "cache_valid")},
-                 "logits": (dout, "tensor(float)"), **{name: (dout, cache_type) for name in new}}
+                 "logits": (dout, "tensor(float)"), **{name: (dout, cache_type) for name in new},
+                 **{name: (dout, "tensor(float)") for name in self._mass_output()}}
         for name, (declared, want) in bound.items():
             if declared[name][1] != want:
                 raise bundle_invalid(f"step graph {name!r} has type {declared[name][1]}, the runtime binds {want}; re-export")
@@ -383,7 +384,8 @@ class Engine:
         # the Decoder binds numpy buffers of these types to the decode graph once (engine.Decoder)
         bound = {"token_id": (din, "tensor(int64)"), "position": (din, "tensor(int64)"),
                  **{name: (din, "tensor(float)") for name in valid},
-                 "logits": (dout, "tensor(float)"), **{name: (dout, cache_type) for name in new}}
+                 "logits": (dout, "tensor(float)"), **{name: (dout, cache_type) for name in new},
+                 **{name: (dout, "tensor(float)") for name in (self._mass_output() if not skip else {})}}
         for name, (declared, want) in bound.items():
             if declared[name][1] != want:
                 raise bundle_invalid(f"{what} graph {name!r} has type {declared[name][1]}, the runtime binds {want}; re-export")
