@@ -535,3 +535,20 @@ def test_an_attn_mass_of_another_type_is_bundle_invalid_at_load(hh_bundle, tmp_p
     data["files"]["lm/decode.onnx"] = hashlib.sha256(path.read_bytes()).hexdigest()
     (root / "manifest.json").write_text(json.dumps(data))
     assert "'attn_mass' has type tensor(double)" in _refused(root)
+
+
+def test_heavy_hitter_s_recent_chunk_gives_way_when_nothing_older_can_go():
+    """Sinks (0..3) and the image (4..35) pinned in a 40-slot cache: the only unpinned slots, 36..39, are the most
+    recent chunk (4 slots). They are kept while older slots can go, but when none can, the least-mass one of them
+    goes (it used to stop with CACHE_FULL blaming pinned slots that do not fill the cache)."""
+    capacity, sinks, dh = 40, 4, 4
+    assert _chunk(capacity, sinks) == 4
+    cache = KVCache([1], capacity, dh)
+    tags = np.broadcast_to(np.arange(capacity, dtype=np.float32)[None, :, None], (1, capacity, dh)).copy()
+    cache.fill_from_prefill([np.ones((1, capacity, dh), np.float32)], [tags], np.ones(capacity, np.float32))
+    evictor = Evictor(CachePolicy("heavy-hitter", sinks, True), cache, np.ones(dh // 2), image_slots=(4, 32))
+    mass = np.full(capacity, 5.0, np.float32)
+    mass[[36, 37, 38, 39]] = [0.3, 0.2, 0.1, 0.4]  # tag 38 has the least
+    evictor.observe(mass)
+    assert evictor.make_room(1) == 1
+    assert [int(t) for t in cache.values[0][0, :cache.length, 0]] == [t for t in range(capacity) if t != 38]

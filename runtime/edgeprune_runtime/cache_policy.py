@@ -3,9 +3,9 @@
     stop          generation ends with stop_reason "cache_full" (the default)
     sink-window   keep the first S slots (attention sinks) and the most recent ones: evict the oldest non-sink slots
     heavy-hitter  (H2O / MustDrop's decode stage) evict the unpinned slots with the least attention mass accumulated
-                  over the decode steps; pinned: the S sinks, the image's kept visual slots (`pin_image`), and the
-                  most recent `chunk` slots (they have had too few steps to accumulate mass; H2O keeps a recent
-                  window for the same reason)
+                  over the decode steps; pinned: the S sinks and the image's kept visual slots (`pin_image`); kept
+                  while older slots can go: the most recent `chunk` slots (they have had too few steps to accumulate
+                  mass; H2O keeps a recent window for the same reason)
 
 Eviction keeps the cache's invariant (kvcache.py): valid slots are a prefix and the key in slot i carries rotary
 position i (StreamingLLM's in-cache positions). `KVCache.evict` moves the survivors left in place, in order, and
@@ -193,14 +193,19 @@ class Evictor:
         return blocked
 
     def make_room(self, needed: int) -> int:
-        """Evicts until `needed` slots are free (at least a chunk at a time); returns how many it evicted.
+        """Evicts until `needed` slots are free (at least a chunk at a time); returns how many it evicted. When the
+        slots outside heavy-hitter's recent chunk cannot free `needed`, the least-mass unpinned slots go, recent or not
+        (only as many as needed).
 
         Raises RuntimeStatusError(CACHE_FULL) when the pinned slots leave too few to evict."""
         room = self.cache.room()
         if room >= needed:
             return 0
         count = max(self.chunk, needed - room)
-        slots = choose_evictions(self.policy.name, count, self.candidates(), self.mass[:self.cache.lengths[0]])
+        n = self.cache.lengths[0]
+        slots = choose_evictions(self.policy.name, count, self.candidates(), self.mass[:n])
+        if room + len(slots) < needed:  # the recent chunk is kept while older slots can go; now it gives way too
+            slots = choose_evictions(self.policy.name, needed - room, self.pinned[:n], self.mass[:n])
         if room + len(slots) < needed:
             image = " and the image" if self.policy.name == HEAVY_HITTER and self.policy.pin_image else ""
             raise RuntimeStatusError(Status.CACHE_FULL, f"{needed} cache slots are needed and only {room + len(slots)} "
