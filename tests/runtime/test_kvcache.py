@@ -204,3 +204,46 @@ def test_an_append_needs_room_only_in_the_layers_it_writes():
     with pytest.raises(RuntimeStatusError) as e:
         cache.append(one[1:], one[1:], first_layer=1)
     assert e.value.status == Status.CACHE_FULL
+
+
+# --- eviction (cache_policy.py): survivors move left, keys re-rotated to their new slots --------------------
+
+
+def _rope_complex(base: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray) -> np.ndarray:
+    """base [H, n, Dh] -> RoPE at `positions` [n], as complex numbers: the pair (x_j, x_{j+Dh/2}) is x_j + i x_{j+Dh/2},
+    multiplied by exp(i p inv_freq_j) (the rotate_half form, written apart from cache_policy.rerotate)."""
+    half = base.shape[-1] // 2
+    z = (base[..., :half] + 1j * base[..., half:]) * np.exp(1j * positions[:, None] * inv_freq[None, :])
+    return np.concatenate([z.real, z.imag], axis=-1)
+
+
+def test_evict_moves_survivors_and_rerotates_keys_per_layer_head_count():
+    rng = np.random.default_rng(5)
+    kv_heads, c, dh = (3, 1), 10, 8  # head pruning: layers with different KV heads
+    inv_freq = 10000.0 ** (-np.arange(0, dh, 2) / dh)
+    base = [rng.standard_normal((h, c, dh)) for h in kv_heads]  # keys before RoPE
+    keys = [_rope_complex(b, np.arange(c, dtype=np.float64), inv_freq).astype(np.float32) for b in base]
+    values = [rng.standard_normal((h, c, dh)).astype(np.float32) for h in kv_heads]
+    cache = KVCache(kv_heads, c, dh)
+    cache.fill_from_prefill(keys, values, np.ones(c, np.float32))
+    cache.evict([2, 5, 6], inv_freq)
+    kept = [0, 1, 3, 4, 7, 8, 9]
+    assert cache.lengths == [7, 7] and cache.position == 7
+    for layer in range(len(kv_heads)):
+        expected = _rope_complex(base[layer][:, kept], np.arange(7, dtype=np.float64), inv_freq)  # slot i: position i
+        np.testing.assert_allclose(cache.keys[layer][:, :7], expected, atol=2e-6)
+        np.testing.assert_array_equal(cache.values[layer][:, :7], values[layer][:, kept])  # values are not rotated
+        np.testing.assert_array_equal(cache.valid[layer], [1] * 7 + [0] * 3)
+
+
+@pytest.mark.parametrize("slots", [[3, 3], [5, 2], [2, 7], [-1, 2]])
+def test_evict_refuses_duplicate_unsorted_or_invalid_slots_and_changes_nothing(slots):
+    c, dh = 8, 4
+    cache = KVCache([1], c, dh)
+    keys = np.arange(c * dh, dtype=np.float32).reshape(1, c, dh)
+    cache.fill_from_prefill([keys], [keys], np.array([1] * 7 + [0], np.float32))  # 7 valid slots: 7 is not one
+    with pytest.raises(RuntimeStatusError) as e:
+        cache.evict(slots, np.ones(dh // 2))
+    assert e.value.status == Status.INTERNAL_ERROR
+    assert cache.lengths == [7] and cache.position == 7
+    np.testing.assert_array_equal(cache.keys[0][:, :7], keys[:, :7])
