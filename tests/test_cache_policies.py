@@ -552,3 +552,37 @@ def test_heavy_hitter_s_recent_chunk_gives_way_when_nothing_older_can_go():
     evictor.observe(mass)
     assert evictor.make_room(1) == 1
     assert [int(t) for t in cache.values[0][0, :cache.length, 0]] == [t for t in range(capacity) if t != 38]
+
+
+def test_any_cache_section_loads_to_a_finite_rerotation_or_is_bundle_invalid():
+    """The manifest's `cache` section, each key replaced by arbitrary JSON: BundleCache.from_manifest either refuses it
+    with BUNDLE_INVALID (one line) or gives frequencies that re-rotate keys to finite values at every shift below C."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from edgeprune_runtime.cache_policy import BundleCache, rerotate
+
+    head_dim, capacity = 8, 64
+    good = {"policy": "sink-window", "sinks": 4, "pin_image": True, "attn_mass": False,
+            "rope_inv_freq": (10000.0 ** (-np.arange(0, head_dim, 2) / head_dim)).tolist()}
+    leaves = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-2 ** 70, 2 ** 70), st.booleans(),
+                       st.none(), st.text(max_size=6), st.sampled_from(["stop", "sink-window", "heavy-hitter"]))
+    values = st.one_of(st.recursive(leaves, lambda inner: st.lists(inner, max_size=head_dim), max_leaves=head_dim),
+                       st.lists(st.one_of(st.floats(allow_nan=False, allow_infinity=False),
+                                          st.sampled_from([1.7e308, -1.7e308, 1e300, 5e-324])),
+                                min_size=head_dim // 2, max_size=head_dim // 2))  # well-formed lists, finite values
+
+    @settings(max_examples=300, derandomize=True, database=None, deadline=None)
+    @given(st.dictionaries(st.sampled_from(sorted(good)), values, max_size=3))
+    def check(changes):
+        try:
+            cache = BundleCache.from_manifest({**good, **changes}, head_dim, capacity)
+        except RuntimeStatusError as e:
+            assert e.status == Status.BUNDLE_INVALID and "\n" not in e.message
+            return
+        keys = np.ones((1, capacity, head_dim), np.float32)
+        with np.errstate(all="raise"):  # an overflow would raise here instead of writing inf/NaN keys
+            out = rerotate(keys, np.arange(capacity), cache.inv_freq)
+        assert np.isfinite(out).all()
+
+    check()

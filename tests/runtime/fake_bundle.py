@@ -370,6 +370,10 @@ def make_fake_bundle(root: Path, *, newlines: bool = True, t1: int = 8, t2: int 
         "graphs": {"vision": {"file": "vision/vision.onnx"}, "prefill": {"file": "lm/prefill.onnx"},
                    "decode": {"file": "lm/decode.onnx"}, "lm_weights": "lm/lm.weights"},
         "files": {rel: hashlib.sha256((root / rel).read_bytes()).hexdigest() for rel in files},
+        # a `cache` section (cache_policy.BundleCache) with the stop policy: parsed at every load, so the fuzz suite's
+        # manifest mutations reach it, while runs behave as without it
+        "cache": {"policy": "stop", "sinks": 2, "pin_image": True, "attn_mass": False,
+                  "rope_inv_freq": (10000.0 ** (-np.arange(0, head_dim, 2) / head_dim)).tolist()},
     }
     (root / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return root, lm
