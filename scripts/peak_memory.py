@@ -6,6 +6,10 @@
 Each setting runs `edgeprune bench`'s bundle worker (edgeprune_runtime only, the built-in sample image and
 prompt, 32 tokens, EOS ignored) in its own process and reads its VmHWM; weights = lm.weights + vision.weights,
 cache = every layer's K and V at full capacity (as `bench` reports them). Prints one JSON object with provenance.
+
+--stages adds, per setting, one more run (scripts/memory_stages.py) that reads the resident memory after the
+imports, after each ONNX Runtime session is created, after vision, prefill and decode, each stage's own peak,
+and how much of it is file-backed (the mapped weights) or private.
 """
 
 from __future__ import annotations
@@ -22,10 +26,21 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+def _child(command: list[str], env: dict) -> dict | None:
+    """The last stdout line of `command` as JSON, or None after printing the `error:` line of its failure."""
+    proc = subprocess.run(command, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
+        print(f"error: the bundle run failed: {tail}", file=sys.stderr)
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("bundle")
     ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--stages", action="store_true", help="also the resident memory after each stage (memory_stages.py)")
     args = ap.parse_args(argv)
 
     from edgeprune.provenance import provenance
@@ -39,14 +54,16 @@ def main(argv: list[str] | None = None) -> int:
         image = str(write_sample_image(Path(tmp) / "sample.png"))
         for arena in ("1", "0"):
             env = {**os.environ, "EDGEPRUNE_CPU_ARENA": arena}
-            proc = subprocess.run([sys.executable, "-m", "edgeprune.bench", "bundle", args.bundle, image, SAMPLE_PROMPT,
-                                   str(args.max_new_tokens)], capture_output=True, text=True, env=env)
-            if proc.returncode != 0:
-                tail = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
-                print(f"error: the bundle run failed: {tail}", file=sys.stderr)
+            request = [args.bundle, image, SAMPLE_PROMPT, str(args.max_new_tokens)]
+            r = _child([sys.executable, "-m", "edgeprune.bench", "bundle", *request], env)
+            if r is None:
                 return 2
-            r = json.loads(proc.stdout.strip().splitlines()[-1])
             r["peak_rss_vs_weights_plus_cache"] = r["peak_rss_bytes"] / (r["weights_bytes"] + r["cache_bytes"])
+            if args.stages:
+                staged = _child([sys.executable, str(ROOT / "scripts" / "memory_stages.py"), *request], env)
+                if staged is None:
+                    return 2
+                r["stages"] = staged["stages"]
             runs["arena_on" if arena == "1" else "arena_off"] = r
     print(json.dumps({"bundle": args.bundle, "prompt": SAMPLE_PROMPT, **runs, "provenance": provenance()}))
     return 0
