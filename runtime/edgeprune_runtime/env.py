@@ -6,10 +6,11 @@ Variables the runtime understands:
     EDGEPRUNE_LM_PREPACK  1: let ORT prepack the prefill graph's LM weights (faster prefill, one
                           extra private copy of the LM weights); unset/0: no prepacking, weights
                           stay in the one shared memory map (see engine.py)
-    EDGEPRUNE_CPU_ARENA   0: sessions allocate activations with malloc instead of ONNX Runtime's CPU
-                          arena; unset/1: the arena (ORT's default). Each session's arena keeps its
-                          own peak, so the process's peak is the sum of the sessions' peaks rather than
-                          the largest (scripts/peak_memory.py measures both)
+    EDGEPRUNE_CPU_ARENA   1: sessions allocate activations from ONNX Runtime's CPU arena (ORT's own
+                          default); unset/0: with malloc, so memory one session frees is reused by the
+                          next. Each session's arena keeps its own peak, so with arenas the process's
+                          peak is the sum of the sessions' peaks rather than the largest
+                          (scripts/peak_memory.py measures both)
 """
 
 from __future__ import annotations
