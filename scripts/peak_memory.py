@@ -1,9 +1,10 @@
-"""Peak resident memory of a bundle's run against its weights plus KV cache, with ONNX Runtime's CPU arena on and off.
+"""Peak resident memory of a bundle's run against its weights plus KV cache: the runtime's defaults, then ORT's CPU arena.
 
     flock /tmp/edgeprune-7b.lock nice -n 5 .venv/bin/python scripts/record_result.py \\
         docs/results/peak-memory-7b-shape-fast.json -- .venv/bin/python scripts/peak_memory.py export/fast7b
 
-Each setting runs `edgeprune bench`'s bundle worker (edgeprune_runtime only, the built-in sample image and
+Two settings: `default` (the runtime as shipped: EDGEPRUNE_CPU_ARENA unset, so no arena) and `arena_on`
+(EDGEPRUNE_CPU_ARENA=1, ONNX Runtime's CPU arena in every session), for comparison. Each setting runs `edgeprune bench`'s bundle worker (edgeprune_runtime only, the built-in sample image and
 prompt, 32 tokens, EOS ignored) in its own process and reads its VmHWM; weights = lm.weights + vision.weights,
 cache = every layer's K and V at full capacity (as `bench` reports them). Prints one JSON object with provenance.
 
@@ -24,6 +25,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+
+# setting -> its environment variables (the runtime's defaults first; env.py)
+SETTINGS = {"default": {}, "arena_on": {"EDGEPRUNE_CPU_ARENA": "1"}}
 
 
 def _child(command: list[str], env: dict) -> dict | None:
@@ -52,8 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
         image = str(write_sample_image(Path(tmp) / "sample.png"))
-        for arena in ("1", "0"):
-            env = {**os.environ, "EDGEPRUNE_CPU_ARENA": arena}
+        for name, arena in SETTINGS.items():
+            env = {k: v for k, v in os.environ.items() if k != "EDGEPRUNE_CPU_ARENA"} | arena
             request = [args.bundle, image, SAMPLE_PROMPT, str(args.max_new_tokens)]
             r = _child([sys.executable, "-m", "edgeprune.bench", "bundle", *request], env)
             if r is None:
@@ -64,8 +69,10 @@ def main(argv: list[str] | None = None) -> int:
                 if staged is None:
                     return 2
                 r["stages"] = staged["stages"]
-            runs["arena_on" if arena == "1" else "arena_off"] = r
-    print(json.dumps({"bundle": args.bundle, "prompt": SAMPLE_PROMPT, **runs, "provenance": provenance()}))
+            runs[name] = r
+    same = runs["default"]["token_ids"] == runs["arena_on"]["token_ids"]
+    print(json.dumps({"bundle": args.bundle, "prompt": SAMPLE_PROMPT, **runs, "same_tokens": same,
+                      "provenance": provenance()}))
     return 0
 
 
