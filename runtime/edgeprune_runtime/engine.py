@@ -150,8 +150,7 @@ def session_options(prepacking: bool = True):
 
     Why no arena: each session's arena keeps the high-water mark of its own activations, so the vision session's
     (5 crops through CLIP) and the LM's stay reserved side by side; with malloc, what vision frees is reused by
-    prefill. Measured on llava-next-7b-shape --layers 2 (int4): peak RSS 1.82 -> 1.48 GB, same tokens, no slower
-    (docs/results/peak-memory-7b-shape-fast.json)."""
+    prefill. scripts/peak_memory.py measures both settings (README "Speed": docs/results/peak-memory-7b-shape-fast.json)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
