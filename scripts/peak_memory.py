@@ -1,12 +1,15 @@
-"""Peak resident memory of a bundle's run against its weights plus KV cache: the runtime's defaults, then ORT's CPU arena.
+"""Peak resident memory of a bundle's run against its weights plus KV cache: the runtime's defaults, then alternatives.
 
     flock /tmp/edgeprune-7b.lock nice -n 5 .venv/bin/python scripts/record_result.py \\
         docs/results/peak-memory-7b-shape-fast.json -- .venv/bin/python scripts/peak_memory.py export/fast7b
 
-Two settings: `default` (the runtime as shipped: EDGEPRUNE_CPU_ARENA unset, so no arena) and `arena_on`
-(EDGEPRUNE_CPU_ARENA=1, ONNX Runtime's CPU arena in every session), for comparison. Each setting runs `edgeprune bench`'s bundle worker (edgeprune_runtime only, the built-in sample image and
-prompt, 32 tokens, EOS ignored) in its own process and reads its VmHWM; weights = lm.weights + vision.weights,
-cache = every layer's K and V at full capacity (as `bench` reports them). Prints one JSON object with provenance.
+Settings (SETTINGS): `default` (the runtime as shipped: no CPU arena; a quantized bundle's prefill in steps of 128
+slots), then for comparison `arena_on` (EDGEPRUNE_CPU_ARENA=1: ONNX Runtime's CPU arena in every session) and
+`prefill_one_call` (EDGEPRUNE_PREFILL_CHUNK=0: all prefill slots in one step call, as before). Each setting runs
+`edgeprune bench`'s bundle worker (edgeprune_runtime only, the built-in sample image and prompt, 32 tokens, EOS
+ignored) in its own process and reads its VmHWM; weights = lm.weights + vision.weights, cache = every layer's K
+and V at full capacity (as `bench` reports them). Prints one JSON object with provenance; `same_tokens`: every
+setting generated the default's tokens.
 
 --stages adds, per setting, one more run (scripts/memory_stages.py) that reads the resident memory after the
 imports, after each ONNX Runtime session is created, after vision, prefill and decode, each stage's own peak,
@@ -28,7 +31,8 @@ sys.path.insert(0, str(ROOT))
 
 
 # setting -> its environment variables (the runtime's defaults first; env.py)
-SETTINGS = {"default": {}, "arena_on": {"EDGEPRUNE_CPU_ARENA": "1"}}
+SETTINGS = {"default": {}, "arena_on": {"EDGEPRUNE_CPU_ARENA": "1"}, "prefill_one_call": {"EDGEPRUNE_PREFILL_CHUNK": "0"}}
+ENV_NAMES = ("EDGEPRUNE_CPU_ARENA", "EDGEPRUNE_PREFILL_CHUNK")  # unset for the default, whatever the caller's environment
 
 
 def _child(command: list[str], env: dict) -> dict | None:
@@ -57,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
         image = str(write_sample_image(Path(tmp) / "sample.png"))
-        for name, arena in SETTINGS.items():
-            env = {k: v for k, v in os.environ.items() if k != "EDGEPRUNE_CPU_ARENA"} | arena
+        for name, variables in SETTINGS.items():
+            env = {k: v for k, v in os.environ.items() if k not in ENV_NAMES} | variables
             request = [args.bundle, image, SAMPLE_PROMPT, str(args.max_new_tokens)]
             r = _child([sys.executable, "-m", "edgeprune.bench", "bundle", *request], env)
             if r is None:
@@ -70,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
                     return 2
                 r["stages"] = staged["stages"]
             runs[name] = r
-    same = runs["default"]["token_ids"] == runs["arena_on"]["token_ids"]
+    same = all(run["token_ids"] == runs["default"]["token_ids"] for run in runs.values())
     print(json.dumps({"bundle": args.bundle, "prompt": SAMPLE_PROMPT, **runs, "same_tokens": same,
                       "provenance": provenance()}))
     return 0

@@ -300,22 +300,27 @@ def test_one_step_session_matches_the_prefill_and_decode_graphs(bundles, sample_
 
 def test_cpu_prefill_runs_in_steps_of_a_few_slots_and_fills_the_cache_as_the_prefill_graph(bundles, monkeypatch):
     """The CPU backend's step prefill (Engine.start) feeds the prompt's valid slots in steps of at most
-    CPU_PREFILL_CHUNK (so a step's attention tensors are [H, chunk, C + chunk], not [H, S, C + S]); the reference is
+    CPU_PREFILL_CHUNK, or EDGEPRUNE_PREFILL_CHUNK (so a step's attention tensors are [H, chunk, C + chunk], not [H, S, C + S]); the reference is
     ONNX Runtime on the bundle's own prefill.onnx over all S slots at once: same logits, and the cache holds its
     valid slots' K/V, compacted, in order."""
     import dataclasses
 
     from edgeprune_runtime.backends import select
     from edgeprune_runtime.engine import Engine
+    from edgeprune_runtime.errors import RuntimeStatusError
     from edgeprune_runtime.kvcache import prefill_slot_valid
     from edgeprune_runtime.manifest import load_manifest
 
     q = bundles("int4")
     m = load_manifest(q)
     s = m.shapes
+    monkeypatch.delenv("EDGEPRUNE_PREFILL_CHUNK", raising=False)
     assert select.cpu_backend(m).prefill_chunk == select.CPU_PREFILL_CHUNK > 0
+    monkeypatch.setenv("EDGEPRUNE_PREFILL_CHUNK", "-1")
+    with pytest.raises(RuntimeStatusError, match="EDGEPRUNE_PREFILL_CHUNK=-1 must be >= 0"):
+        select.cpu_backend(m)
     chunk = 5  # the 73 valid slots of these inputs in 15 steps (the default, 128, would take one)
-    monkeypatch.setattr(select, "CPU_PREFILL_CHUNK", chunk)
+    monkeypatch.setenv("EDGEPRUNE_PREFILL_CHUNK", str(chunk))
     eng = Engine(m)
     assert eng.backend.lm == "step" and eng.backend.prefill_chunk == chunk
     steps = []

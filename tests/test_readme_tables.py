@@ -64,9 +64,9 @@ def test_peak_memory_table_puts_the_defaults_first_with_their_stages():
               "same_tokens": True}
     text = rt.render_peak_memory(report)
     lines = text.splitlines()
-    first = lines.index("| defaults (no CPU arena) | 2.00 GiB | **1.00** | 5.0 s | 30.0 tokens/s |")
+    first = lines.index("| defaults (no CPU arena, prefill in steps) | 2.00 GiB | **1.00** | 5.0 s | 30.0 tokens/s |")
     assert lines[first + 1] == "| `EDGEPRUNE_CPU_ARENA=1` | 2.50 GiB | **1.25** | 6.5 s | 30.0 tokens/s |"
-    assert "Weights 1.50 GiB (lm.weights + vision.weights), KV cache 0.50 GiB; 32 tokens, the same in both settings: yes." in text
+    assert "Weights 1.50 GiB (lm.weights + vision.weights), KV cache 0.50 GiB; 32 tokens, the same in every setting: yes." in text
     assert "| prefill | 1.00 GiB | 0.75 GiB | 0.50 GiB | 0.25 GiB |" in lines
     assert "scripts/peak_memory.py b --stages" in text and "commit `0123456789`" in text
 

@@ -49,9 +49,10 @@ def test_peak_memory_reports_the_default_then_the_arena_with_stages(bundles):
     out = script("peak_memory.py", bundles["int4"], "--max-new-tokens", "3", "--stages")
     assert out.returncode == 0, out.stderr
     r = json.loads(out.stdout)
-    assert [k for k in r if k in ("default", "arena_on")] == ["default", "arena_on"] and r["same_tokens"] is True
+    settings = ["default", "arena_on", "prefill_one_call"]
+    assert [k for k in r if k in settings] == settings and r["same_tokens"] is True
     names = ["imports", "session vision", "session step", "bundle loaded", "vision", "prefill", "decode (3 tokens)"]
-    for key in ("default", "arena_on"):
+    for key in settings:
         run = r[key]
         assert run["generated_tokens"] == 3
         assert run["peak_rss_vs_weights_plus_cache"] == pytest.approx(

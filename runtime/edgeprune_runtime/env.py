@@ -11,6 +11,9 @@ Variables the runtime understands:
                           next. Each session's arena keeps its own peak, so with arenas the process's
                           peak is the sum of the sessions' peaks rather than the largest
                           (scripts/peak_memory.py measures both)
+    EDGEPRUNE_PREFILL_CHUNK   the CPU backend's step prefill (quantized bundles) feeds the prompt's valid
+                          slots in steps of this many (unset: 128, backends/select.py); 0: all S slots in
+                          one call, whose attention tensors [H, S, C + S] are then the process's peak
 """
 
 from __future__ import annotations

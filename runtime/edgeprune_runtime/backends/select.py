@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from edgeprune_runtime import ortlib
 from edgeprune_runtime.backends.gpu import cc_tuple, compute_capability
+from edgeprune_runtime.env import env_int
 from edgeprune_runtime.errors import RuntimeStatusError, Status
 
 BACKENDS = ("auto", "cpu", "cuda", "trt")
@@ -57,7 +58,7 @@ CPU = Backend("cpu", "cpu", ("CPUExecutionProvider",), "asked for")
 # The CPU step path's prefill runs the prompt's valid slots in calls of this many. A step over T slots holds attention
 # tensors [H, T, C + T] (past and new keys); on llava-next-7b-shape (H 32, C 960) all 704 slots at once hold
 # 150 MB per tensor, several live at the softmax: prefill was the process's peak. 128 slots: 18 MB per tensor.
-# The GPU backends keep one call (TensorRT's prefill profile is T = S).
+# The GPU backends keep one call (TensorRT's prefill profile is T = S). EDGEPRUNE_PREFILL_CHUNK overrides it (env.py).
 CPU_PREFILL_CHUNK = 128
 # The CPU backend running the GPU backends' LM contract (one step graph): how tests here exercise that code path.
 CPU_STEP = Backend("cpu", "cpu", ("CPUExecutionProvider",), "asked for", "step")
@@ -70,8 +71,10 @@ def cpu_backend(manifest, reason: str = "asked for") -> Backend:
     where prefill + decode sessions held two. Bundles without a step graph, or whose layers hold different
     tokens (which the step path does not run), keep prefill + decode."""
     step = _precision(manifest.data) in ("int8", "int4") and "step" in manifest.graphs and not _per_layer(manifest)
-    return (Backend("cpu", "cpu", CPU.providers, reason, "step", prefill_chunk=CPU_PREFILL_CHUNK) if step
-            else Backend("cpu", "cpu", CPU.providers, reason))
+    if not step:
+        return Backend("cpu", "cpu", CPU.providers, reason)
+    chunk = env_int("EDGEPRUNE_PREFILL_CHUNK", CPU_PREFILL_CHUNK, minimum=0)
+    return Backend("cpu", "cpu", CPU.providers, reason, "step", prefill_chunk=chunk)
 
 
 def select(requested: str, manifest) -> Backend:
