@@ -126,13 +126,19 @@ def _recipe(model_name: str, recipe_file: str | None, **flags):
               "the last text token attends to most, L:KEEP[,L2:KEEP2...] (FastV/PyramidDrop; KEEP 0 = YOPO).")
 @click.option("--skip-decode", help="SkipDecode: from decode position POS on skip the lowest K LM layers, "
               "POS:K[,POS2:K2...] (monotone), e.g. 32:1,64:2.")
+@click.option("--cache-policy", help="When the KV cache is full: stop (default), sink-window or heavy-hitter "
+              "(adds the attn_mass decode output); the bundle's default, `run --cache-policy` overrides it.")
+@click.option("--cache-sinks", type=int, help="First cache slots never evicted (attention sinks; recipe default 4).")
+@click.option("--cache-pin-image/--no-cache-pin-image", default=None,
+              help="heavy-hitter: never evict the image's kept visual slots (recipe default: pinned).")
 @click.option("--report", is_flag=True, help="Print parameters, FLOPs per stage and KV-cache bytes before and after "
               "the rewrites (with --json: a `report` key).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (bundle path, K, slots, sizes, timings).")
 @user_errors
 def export(model_name, budget, model_dir, out_dir, recipe_file, strategy, newlines, alpha, vision_keep, layers, target, opset,
            precision, force, prune_heads, prune_vision_heads, fold_pruned_heads, head_criterion, skip_layers,
-           skip_vision_layers, stats_file, drop_visual_after, skip_decode, report, as_json):
+           skip_vision_layers, stats_file, drop_visual_after, skip_decode, cache_policy, cache_sinks, cache_pin_image,
+           report, as_json):
     """Trace NAME into a static-shape ONNX bundle (vision, prefill, decode, step graphs + manifest)."""
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -145,7 +151,8 @@ def export(model_name, budget, model_dir, out_dir, recipe_file, strategy, newlin
                      prune_vision_heads=prune_vision_heads, fold_pruned_heads=fold_pruned_heads,
                      head_criterion=head_criterion, stats=stats_file, **_skip_layers_flag(skip_layers),
                      **_skip_layers_flag(skip_vision_layers, "skip_vision_layers", "--skip-vision-layers"),
-                     drop_visual_after=drop_visual_after, skip_decode=skip_decode)
+                     drop_visual_after=drop_visual_after, skip_decode=skip_decode, cache_policy=cache_policy,
+                     cache_sinks=cache_sinks, cache_pin_image=cache_pin_image)
     recipe = resolve_for_target(recipe, opset_given=opset is not None)
     out = Path(out_dir or Path("export") / model_name)
     console = Console(stderr=True)
@@ -342,9 +349,14 @@ def tiny(model_name, out_dir, layers, as_json):
 @click.option("--interactive", is_flag=True, help="After the answer(s), read follow-up questions from stdin.")
 @click.option("--backend", type=click.Choice(["auto", "cpu", "cuda", "trt"]), default="auto", show_default=True,
               help="Where to run: the bundle's TensorRT engines, a CUDA GPU, or the CPU (auto: the first that can run here).")
+@click.option("--cache-policy", help="When the KV cache is full: stop, sink-window or heavy-hitter (evict in place "
+              "and go on) [default: the bundle's].")
+@click.option("--cache-sinks", type=int, help="First cache slots never evicted [default: the bundle's, 4].")
+@click.option("--cache-pin-image/--no-cache-pin-image", default=None,
+              help="heavy-hitter: never evict the image's kept visual slots [default: the bundle's, pinned].")
 @user_errors
 def run(bundle, image, prompt, max_new_tokens, raw_prompt, temperature, top_p, seed, as_json, skip_hash_check,
-        ignore_eos, exact_boundary, turns_file, interactive, backend):
+        ignore_eos, exact_boundary, turns_file, interactive, backend, cache_policy, cache_sinks, cache_pin_image):
     """Answer PROMPT about IMAGE with BUNDLE on ONNX Runtime, streaming tokens as they come."""
     from edgeprune_runtime.cli import read_turns
     from edgeprune_runtime.cli import run as runtime_run
@@ -353,7 +365,8 @@ def run(bundle, image, prompt, max_new_tokens, raw_prompt, temperature, top_p, s
     runtime_run(bundle, image, prompt, max_new_tokens=max_new_tokens, raw_prompt=raw_prompt,
                 temperature=temperature, top_p=top_p, seed=seed, as_json=as_json,
                 verify_hashes=not skip_hash_check, ignore_eos=ignore_eos, exact_boundary=exact_boundary,
-                turns=turns, interactive=interactive, backend=backend)
+                turns=turns, interactive=interactive, backend=backend, cache_policy=cache_policy,
+                cache_sinks=cache_sinks, cache_pin_image=cache_pin_image)
 
 
 @cli.command()

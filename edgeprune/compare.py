@@ -223,8 +223,9 @@ def compare_bundle(bundle_dir: str | Path, image_path: str, prompt: str = SAMPLE
     for i in layers:
         cache_feed[f"past_key_{i}"], cache_feed[f"past_value_{i}"] = cache.keys[i], cache.values[i]
     token = {"token_id": np.array([int(np.argmax(p_out["logits"]))], np.int64), "position": np.array([n], np.int64)}
+    attn_mass = m.cache.attn_mass  # heavy-hitter bundles: the decode and step graphs output attn_mass too
     for skip in schedule.skips:
-        decode = DecodeGraph(loaded.model, s, per_layer, skip).eval()
+        decode = DecodeGraph(loaded.model, s, per_layer, skip, attn_mass=attn_mass and not skip).eval()
         feed = {name: {**token, **cache_feed}[name] for name in decode.input_names}
         stage = "decode" if not skip else f"decode-skip{skip}"
         path = m.graphs["decode"]["file"] if not skip else m.graphs["decode_skip"][str(skip)]["file"]
@@ -244,7 +245,7 @@ def compare_bundle(bundle_dir: str | Path, image_path: str, prompt: str = SAMPLE
             feed[f"cache_valid_{i}"] = np.zeros(s.cache_slots_at(i), np.float32)
             for kind in ("key", "value"):
                 feed[f"past_{kind}_{i}"] = np.zeros((h, s.cache_slots_at(i), s.head_dim), np.float32)
-        step = StepGraph(loaded.model, s, per_layer).eval()
+        step = StepGraph(loaded.model, s, per_layer, attn_mass=attn_mass).eval()
         feed = {name: feed[name] for name in step.input_names}
         more, _ = _compare_stage("step", _torch_runner(step, list(step.input_names), list(step.output_names),
                                                        "torch-step", feed),

@@ -77,6 +77,12 @@ def export_bundle(model_name: str, out_dir: str | Path, recipe: Recipe, model_di
     from edgeprune_runtime.manifest import per_layer_validity
 
     per_layer = per_layer_validity(shapes, skip_decode)
+    from edgeprune_runtime.cache_policy import HEAVY_HITTER, STOP
+
+    if recipe.cache.sinks >= shapes.cache_capacity:
+        raise ExportError(f"--cache-sinks {recipe.cache.sinks} leaves no window in the cache's {shapes.cache_capacity} "
+                          "slots; lower it")
+    attn_mass = recipe.cache.policy == HEAVY_HITTER  # the decode and step graphs output attn_mass [C]
 
     from edgeprune.graphs import VISION_OUTPUTS, DecodeGraph, PrefillGraph, StepGraph, VisionGraph, feature_layer_count
     from edgeprune.onnx_export import apply_passes, check_static, export_module, store_weights_once
@@ -121,13 +127,13 @@ def export_bundle(model_name: str, out_dir: str | Path, recipe: Recipe, model_di
         # SkipDecode: one more decode graph per skip count, sharing lm.weights (store_weights_once below)
         decode_graphs = {0: "decode", **{k: f"decode_skip{k}" for k in skip_decode.skips[1:]}}
         for skip, name in decode_graphs.items():
-            decode = DecodeGraph(model, s, per_layer, skip).eval()
+            decode = DecodeGraph(model, s, per_layer, skip, attn_mass=attn_mass and not skip).eval()
             export_module(decode, (*token, *cache_args(skip)), list(decode.input_names), list(decode.output_names),
                           scratch / name / f"{name}.onnx", opset)
 
         on_stage("export step graph")
         # The LM of TensorRT engines: T slots over the cache, T dynamic (prefill and decode profiles).
-        step = StepGraph(model, s, per_layer).eval()
+        step = StepGraph(model, s, per_layer, attn_mass=attn_mass).eval()
         step_args = (torch.zeros(s.prefill_slots, dtype=torch.int64), torch.zeros(s.prefill_slots, s.hidden_size),
                      torch.zeros(s.prefill_slots), torch.ones(s.prefill_slots), torch.zeros(1, dtype=torch.int64),
                      *cache_args())
@@ -183,6 +189,8 @@ def export_bundle(model_name: str, out_dir: str | Path, recipe: Recipe, model_di
             "layers": {"lm": _lm_layers(lm_record, s), "vision": [r.to_dict() for r in vision_record]},
             # SkipDecode: [[from decode position, lowest layers skipped], ...]; graphs.decode_skip has their graphs
             **({"skip_decode": skip_decode.to_list()} if skip_decode.stages else {}),
+            # the cache policy's default and what eviction needs (edgeprune_runtime/cache_policy.py); stop bundles: none
+            **({"cache": _cache_section(recipe, model)} if recipe.cache.policy != STOP else {}),
             # token pruning inside the vision tower: from CLIP layer L on, each partition runs keep[L] patch tokens
             **({"vision_keep": {str(layer): n for layer, n in vision.keep.items()}} if vision.keep else {}),
             "costs": {"before": costs_before, "after": model_costs(model, shapes, vision_keep=vision.keep)},
@@ -216,6 +224,16 @@ def export_bundle(model_name: str, out_dir: str | Path, recipe: Recipe, model_di
     finally:
         staging.close()
     return out
+
+
+def _cache_section(recipe: Recipe, model) -> dict:
+    """manifest `cache`: the default policy, and the LM's rotary inverse frequencies [Dh/2] (the runtime re-rotates
+    kept keys after an eviction) and whether the graphs output attn_mass."""
+    from edgeprune_runtime.cache_policy import HEAVY_HITTER
+
+    inv_freq = model.model.language_model.rotary_emb.inv_freq.detach().double().tolist()
+    return {"policy": recipe.cache.policy, "sinks": recipe.cache.sinks, "pin_image": recipe.cache.pin_image,
+            "attn_mass": recipe.cache.policy == HEAVY_HITTER, "rope_inv_freq": inv_freq}
 
 
 def _lm_layers(record, shapes) -> list[dict]:

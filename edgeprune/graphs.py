@@ -336,21 +336,26 @@ class DecodeGraph(_LanguageModel):
 
     `skip` > 0 (SkipDecode): the lowest `skip` layers do not run; the token's embedding enters layer `skip`,
     and the graph reads and writes only the caches of the layers that run. Layer l's cache holds C_l slots.
+
+    `attn_mass` (the heavy-hitter cache policy, edgeprune_runtime/cache_policy.py): one more output `attn_mass` [C],
+    the attention probability the token pays each cache slot, summed over heads and layers (one mass per slot, so
+    every layer evicts the same slots). Without it the graph is exactly as it always was.
     """
 
-    def __init__(self, model, shapes: Shapes, per_layer_valid: bool = False, skip: int = 0):
+    def __init__(self, model, shapes: Shapes, per_layer_valid: bool = False, skip: int = 0, attn_mass: bool = False):
         super().__init__(model, shapes, per_layer_valid)
         self.skip = skip
+        self.attn_mass = attn_mass
         run = range(skip, shapes.num_layers)
         self.input_names = ("token_id", "position", *cache_valid_names(per_layer_valid, run), *kv_names("past_", run))
-        self.output_names = ("logits", *kv_names("new_", run))
+        self.output_names = ("logits", *kv_names("new_", run), *(("attn_mass",) if attn_mass else ()))
 
     def forward(self, token_id, position, *rest):
         run = range(self.skip, self.shapes.num_layers)
         x = self.embed(token_id)  # [1, D]
         cos, sin = _rope(self.inv_freq, self.rope_scaling, position.to(torch.float32))
         masks, past = self.cache_masks(rest, run)  # [C_l] each
-        news = []
+        news, mass = [], []
         for j, i in enumerate(run):
             layer = self.layers[i]
             attn = layer.self_attn
@@ -365,9 +370,11 @@ class DecodeGraph(_LanguageModel):
             self_score = (qg * k).sum(dim=-1, keepdim=True) * attn.scaling  # [Hkv, G, 1]
             probs = torch.softmax(torch.cat([past_scores, self_score], dim=-1), dim=-1)
             out = torch.matmul(probs[..., :capacity], past_v) + probs[..., capacity:] * v
+            if self.attn_mass:
+                mass.append(probs[..., :capacity].sum(dim=(0, 1)))  # [C]: over the Hkv x G query heads
             x = x + attn.o_proj(out.reshape(1, -1))
             x = self.mlp_block(layer, x)
-        return (self.logits(x), *news)
+        return (self.logits(x), *news, *((torch.stack(mass).sum(dim=0),) if self.attn_mass else ()))
 
 
 class StepGraph(_LanguageModel):
@@ -388,14 +395,19 @@ class StepGraph(_LanguageModel):
     when its rank among the valid new visual slots (by the same score as the prefill graph's) is below KEEP;
     later layers mask the others as keys, and `new_valid_<l>` [T] says which of the T new K/V rows layer l
     keeps (the prefill graph's `slot_valid_<l>`, uncompacted). Decode steps have no visual slot: no change.
+
+    `attn_mass` (heavy-hitter, as DecodeGraph's): one more output `attn_mass` [C], the attention probability the
+    T new slots pay each cache slot, summed over heads, valid query rows and layers (for T = 1, DecodeGraph's).
     """
 
-    def __init__(self, model, shapes: Shapes, per_layer_valid: bool = False):
+    def __init__(self, model, shapes: Shapes, per_layer_valid: bool = False, attn_mass: bool = False):
         super().__init__(model, shapes, per_layer_valid)
+        self.attn_mass = attn_mass
         layers = range(shapes.num_layers)
         self.input_names = ("token_ids", "visual_embeds", "is_visual", "slot_valid", "position",
                             *cache_valid_names(per_layer_valid, layers), *kv_names("past_", layers))
-        self.output_names = ("logits", *kv_names("new_", layers), *(f"new_valid_{i}" for i in self.dropped_layers))
+        self.output_names = ("logits", *kv_names("new_", layers), *(f"new_valid_{i}" for i in self.dropped_layers),
+                             *(("attn_mass",) if attn_mass else ()))
 
     def forward(self, token_ids, visual_embeds, is_visual, slot_valid, position, *rest):
         # [T, D]: the token embedding of text slots, the given embedding of visual slots
@@ -409,7 +421,7 @@ class StepGraph(_LanguageModel):
         self_mask = (1.0 - allowed) * NEG  # [T, T] causal & real keys
         cache_masks, past = self.cache_masks(rest, range(self.shapes.num_layers))  # [C_l] each
         t = x.shape[0]
-        news, kept_valid = [], []
+        news, kept_valid, mass = [], [], []
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
             if i in self.dropped_layers:
@@ -425,6 +437,10 @@ class StepGraph(_LanguageModel):
             self_scores = torch.matmul(qg, k.transpose(1, 2)).reshape(hkv, -1, t, t) * attn.scaling + self_mask
             probs = torch.softmax(torch.cat([past_scores, self_scores.reshape(hkv, -1, t)], dim=-1), dim=-1)
             out = torch.matmul(probs[..., :capacity], past_v) + torch.matmul(probs[..., capacity:], v)
+            if self.attn_mass:
+                # [C]: over Hkv and the G x T query rows; padding rows (slot_valid 0) pay nothing
+                rows = probs[..., :capacity].reshape(hkv, -1, t, capacity) * valid[:, None]
+                mass.append(rows.sum(dim=(0, 1, 2)))
             out = out.reshape(-1, t, dh).transpose(0, 1).reshape(t, -1)  # [T, H*Dh]
             x = x + attn.o_proj(out)
             x = self.mlp_block(layer, x)
@@ -433,7 +449,8 @@ class StepGraph(_LanguageModel):
                 valid = _keep_top_visual(scores, valid, is_visual, slot, self.drops[i])
                 allowed = (slot[None, :] <= slot[:, None]).to(torch.float32) * valid[None, :]
                 self_mask = (1.0 - allowed) * NEG
-        return (self.logits(_last_valid_row(x, valid, slot)), *news, *kept_valid)
+        return (self.logits(_last_valid_row(x, valid, slot)), *news, *kept_valid,
+                *((torch.stack(mass).sum(dim=0),) if self.attn_mass else ()))
 
 
 def _keep_top_visual(scores, valid, is_visual, slot, keep: int):

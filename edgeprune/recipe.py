@@ -64,6 +64,16 @@ class RewritesRecipe:
 
 
 @dataclass(frozen=True)
+class CacheRecipe:
+    """What the runtime does when the KV cache is full (edgeprune_runtime/cache_policy.py); the bundle's default,
+    which `run --cache-policy` overrides. heavy-hitter adds the `attn_mass` output to the decode and step graphs."""
+
+    policy: str = "stop"  # stop | sink-window | heavy-hitter
+    sinks: int = 4  # first slots never evicted (attention sinks)
+    pin_image: bool = True  # heavy-hitter: never evict the image's kept visual slots
+
+
+@dataclass(frozen=True)
 class Recipe:
     budget: float = 0.2  # fraction of patch tokens (all partitions) the LM sees
     strategy: str = "hired"  # see edgeprune/selection.py
@@ -75,25 +85,30 @@ class Recipe:
     shapes: ShapesRecipe = field(default_factory=ShapesRecipe)
     onnx: OnnxRecipe = field(default_factory=OnnxRecipe)
     rewrites: RewritesRecipe = field(default_factory=RewritesRecipe)
+    cache: CacheRecipe = field(default_factory=CacheRecipe)
 
     def override(self, **flags) -> "Recipe":
         """Returns a copy with every flag that is not None applied, then validated.
 
-        `opset`, `precision` and `target` set the `[onnx]` table, the `[rewrites]` keys that table;
+        `opset`, `precision` and `target` set the `[onnx]` table, the `[rewrites]` keys that table,
+        `cache_policy`, `cache_sinks` and `cache_pin_image` the `[cache]` table's policy, sinks and pin_image;
         the others are top-level keys. Giving `skip_layers` clears `skip_layer_indices` and vice versa."""
         onnx_keys = {f.name for f in dataclasses.fields(OnnxRecipe)}
         rewrite_keys = {f.name for f in dataclasses.fields(RewritesRecipe)}
+        cache_keys = {f"cache_{f.name}": f.name for f in dataclasses.fields(CacheRecipe)}
         given = {k: v for k, v in flags.items() if v is not None}
-        top = {k: v for k, v in given.items() if k not in onnx_keys | rewrite_keys}
+        top = {k: v for k, v in given.items() if k not in onnx_keys | rewrite_keys | set(cache_keys)}
         onnx = {k: v for k, v in given.items() if k in onnx_keys}
         rewrites = {k: v for k, v in given.items() if k in rewrite_keys}
+        cache = {cache_keys[k]: v for k, v in given.items() if k in cache_keys}
         for count, indices in (("skip_layers", "skip_layer_indices"), ("skip_vision_layers", "skip_vision_layer_indices")):
             if count in rewrites:
                 rewrites.setdefault(indices, ())
             if indices in rewrites:
                 rewrites.setdefault(count, 0)
         return dataclasses.replace(self, **top, onnx=dataclasses.replace(self.onnx, **onnx),
-                                   rewrites=dataclasses.replace(self.rewrites, **rewrites)).validated()
+                                   rewrites=dataclasses.replace(self.rewrites, **rewrites),
+                                   cache=dataclasses.replace(self.cache, **cache)).validated()
 
     def validated(self) -> "Recipe":
         if not (0.0 < self.budget <= 1.0):
@@ -143,6 +158,14 @@ class Recipe:
         for name in ("text_slots_before_image", "text_slots_after_image", "new_token_slots"):
             if getattr(self.shapes, name) < 1:
                 raise ConfigError(f"shapes.{name} must be >= 1, got {getattr(self.shapes, name)}")
+        from edgeprune_runtime.cache_policy import POLICIES
+
+        _one_of("cache.policy (--cache-policy)", self.cache.policy, POLICIES)
+        if self.cache.sinks < 0:  # the upper bound (below the cache capacity) is checked against the planned shapes
+            raise ConfigError(f"cache.sinks (--cache-sinks) must be >= 0, got {self.cache.sinks}")
+        if self.cache.policy != "stop" and (r.drop_visual_after or r.skip_decode):
+            raise ConfigError(f"cache.policy {self.cache.policy!r} needs every LM layer to hold the same tokens; "
+                              "--drop-visual-after and --skip-decode take --cache-policy stop")
         return self
 
     def keeps_newlines(self) -> bool:
@@ -165,7 +188,7 @@ def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
         raise ConfigError(f"{key} {value!r} is not one of {', '.join(allowed)}.{did_you_mean(value, allowed)}")
 
 
-_TABLES = {"shapes": ShapesRecipe, "onnx": OnnxRecipe, "rewrites": RewritesRecipe}
+_TABLES = {"shapes": ShapesRecipe, "onnx": OnnxRecipe, "rewrites": RewritesRecipe, "cache": CacheRecipe}
 _SCALARS = {"int": int, "float": float, "str": str, "bool": bool}
 _LISTS = {"tuple[int, ...]": int}  # list-valued keys and their element type
 

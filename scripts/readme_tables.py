@@ -68,7 +68,8 @@ def where(report: dict, file: str) -> str:
 
 def command(report: dict, file: str) -> str:
     """The command that wrote docs/results/FILE: record_result.py around the measuring command."""
-    return (f"```\n.venv/bin/python scripts/record_result.py docs/results/{file} -- \\\n"
+    options = f" {report['recorded_options']}" if report.get("recorded_options") else ""
+    return (f"```\n.venv/bin/python scripts/record_result.py docs/results/{file}{options} -- \\\n"
             f"    {report['recorded_command']}\n```")
 
 
@@ -331,6 +332,36 @@ def render_multiturn(r: dict, file: str = "multiturn-tiny.json") -> str:
     return "\n".join([command(r, file), "", *rows, "", note, "", where(r, file)])
 
 
+def render_cache_policies(r: dict, file: str = "cache-policies-7b-shape.json") -> str:
+    marks = ("10%", "50%", "100%", "10x")
+    rows = ["| policy | " + " | ".join(f"tokens/s to {m} of C" for m in marks) + " | slots evicted | RSS at 10% / 10x | stop |",
+            "|---|" + "---|" * (len(marks) + 3)]
+    for x in r["policies"]:
+        at = x["marks"]
+        rate = lambda m: f"{at[m]['tokens_per_s']:.1f}" if at.get(m) else "-"  # noqa: E731
+        last = next(at[m] for m in reversed(marks) if at.get(m))
+        rss = f"{at['10%']['rss_mib'] / 1024:.2f} / {last['rss_mib'] / 1024:.2f} GiB" if at.get("10%") else "-"
+        rows.append(f"| {x['policy']} | " + " | ".join(rate(m) for m in marks) +
+                    f" | {last['evicted_slots']} | {rss} | {x['stop_reason']} after {x['tokens']} tokens |")
+    note = (f"Cache capacity C = {r['cache_capacity']} slots ({r['policies'][0]['prompt_slots']} of them the prompt), "
+            f"{r['sinks']} sinks, eviction chunk {r['eviction_chunk']} slots. Each rate is the decode tokens/s "
+            "between the previous mark and this one (generated tokens = 0.1 C, 0.5 C, C, 10 C); `stop` ends when "
+            "the cache is full, so its later marks are empty. RSS at 10x is at the last mark the run reached.")
+    return "\n".join([command(r, file), "", *rows, "", note, "", where(r, file)])
+
+
+def render_eviction_cost(r: dict, file: str = "eviction-cost-7b-shape.json") -> str:
+    rows = ["| policy | cache capacity C | slots per eviction | ms per eviction | ms per evicted slot (amortised per token) |",
+            "|---|---|---|---|---|"]
+    for x in r["rows"]:
+        rows.append(f"| {x['policy']} | {x['capacity']} | {x['evicted_per_chunk']} | {x['ms_per_eviction']:.1f} | "
+                    f"{x['ms_per_evicted_slot']:.2f} |")
+    note = (f"A host cache of {r['layers']} layers x {r['kv_heads']} KV heads x head dim {r['head_dim']} (the 7B shape), "
+            f"{r['sinks']} sinks; median of {r['repeats']} evictions, each choosing the chunk, moving the survivors "
+            "and re-rotating their keys.")
+    return "\n".join([command(r, file), "", *rows, "", note, "", where(r, file)])
+
+
 def render_rewrites_quality(r: dict) -> str:
     rows = ["| rewrite | what it changed | KL mean | KL max | same greedy tokens |", "|---|---|---|---|---|"]
     for name, v in r["variants"].items():
@@ -387,6 +418,8 @@ SECTIONS = {
     "multiturn-llava-shape": ("multiturn-7b-shape.json", lambda r: render_multiturn(r, "multiturn-7b-shape.json")),
     "concurrency-llava-shape": ("concurrency-7b-shape.json", lambda r: render_concurrency(r, "concurrency-7b-shape.json")),
     "boundary": ("boundary-tiny.json", render_boundary),
+    "cache-policies": ("cache-policies-7b-shape.json", render_cache_policies),
+    "eviction-cost": ("eviction-cost-7b-shape.json", render_eviction_cost),
     "concurrency": ("concurrency-tiny.json", render_concurrency),
     "trt-build": (TRT_FILES[0], render_trt_build),
     "trt-memory": (TRT_FILES[0], render_trt_memory),

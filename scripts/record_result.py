@@ -72,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
         print("error: the report has no `provenance`; record only edgeprune bench/sweep reports", file=sys.stderr)
         return 2
     report["recorded_command"] = shlex.join([_short(c) for c in command])
+    options = (["--take", str(args.take)] if args.take else []) + [f"--copy={pair}" for pair in args.copy]
+    if options:  # what record_result.py itself was given, so the README can print the whole command
+        report["recorded_options"] = shlex.join(_short(o) for o in options)
     for src, dst in copies:
         tmp = dst.with_name(f".{dst.name}.tmp")
         dst.parent.mkdir(parents=True, exist_ok=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -107,6 +108,28 @@ def test_sweep_table():
     assert "| hired | 0.1 | 288 | 14.2 s | 15.1 tokens/s | 3.81 GiB |" in text
     assert "scripts/record_result.py docs/results/sweep-7b-shape.json -- \\\n    edgeprune sweep x" in text
     assert "agreement" not in text and "(no `--data`: speed and memory only)" in text
+    report["recorded_options"] = "--take export/s/sweep.json --copy=export/s/sweep.png=docs/results/s.png"
+    assert ("scripts/record_result.py docs/results/sweep-7b-shape.json --take export/s/sweep.json "
+            "--copy=export/s/sweep.png=docs/results/s.png -- \\\n    edgeprune sweep x") in rt.render_sweep(report)
+
+
+def test_record_result_keeps_its_own_options(tmp_path):
+    """The README prints record_result.py's --take/--copy too, so the printed command reproduces the file."""
+    import subprocess
+    import sys
+
+    made = tmp_path / "made.json"
+    plot = tmp_path / "plot.png"
+    plot.write_bytes(b"png")
+    write = f"import json; open({str(made)!r}, 'w').write(json.dumps({{'provenance': {{}}}}))"
+    out = tmp_path / "result.json"
+    proc = subprocess.run([sys.executable, str(rt.ROOT / "scripts" / "record_result.py"), str(out), "--take", str(made),
+                           "--copy", f"{plot}={tmp_path / 'kept.png'}", "--", sys.executable, "-c", write],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    assert report["recorded_options"] == f"--take {made} --copy={plot}={tmp_path / 'kept.png'}"
+    assert (tmp_path / "kept.png").read_bytes() == b"png"
 
 
 def test_genai_side_by_side_table():
@@ -184,3 +207,31 @@ def test_rewrites_bench_table(monkeypatch, tmp_path):
     assert "| heads-50 | prune_heads 0.5 | 4 / 64 | 576, 576, 576, 576 | 8.0 s (5.0 s, 2.0 s) | 15.0 tokens/s | 1.25x, 2.00x, 1.50x |" in text
     assert "| drop-visual-after-1 | drop_visual_after 1:288 | 4 / 128 | 576, 576, 288, 288 |" in text
     assert "docs/results/rewrites-bench-7b-shape-heads-25.json -- \\\n    edgeprune bench x --b" in text
+
+
+def test_cache_policies_table():
+    def mark(rate, evicted, rss):
+        return {"tokens": 1, "tokens_per_s": rate, "rss_mib": rss, "evicted_slots": evicted}
+
+    report = {"recorded_command": ".venv/bin/python scripts/cache_policy_figures.py b --image i", "provenance": PROVENANCE,
+              "cache_capacity": 336, "sinks": 4, "eviction_chunk": 41, "policies": [
+                  {"policy": "stop", "stop_reason": "cache_full", "tokens": 147, "prompt_slots": 190,
+                   "marks": {"10%": mark(12.5, 0, 4096), "50%": None, "100%": None, "10x": None}},
+                  {"policy": "heavy-hitter", "stop_reason": "max_new_tokens", "tokens": 3360, "prompt_slots": 190,
+                   "marks": {"10%": mark(12.0, 0, 4096), "50%": mark(11.0, 0, 4096), "100%": mark(10.0, 41, 4100),
+                             "10x": mark(9.5, 3200, 4100)}}]}
+    text = rt.render_cache_policies(report)
+    assert "| stop | 12.5 | - | - | - | 0 | 4.00 / 4.00 GiB | cache_full after 147 tokens |" in text
+    assert "| heavy-hitter | 12.0 | 11.0 | 10.0 | 9.5 | 3200 | 4.00 / 4.00 GiB | max_new_tokens after 3360 tokens |" in text
+    assert "C = 336 slots (190 of them the prompt), 4 sinks, eviction chunk 41 slots" in text
+    assert "scripts/record_result.py docs/results/cache-policies-7b-shape.json" in text
+
+
+def test_eviction_cost_table():
+    report = {"recorded_command": ".venv/bin/python scripts/eviction_cost.py", "provenance": PROVENANCE, "kv_heads": 32,
+              "head_dim": 128, "layers": 2, "sinks": 4, "repeats": 30,
+              "rows": [{"policy": "sink-window", "capacity": 336, "evicted_per_chunk": 41, "ms_per_eviction": 29.93,
+                        "ms_per_evicted_slot": 0.73}]}
+    text = rt.render_eviction_cost(report)
+    assert "| sink-window | 336 | 41 | 29.9 | 0.73 |" in text
+    assert "2 layers x 32 KV heads x head dim 128" in text and "median of 30 evictions" in text

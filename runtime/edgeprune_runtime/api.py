@@ -46,6 +46,8 @@ class Result:
     timings: dict  # per stage seconds: image_s, preprocess_s, vision_s, prefill_s, ttft_s, decode_s
     boundary_text: str = ""  # exact_boundary: the bytes that finished the prompt's last word, chosen before token_ids
     backend: str = "cpu"  # "cpu" | "cuda" | "trt": where it ran (Bundle.backend says why)
+    cache_policy: str = "stop"  # what a full cache did: stop | sink-window | heavy-hitter
+    evicted_slots: int = 0  # cache slots evicted so far in this conversation
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -54,7 +56,15 @@ class Result:
 
 
 def _set_params(params: int, max_new_tokens: int = 32, raw_prompt: bool = False, temperature: float = 0.0,
-                top_p: float = 1.0, seed: int = 0, ignore_eos: bool = False, exact_boundary: bool = False) -> None:
+                top_p: float = 1.0, seed: int = 0, ignore_eos: bool = False, exact_boundary: bool = False,
+                cache_policy: str | None = None, cache_sinks: int | None = None,
+                cache_pin_image: bool | None = None) -> None:
+    """The options on a GeneratorParams handle; the cache options only when given (None: the bundle's default)."""
+    for setter, value in ((capi.GeneratorParams_SetCachePolicy, cache_policy),
+                          (capi.GeneratorParams_SetCacheSinks, cache_sinks),
+                          (capi.GeneratorParams_SetCachePinImage, cache_pin_image)):
+        if value is not None:
+            _check(setter(params, value))
     _check(capi.GeneratorParams_SetMaxNewTokens(params, max_new_tokens))
     _check(capi.GeneratorParams_SetTemperature(params, temperature))
     _check(capi.GeneratorParams_SetTopP(params, top_p))
@@ -68,11 +78,14 @@ class Generator:
 
     def __init__(self, bundle: "Bundle", image, prompt: str, *, max_new_tokens: int = 32, raw_prompt: bool = False,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, ignore_eos: bool = False,
-                 exact_boundary: bool = False, channels: str | None = None):
+                 exact_boundary: bool = False, channels: str | None = None, cache_policy: str | None = None,
+                 cache_sinks: int | None = None, cache_pin_image: bool | None = None):
+        """cache_policy / cache_sinks / cache_pin_image: None takes the Bundle's option, else the bundle's default."""
         params = _call(capi.GeneratorParams_Create)
         try:
+            cache = bundle._cache_options(cache_policy=cache_policy, cache_sinks=cache_sinks, cache_pin_image=cache_pin_image)
             _set_params(params, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                        ignore_eos=ignore_eos, exact_boundary=exact_boundary)
+                        ignore_eos=ignore_eos, exact_boundary=exact_boundary, **cache)
             out = capi.Out()
             _check(capi.Generator_Create(bundle._live(), params, image, prompt, raw_prompt, out, channels=channels))
             self._handle = out.value
@@ -93,7 +106,8 @@ class Generator:
         return self._handle
 
     def new_conversation(self, image, prompt: str, *, channels: str | None = None, **options) -> "Generator":
-        """A new request (options as in Bundle.generator) on this done generator's cache and buffers."""
+        """A new request (options as in Bundle.generator; cache options None = the bundle's default) on this done
+        generator's cache and buffers."""
         params = _call(capi.GeneratorParams_Create)
         try:
             _set_params(params, **options)
@@ -172,6 +186,11 @@ class Generator:
     def timings(self) -> dict:
         return _call(capi.Generator_GetTimings, self._live())
 
+    @property
+    def cache_stats(self) -> dict:
+        """{"cache_policy", "cache_sinks", "evicted_slots"} (Generator_GetCacheStats)."""
+        return _call(capi.Generator_GetCacheStats, self._live())
+
     def close(self) -> None:
         self._finalize()
 
@@ -204,8 +223,12 @@ class Bundle:
     """A loaded bundle (manifest checked, sessions open). Use as a context manager or call close()."""
 
     def __init__(self, path, *, verify_hashes: bool = True, memory_budget_mb: int | None = None,
-                 max_image_pixels: int | None = None, backend: str = "auto"):
-        """Options as in capi.Bundle_Create (backend: auto, cpu, cuda, trt); raises RuntimeStatusError."""
+                 max_image_pixels: int | None = None, backend: str = "auto", cache_policy: str | None = None,
+                 cache_sinks: int | None = None, cache_pin_image: bool | None = None):
+        """Options as in capi.Bundle_Create (backend: auto, cpu, cuda, trt); the cache options (None: the bundle's
+        default, README "Cache policies") apply to every generator of this Bundle that does not give its own.
+        Raises RuntimeStatusError."""
+        self._cache = {"cache_policy": cache_policy, "cache_sinks": cache_sinks, "cache_pin_image": cache_pin_image}
         out = capi.Out()
         _check(capi.Bundle_Create(path, out, verify_hashes=verify_hashes, memory_budget_mb=memory_budget_mb,
                                   max_image_pixels=max_image_pixels, backend=backend))
@@ -216,6 +239,10 @@ class Bundle:
         if not self._finalize.alive:
             raise RuntimeStatusError(Status.INVALID_ARGUMENT, "this bundle is closed")
         return self._handle
+
+    def _cache_options(self, **given) -> dict:
+        """The cache options of one generator: each one given, else this Bundle's."""
+        return {k: given[k] if given[k] is not None else v for k, v in self._cache.items()}
 
     @property
     def shapes(self) -> Shapes:
@@ -251,7 +278,8 @@ class Bundle:
     def generate(self, image, prompt: str, max_new_tokens: int = 32, raw_prompt: bool = False,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, ignore_eos: bool = False,
                  exact_boundary: bool = False, on_text: Callable[[str], None] | None = None,
-                 channels: str | None = None) -> Result:
+                 channels: str | None = None, cache_policy: str | None = None, cache_sinks: int | None = None,
+                 cache_pin_image: bool | None = None) -> Result:
         """Answers `prompt` about `image`: a file path, encoded image bytes, a PIL image, or a camera frame
         (numpy uint8 [H, W, 3]) with `channels="rgb"` or `channels="bgr"` (OpenCV's order; required for a frame).
 
@@ -260,11 +288,14 @@ class Bundle:
         the text as it is produced. max_new_tokens 0 generates until EOS or a full cache; `ignore_eos` goes on past
         EOS until max_new_tokens or a full cache. `exact_boundary` finishes the prompt's last word from exact
         next-byte probabilities before generating tokens (a prompt ending mid-word or with a space).
+        `cache_policy` (stop, sink-window, heavy-hitter), `cache_sinks`, `cache_pin_image`: what a full KV cache does
+        (None: this Bundle's option, else the bundle's default; README "Cache policies").
         Raises RuntimeStatusError (IMAGE_INVALID, PROMPT_TOO_LONG, INVALID_ARGUMENT, INFERENCE_FAILED).
         """
         with Generator(self, image, prompt, max_new_tokens=max_new_tokens, raw_prompt=raw_prompt,
                        temperature=temperature, top_p=top_p, seed=seed, ignore_eos=ignore_eos,
-                       exact_boundary=exact_boundary, channels=channels) as gen:
+                       exact_boundary=exact_boundary, channels=channels, cache_policy=cache_policy,
+                       cache_sinks=cache_sinks, cache_pin_image=cache_pin_image) as gen:
             return self._drive(gen, on_text)
 
     def chat(self, image, channels: str | None = None) -> "Chat":
@@ -293,6 +324,7 @@ class Bundle:
         ids = gen.token_ids
         timings = gen.timings
         boundary = gen.boundary_text
+        cache = gen.cache_stats
         return Result(
             token_ids=ids,
             text=boundary + self.decode(ids),
@@ -305,6 +337,8 @@ class Bundle:
             timings=timings,
             boundary_text=boundary,
             backend=self.backend["backend"],
+            cache_policy=cache["cache_policy"],
+            evicted_slots=cache["evicted_slots"],
         )
 
     def close(self) -> None:
@@ -339,8 +373,9 @@ class Chat:
             gen = Generator(self._bundle, self._image, prompt, channels=self._channels, exact_boundary=exact_boundary,
                             **options)
         elif self._fresh:  # a new image on the previous turn's cache
+            cache = self._bundle._cache_options(cache_policy=None, cache_sinks=None, cache_pin_image=None)
             gen = self._gen.new_conversation(self._image, prompt, channels=self._channels,
-                                             exact_boundary=exact_boundary, **options)
+                                             exact_boundary=exact_boundary, **options, **cache)
         elif exact_boundary:
             raise RuntimeStatusError(Status.INVALID_ARGUMENT, "exact_boundary applies to a conversation's first question only")
         else:

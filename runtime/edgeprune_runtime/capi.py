@@ -276,6 +276,26 @@ def GeneratorParams_SetExactBoundary(params: int, exact_boundary: bool) -> Statu
 
 
 @_api
+def GeneratorParams_SetCachePolicy(params: int, policy: str) -> Status:
+    """What a full KV cache does (README "Cache policies"): "stop" (generation ends with stop reason "cache_full"),
+    "sink-window" or "heavy-hitter" (evict slots in place and go on). Default: the bundle's. A follow-up turn keeps
+    its conversation's policy. Generator_Create refuses a policy the bundle or backend cannot serve."""
+    _set(params, "cache_policy", policy)
+
+
+@_api
+def GeneratorParams_SetCacheSinks(params: int, sinks: int) -> Status:
+    """The first cache slots no policy evicts (attention sinks); >= 0 and smaller than the capacity. Default: the bundle's."""
+    _set(params, "cache_sinks", sinks)
+
+
+@_api
+def GeneratorParams_SetCachePinImage(params: int, pin_image: bool) -> Status:
+    """heavy-hitter: when true, the image's kept visual slots are never evicted. Default: the bundle's."""
+    _set(params, "cache_pin_image", pin_image)
+
+
+@_api
 def GeneratorParams_Destroy(params: int) -> Status:
     _drop(params, GeneratorParams, "GeneratorParams")
 
@@ -417,6 +437,14 @@ def Generator_GetCacheLength(generator: int, out: Out) -> Status:
     """out.value: KV-cache slots in use (prompt slots + decoded tokens), an int <= the capacity."""
     with _using(generator, Generator, "Generator") as g:
         _put(out, g.cache.length)
+
+
+@_api
+def Generator_GetCacheStats(generator: int, out: Out) -> Status:
+    """out.value: {"cache_policy": str, "cache_sinks": int, "evicted_slots": int (so far in this conversation)},
+    a dict owned by the caller."""
+    with _using(generator, Generator, "Generator") as g:
+        _put(out, {"cache_policy": g.policy.name, "cache_sinks": g.policy.sinks, "evicted_slots": g.evicted_slots})
 
 
 @_api

@@ -54,12 +54,15 @@ def read_turns(path) -> list[str]:
 def run(bundle_path, image, prompt: str, *, max_new_tokens: int = 32, raw_prompt: bool = False,
         temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, as_json: bool = False,
         verify_hashes: bool = True, ignore_eos: bool = False, exact_boundary: bool = False,
-        turns: list[str] | None = None, interactive: bool = False, backend: str = "auto", stdin: TextIO | None = None,
+        turns: list[str] | None = None, interactive: bool = False, backend: str = "auto", cache_policy: str | None = None,
+        cache_sinks: int | None = None, cache_pin_image: bool | None = None, stdin: TextIO | None = None,
         stdout: TextIO | None = None, stderr: TextIO | None = None) -> Result:
     """Loads the bundle on `backend` (auto, cpu, cuda, trt), answers `prompt`, then each follow-up of `turns` and, with
     `interactive`, each line read from stdin (until end of input), all in one conversation (Bundle.chat: the image is
     seen once). Prints per answer the text as it comes (plus a summary line on stderr), or with `as_json` one JSON
-    object per line (with "backend_reason": why that backend). Returns the last Result. Raises RuntimeStatusError."""
+    object per line (with "backend_reason": why that backend, "cache_policy" and "evicted_slots"). The cache options
+    (None: the bundle's default) say what a full KV cache does (README "Cache policies"). Returns the last Result.
+    Raises RuntimeStatusError."""
     stdout = stdout or sys.stdout
     stderr = stderr or sys.stderr
     stdin = stdin or sys.stdin
@@ -75,13 +78,15 @@ def run(bundle_path, image, prompt: str, *, max_new_tokens: int = 32, raw_prompt
             return
         _write(stdout, "\n")  # flushed: the answer before the summary line when both go to one terminal
         rate = f"{result.decode_tokens_per_s:.1f} tokens/s" if result.decode_tokens_per_s is not None else "- tokens/s"
-        _write(stderr, f"[{result.backend}: {len(result.token_ids)} tokens, stop: {result.stop_reason}, "
+        evicted = f", {result.cache_policy}: {result.evicted_slots} slots evicted" if result.cache_policy != "stop" else ""
+        _write(stderr, f"[{result.backend}: {len(result.token_ids)} tokens, stop: {result.stop_reason}{evicted}, "
                        f"{result.visual_tokens} visual tokens, "
                        f"ttft {result.ttft_s:.3f} s, {rate}]\n")
 
     options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                    ignore_eos=ignore_eos, on_text=None if as_json else stream)
-    with Bundle(bundle_path, verify_hashes=verify_hashes, backend=backend) as bundle:
+    with Bundle(bundle_path, verify_hashes=verify_hashes, backend=backend, cache_policy=cache_policy,
+                cache_sinks=cache_sinks, cache_pin_image=cache_pin_image) as bundle:
         why = bundle.backend["reason"]
         if not turns and not interactive:
             result = bundle.generate(image, prompt, raw_prompt=raw_prompt, exact_boundary=exact_boundary, **options)
@@ -171,6 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--turns", metavar="FILE", help='follow-up questions, JSON Lines {"prompt": "..."}, asked after '
                    "--prompt in one conversation (the image is seen once)")
     p.add_argument("--interactive", action="store_true", help="after the answer(s), read follow-up questions from stdin")
+    p.add_argument("--cache-policy", help="when the KV cache is full: stop, sink-window or heavy-hitter (evict in place "
+                   "and go on); default: the bundle's")
+    p.add_argument("--cache-sinks", type=int, help="first cache slots never evicted (default: the bundle's, 4)")
+    p.add_argument("--cache-pin-image", action=argparse.BooleanOptionalAction, default=None,
+                   help="heavy-hitter: never evict the image's kept visual slots (default: the bundle's, pinned)")
     p.add_argument("--json", action="store_true", help="print one JSON object (per answer) instead of streaming text")
     p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="where to run: auto (engines, else a CUDA GPU, else CPU; default), cpu, cuda, trt")
@@ -190,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         run(args.bundle, args.image, args.prompt, max_new_tokens=args.max_new_tokens, raw_prompt=args.raw_prompt,
             temperature=args.temperature, top_p=args.top_p, seed=args.seed, as_json=args.json,
             verify_hashes=not args.skip_hash_check, ignore_eos=args.ignore_eos, exact_boundary=args.exact_boundary,
-            turns=turns, interactive=args.interactive, backend=args.backend)
+            turns=turns, interactive=args.interactive, backend=args.backend, cache_policy=args.cache_policy,
+            cache_sinks=args.cache_sinks, cache_pin_image=args.cache_pin_image)
     except RuntimeStatusError as e:
         _report(f"error: {e.message}")
         return EXIT_USER_ERROR

@@ -340,7 +340,7 @@ class Engine:
             new[f"new_key_{layer}"] = new[f"new_value_{layer}"] = [h, t, s.head_dim]
         _check_io("step", din, {"token_ids": [t], "visual_embeds": [t, s.hidden_size], "is_visual": [t], "slot_valid": [t],
                                 "position": [1], "cache_valid": [s.cache_capacity], **past}, "input")
-        _check_io("step", dout, {"logits": [s.vocab_size], **new}, "output")
+        _check_io("step", dout, {"logits": [s.vocab_size], **new, **self._mass_output()}, "output")
         kinds = {din[name][1] for name in past}
         if len(kinds) != 1 or next(iter(kinds)) not in ("tensor(float)", "tensor(float16)"):
             raise bundle_invalid(f"step graph cache inputs have types {sorted(kinds)}; float or float16 (one type) is required")
@@ -353,6 +353,13 @@ class Engine:
             if declared[name][1] != want:
                 raise bundle_invalid(f"step graph {name!r} has type {declared[name][1]}, the runtime binds {want}; re-export")
         self.embeds_dtype = _ORT_DTYPES.get(din["visual_embeds"][1], np.float32)
+
+    def _mass_output(self) -> dict:
+        """{"attn_mass": [C]} for a bundle whose decode/step graphs output it (heavy-hitter, cache_policy.py), else {};
+        the Decoder binds it to a float host buffer."""
+        if not self.manifest.cache.attn_mass:
+            return {}
+        return {"attn_mass": [self.shapes.cache_capacity]}
 
     def _check_decode(self, session, what: str, skip: int) -> None:
         """A decode graph running layers skip.. reads their caches [Hkv_l, C_l, Dh] and validity (per layer
@@ -368,7 +375,7 @@ class Engine:
                  else {"cache_valid": [s.cache_capacity]})
         din, dout = _declared(session.get_inputs()), _declared(session.get_outputs())
         _check_io(what, din, {"token_id": [1], "position": [1], **valid, **past}, "input")
-        _check_io(what, dout, {"logits": [s.vocab_size], **new}, "output")
+        _check_io(what, dout, {"logits": [s.vocab_size], **new, **(self._mass_output() if not skip else {})}, "output")
         kinds = {din[name][1] for name in past}
         if len(kinds) != 1 or next(iter(kinds)) not in ("tensor(float)", "tensor(float16)"):
             raise bundle_invalid(f"{what} graph cache inputs have types {sorted(kinds)}; float or float16 (one type) is required")
@@ -501,13 +508,15 @@ class Engine:
         return KVCache(s.kv_heads, [s.cache_slots_at(i) for i in range(s.num_layers)], s.head_dim, self.cache_dtype,
                        self.device)
 
-    def decoder(self, cache: KVCache) -> "Decoder":
+    def decoder(self, cache: KVCache, evictor=None) -> "Decoder":
+        """The decode sessions bound to `cache`; `evictor` (cache_policy.Evictor) makes room when it is full."""
         if self.step is not None:
             inputs = {"token_ids": np.zeros(1, np.int64), "visual_embeds": np.zeros((1, self.shapes.hidden_size), self.embeds_dtype),
                       "is_visual": np.zeros(1, np.float32), "slot_valid": np.ones(1, np.float32)}
-            return Decoder({0: self.step}, cache, self.shapes.vocab_size, inputs=inputs, token_input="token_ids")
+            return Decoder({0: self.step}, cache, self.shapes.vocab_size, inputs=inputs, token_input="token_ids",
+                           evictor=evictor)
         return Decoder({0: self.decode, **self.decode_skip}, cache, self.shapes.vocab_size, self.per_layer_valid,
-                       self.skip_decode)
+                       self.skip_decode, evictor=evictor)
 
 
 def _run(session, what: str, names: list[str], feeds: dict):
@@ -537,9 +546,11 @@ class Decoder:
     """
 
     def __init__(self, sessions: dict, cache: KVCache, vocab: int, per_layer_valid: bool = False, schedule=None,
-                 inputs: dict[str, np.ndarray] | None = None, token_input: str = "token_id"):
+                 inputs: dict[str, np.ndarray] | None = None, token_input: str = "token_id", evictor=None):
         """`inputs`: the graphs' per-step host inputs besides position and validity (default: token_id; a step graph:
-        token_ids, visual_embeds, is_visual, slot_valid for one text slot); `token_input` names the one the token goes in."""
+        token_ids, visual_embeds, is_visual, slot_valid for one text slot); `token_input` names the one the token goes in.
+        `evictor` (cache_policy.Evictor, None = stop when full): evicts before a step that finds the cache full; for
+        heavy-hitter the graph's `attn_mass` [C] is bound to a host buffer and handed to it after every step."""
         import onnxruntime as ort
 
         from edgeprune_runtime.manifest import SkipDecode
@@ -558,6 +569,10 @@ class Decoder:
         layers = len(cache.key_buffers)
         self.bindings, self.host_inputs = {}, {}
         self._keep = [ort.OrtValue.ortvalue_from_numpy(self.logits)]  # the OrtValues must live as long as the bindings
+        self.evictor = evictor
+        self.attn_mass = np.zeros(cache.capacity, np.float32) if evictor is not None and evictor.needs_mass else None
+        if self.attn_mass is not None:
+            self._keep.append(ort.OrtValue.ortvalue_from_numpy(self.attn_mass))
         for skip, session in sessions.items():
             run = range(skip, layers)
             valid = [(f"cache_valid_{i}", cache.valid[i]) for i in run] if per_layer_valid else [("cache_valid", cache.valid[0])]
@@ -566,6 +581,8 @@ class Decoder:
                 binding.bind_ortvalue_input(f"past_key_{i}", cache.key_buffers[i].value)
                 binding.bind_ortvalue_input(f"past_value_{i}", cache.value_buffers[i].value)
             binding.bind_ortvalue_output("logits", self._keep[0])
+            if self.attn_mass is not None:
+                binding.bind_ortvalue_output("attn_mass", self._keep[1])  # [C]
             for i in run:
                 binding.bind_ortvalue_output(f"new_key_{i}", self.new_keys[i].value)
                 binding.bind_ortvalue_output(f"new_value_{i}", self.new_values[i].value)
@@ -580,7 +597,9 @@ class Decoder:
         """
         skip = self.schedule.skip_at(self.steps)
         if self.cache.room(range(skip, len(self.cache.key_buffers))) <= 0:
-            raise RuntimeStatusError(Status.CACHE_FULL, f"the KV cache is full ({self.cache.capacity} slots)")
+            if self.evictor is None:
+                raise RuntimeStatusError(Status.CACHE_FULL, f"the KV cache is full ({self.cache.capacity} slots)")
+            self.evictor.make_room(1)  # CACHE_FULL when pinned slots fill the cache
         self.token_id[0] = token_id
         self.position[0] = self.cache.position  # the token's position; each layer's slots are compacted apart
         binding = self.bindings[skip]
@@ -590,6 +609,8 @@ class Decoder:
             self.sessions[skip].run_with_iobinding(binding)
         except Exception as e:
             raise RuntimeStatusError(Status.INFERENCE_FAILED, f"ONNX Runtime failed running the decode graph: {_one_line(e)}") from None
+        if self.attn_mass is not None:
+            self.evictor.observe(self.attn_mass)  # before the append: the new slot has received no attention yet
         self.cache.append(self.new_keys[skip:], self.new_values[skip:], first_layer=skip)
         self.steps += 1
         return self.logits

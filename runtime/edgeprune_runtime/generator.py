@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgeprune_runtime import budget, byteprobs, checks, ortlib
+from edgeprune_runtime import budget, byteprobs, cache_policy, checks, ortlib
+from edgeprune_runtime.backends.device import HOST
 from edgeprune_runtime.backends.select import CPU, open_with
 from edgeprune_runtime.engine import Engine
 from edgeprune_runtime.errors import RuntimeStatusError, Status
@@ -65,6 +66,7 @@ class LoadedBundle:
             s.text_slots_before_image, s.text_slots_after_image, s.vocab_size)
         self.prompt_template = m.data["prompt_template"]
         self.backend, self.engine = open_with(backend, m, lambda b: Engine(m, b)) if with_engine else (CPU, None)
+        self.cache_info = m.cache  # the default cache policy and what eviction needs (cache_policy.BundleCache)
         cache_itemsize = np.dtype(self.engine.cache_dtype).itemsize if self.engine else 4
         self.request_bytes = budget.check_request(budget.request_bytes(s, pp, cache_itemsize), self.limits)
 
@@ -81,6 +83,10 @@ class GeneratorParams:
     seed: int = 0
     ignore_eos: bool = False  # benchmarks: always generate max_new_tokens (EOS is still sampled, not a stop)
     exact_boundary: bool = False  # the prompt's last word is continued byte by byte (byteprobs.py) before tokens
+    # when the cache is full (cache_policy.py); None: the bundle's default. A conversation keeps its first turn's.
+    cache_policy: str | None = None  # stop | sink-window | heavy-hitter
+    cache_sinks: int | None = None  # first slots never evicted
+    cache_pin_image: bool | None = None  # heavy-hitter: never evict the image's slots
 
     def check(self) -> None:
         if not (isinstance(self.max_new_tokens, (int, np.integer)) and not isinstance(self.max_new_tokens, (bool, np.bool_))
@@ -91,6 +97,12 @@ class GeneratorParams:
         for name in ("ignore_eos", "exact_boundary"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise RuntimeStatusError(Status.INVALID_ARGUMENT, f"{name} must be a bool, got {checks.show(getattr(self, name))}")
+        if self.cache_policy is not None:
+            cache_policy.check_policy_name(self.cache_policy, "--cache-policy")
+        if self.cache_sinks is not None:
+            cache_policy.check_sinks(self.cache_sinks, 1 << 62)  # below the capacity: checked against the bundle
+        if self.cache_pin_image is not None and not isinstance(self.cache_pin_image, (bool, np.bool_)):
+            raise RuntimeStatusError(Status.INVALID_ARGUMENT, f"cache_pin_image must be a bool, got {checks.show(self.cache_pin_image)}")
 
 
 @dataclass
@@ -136,6 +148,13 @@ class Generator:
         self.params = GeneratorParams(**params.__dict__)  # a snapshot: later changes to params do not leak in
         s = bundle.shapes
         tok = bundle.tokenizer
+        engine = bundle.engine
+        p = self.params
+        self.policy = bundle.cache_info.resolve(p.cache_policy, p.cache_sinks, p.cache_pin_image, s.cache_capacity,
+                                                engine.per_layer_valid, engine.device is HOST)
+        if self.policy.evicts and p.max_new_tokens == 0 and p.ignore_eos:
+            raise RuntimeStatusError(Status.INVALID_ARGUMENT, f"--cache-policy {self.policy.name} never fills the cache: "
+                                     "with --ignore-eos, give --max-new-tokens N > 0")
 
         text = tok.prompt_text(prompt, bundle.prompt_template, raw_prompt)
         before, after = tok.encode_prompt(text)  # prompt errors surface before any heavy work
@@ -171,7 +190,6 @@ class Generator:
             raise RuntimeStatusError(Status.BUNDLE_INVALID, f"bundle shapes do not fit its preprocessing: {e}; re-export") from None
         self.timings.preprocess_s = time.perf_counter() - t
 
-        engine = bundle.engine
         t = time.perf_counter()
         embeds, visual_valid, self.visual_source = engine.run_vision(pixel_values, layout.feeds())
         self.timings.vision_s = time.perf_counter() - t
@@ -190,6 +208,8 @@ class Generator:
         visual = int((visual_valid > 0.5).sum())
         held = [in_cache + boundary - visual + min(visual, s.visual_slots_at(i)) for i in range(s.num_layers)]
         worst = max(range(s.num_layers), key=lambda i: held[i] - s.cache_slots_at(i))
+        if self.policy.evicts:
+            m = 0  # generation goes on past the capacity; only the prompt (and boundary) must fit
         if (m or boundary) and held[worst] + m > s.cache_slots_at(worst):
             where = f" in layer {worst}" if s.drops_visual else ""
             word = f", up to {boundary} of them for the exact boundary's last word" if boundary else ""
@@ -206,7 +226,12 @@ class Generator:
                                           cache=None if reuse is None else reuse.cache)
         if reuse is not None:
             reuse._handed_over = True
-        self.decoder = engine.decoder(self.cache)  # small: logits and one slot's K/V; its decode count starts at 0
+        evictor = None
+        if self.policy.evicts:  # the image's slots follow the valid text slots before it (prefill order, compacted)
+            image_slots = (int((text_valid[:t1] > 0.5).sum()), visual)
+            evictor = cache_policy.Evictor(self.policy, self.cache, bundle.cache_info.inv_freq, image_slots)
+        # small: logits and one slot's K/V; its decode count starts at 0
+        self.decoder = engine.decoder(self.cache, evictor)
         self.timings.prefill_s = time.perf_counter() - t
 
         self.logits = logits  # [vocab], of the last prompt token until the first decode step
@@ -225,6 +250,11 @@ class Generator:
     @property
     def done(self) -> bool:
         return self.stop_reason is not None
+
+    @property
+    def evicted_slots(self) -> int:
+        """Cache slots evicted so far in this conversation (0 under the stop policy)."""
+        return self.decoder.evictor.evicted if self.decoder.evictor is not None else 0
 
     def generate_next_token(self) -> int:
         """Samples the next token (running one decode step except for the first token) and returns it.
@@ -252,7 +282,7 @@ class Generator:
             self.stop_reason = STOP_EOS
         elif len(self.token_ids) == self.params.max_new_tokens:
             self.stop_reason = STOP_MAX_NEW_TOKENS
-        elif self.cache.full:  # no slot left for this token's K/V: it cannot be continued
+        elif self.cache.full and self.decoder.evictor is None:  # no slot left for this token's K/V, no policy to make one
             self.stop_reason = STOP_CACHE_FULL
         dt = time.perf_counter() - t
         if len(self.token_ids) == 1:
@@ -269,7 +299,8 @@ class Generator:
         answer (without a final EOS, which the template does not write) and `follow_up_text(prompt)`. This
         generator must be done; afterwards it can still be read but not stepped (its cache moved on).
         Raises RuntimeStatusError: INVALID_ARGUMENT (not done, handed over already, bad prompt or params),
-        PROMPT_TOO_LONG, CACHE_FULL (the follow-up does not fit), INFERENCE_FAILED."""
+        PROMPT_TOO_LONG, CACHE_FULL (the follow-up does not fit: under the stop policy; an evicting policy evicts to
+        make room and fails only when pinned slots leave too few), INFERENCE_FAILED."""
         t0 = time.perf_counter()
         _check_raw_prompt(raw_prompt)
         params.check()
@@ -286,13 +317,17 @@ class Generator:
         if len(new) > runner.max_slots:
             raise RuntimeStatusError(Status.PROMPT_TOO_LONG, f"the follow-up needs {len(new)} slots, a step takes at most "
                                      f"{runner.max_slots}; shorten it")
-        if len(new) + params.max_new_tokens > self.cache.room():
+        evictor = self.decoder.evictor
+        if evictor is not None:
+            evictor.make_room(len(new))  # the conversation's policy makes room for the new turn; CACHE_FULL if pinned
+        elif len(new) + params.max_new_tokens > self.cache.room():
             raise RuntimeStatusError(Status.CACHE_FULL, f"the follow-up needs {len(new)} cache slots + "
                                      f"{params.max_new_tokens} new, {self.cache.room()} are left of "
                                      f"{self.cache.capacity}; start a new conversation or raise `shapes.new_token_slots` "
                                      "and re-export")
         turn = Generator.__new__(Generator)
         turn.bundle, turn.params = bundle, GeneratorParams(**params.__dict__)
+        turn.policy = self.policy  # a conversation keeps its first turn's policy (and evictor, with the decoder)
         # the conversation's ids as the cache holds them; the image token stands for the visual slots
         turn._context_ids = turn.prompt_token_ids = self._context_ids + self.token_ids[:len(self.token_ids) - 1] + new
         turn.tail, turn.boundary_text, turn._byte_model = "", "", None

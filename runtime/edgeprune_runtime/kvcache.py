@@ -6,7 +6,9 @@ layers different Hkv_l, in-LLM visual-token dropping different C_l) and a validi
 (1 = slot holds a token). Layers can hold different tokens: a layer after a visual-token drop holds only the
 kept visual tokens, and SkipDecode does not write a token into the layers it skips. Each layer keeps its
 tokens compacted in slots 0..lengths[l]-1 (K already carries RoPE, so slot order does not matter to
-attention); `position` counts every token the sequence has seen, the next token's position.
+attention); `position` counts every token the sequence has seen, the next token's position. When every layer
+holds the same tokens, key slot i carries rotary position i (prefill positions count the valid slots before),
+and `evict` keeps it so (cache_policy.py: StreamingLLM's in-cache positions).
 
 Where the buffers live is the device's business (backends/device.py): host memory for the CPU backend,
 GPU memory for the CUDA and TensorRT backends. Every write into the cache is a 2-D copy on that device
@@ -148,6 +150,35 @@ class KVCache:
             valid[:] = 0.0
         self.lengths = [0] * len(self.capacities)
         self.position = 0
+
+    def evict(self, slots, inv_freq: np.ndarray) -> None:
+        """Removes the valid slots `slots` (ascending indices < length) from every layer, in place: the survivors move
+        left in order, each moved key re-rotated by minus the number of evicted slots before it (cache_policy.rerotate
+        with the keys' rotary inverse frequencies `inv_freq` [Dh/2]), so slot i still holds the key of rotary position
+        i; values move as they are. Then `position` = the length, the next token's position.
+
+        Host caches whose layers hold the same tokens only (cache_policy.BundleCache.resolve refuses the others)."""
+        from edgeprune_runtime.cache_policy import rerotate
+
+        slots = np.asarray(slots, np.int64)
+        n = self.lengths[0]
+        if len(set(self.lengths)) != 1 or len(slots) == 0:
+            if len(slots) == 0:
+                return
+            raise RuntimeStatusError(Status.INTERNAL_ERROR, "eviction needs every layer to hold the same tokens")
+        if slots[0] < 0 or slots[-1] >= n or np.any(np.diff(slots) <= 0):
+            raise RuntimeStatusError(Status.INTERNAL_ERROR, f"evict takes ascending valid slots < {n}")
+        first = int(slots[0])
+        moved = np.setdiff1d(np.arange(first, n), slots)  # survivors after the first evicted slot, ascending
+        shift = moved - np.arange(first, first + len(moved))  # evicted slots before each: its position drop
+        for keys, values in zip(self.keys, self.values):  # [Hkv, C, Dh] host views
+            keys[:, first:first + len(moved)] = rerotate(keys[:, moved], shift, inv_freq)  # fancy index: a copy
+            values[:, first:first + len(moved)] = values[:, moved]
+        length = n - len(slots)
+        for layer in range(len(self.valid)):
+            self.valid[layer][length:] = 0.0
+            self.lengths[layer] = length
+        self.position = length
 
     def _as_buffer(self, data) -> Buffer:
         """A Buffer as it is; a numpy array (host cache only) wrapped without a copy, in the cache's dtype."""

@@ -259,6 +259,13 @@ class Manifest:
         return self.data["graphs"]
 
     @property
+    def cache(self):
+        """The `cache` section as a cache_policy.BundleCache (default policy, rotary frequencies, attn_mass)."""
+        from edgeprune_runtime.cache_policy import BundleCache
+
+        return BundleCache.from_manifest(self.data.get("cache"), self.shapes.head_dim, self.shapes.cache_capacity)
+
+    @property
     def skip_decode(self) -> SkipDecode:
         return SkipDecode.from_manifest(self.data.get("skip_decode"), self.shapes.num_layers)
 
@@ -416,6 +423,7 @@ def load_manifest(bundle_dir: str | Path, verify_hashes: bool = True) -> Manifes
     _check_skip_decode(data, shapes)
     files = listed_files(data)
     manifest = Manifest(root, data, shapes, files)
+    manifest.cache  # BUNDLE_INVALID for a malformed `cache` section
     for where, rel in _file_references(data):
         manifest.path(rel, where)
     manifest.path(data["graphs"]["lm_weights"] + ".json", "graphs.lm_weights index (<lm_weights>.json)")
