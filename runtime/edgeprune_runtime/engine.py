@@ -219,8 +219,9 @@ class Engine:
                           SkipDecode's decode graphs: the CPU backend, where the sessions share one memory map of
                           the weights, and the GPU backends for bundles whose layers hold different tokens
         "step"            one graph, T slots over the cache (lm/step.onnx, or the TensorRT engine built from it):
-                          prefill is a step of S slots over an empty cache, decode a step of one slot. One session,
-                          so the weights are on the GPU once (two sessions would each copy them there)
+                          prefill is a step of S slots over an empty cache (on the CPU: steps of Backend.prefill_chunk
+                          valid slots, `_prefill_in_steps`), decode a step of one slot. One session, so the weights
+                          are on the GPU once (two sessions would each copy them there)
     Either way `start` returns the prefill's logits and a filled cache, and `decoder` binds that cache.
     """
 
