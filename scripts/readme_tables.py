@@ -244,6 +244,30 @@ def render_matmul_forms(r: dict) -> str:
     return "\n".join([command(r, "matmul-forms.json"), "", *rows, "", where(r, "matmul-forms.json")])
 
 
+def render_peak_memory(r: dict, file: str = "peak-memory-7b-shape-fast.json") -> str:
+    """The runtime's defaults against ORT's CPU arena, then the defaults' resident memory stage by stage (--stages)."""
+    settings = {"default": "defaults (no CPU arena, prefill in steps)", "arena_on": "`EDGEPRUNE_CPU_ARENA=1`",
+                "prefill_one_call": "`EDGEPRUNE_PREFILL_CHUNK=0` (prefill in one call)"}
+    rows = ["| setting | peak RSS | / (weights + KV cache) | time to first token | decode |", "|---|---|---|---|---|"]
+    for key, label in settings.items():
+        if key not in r:
+            continue
+        x = r[key]
+        rows.append(f"| {label} | {gib(x['peak_rss_bytes'])} | **{x['peak_rss_vs_weights_plus_cache']:.2f}** | "
+                    f"{secs(x['ttft_s'])} | {x['decode_tokens_per_s']:.1f} tokens/s |")
+    d = r["default"]
+    lines = [command(r, file), "", *rows, "",
+             f"Weights {gib(d['weights_bytes'])} (lm.weights + vision.weights), KV cache {gib(d['cache_bytes'])}; "
+             f"{d['generated_tokens']} tokens, the same in every setting: {'yes' if r['same_tokens'] else 'no'}."]
+    if "stages" in d:
+        lines += ["", "The defaults' run stage by stage (`--stages`: each stage's own peak, and what stays resident "
+                  "after it, private or file-backed, i.e. mapped weight pages):", "",
+                  "| stage | peak | resident after | private | file-backed |", "|---|---|---|---|---|"]
+        lines += [f"| {st['stage']} | {gib(st['peak'])} | {gib(st['rss'])} | {gib(st['anon'])} | {gib(st['file'])} |"
+                  for st in d["stages"]]
+    return "\n".join([*lines, "", where(r, file)])
+
+
 def render_genai(r: dict) -> str:
     g, i4, f32, q = r["onnxruntime_genai"], r["edgeprune_int4"], r["edgeprune_fp32"], r["ratios"]
     rows = [
@@ -386,6 +410,7 @@ SECTIONS = {
     "bench-fast": (FAST_BENCH, lambda r: render_bench(r, FAST_BENCH, FAST_TARGETS)),
     "matmul-forms": ("matmul-forms.json", render_matmul_forms),
     "genai": ("genai-side-by-side-7b-shape.json", render_genai),
+    "peak-memory": ("peak-memory-7b-shape-fast.json", render_peak_memory),
     "fidelity-fast": ("fidelity-7b-shape-fast.json", render_fidelity),
     "rewrites-bench": (REWRITE_BENCH_FILES[0], render_rewrites_bench),
     "rewrites-quality": ("rewrites-quality-tiny.json", render_rewrites_quality),

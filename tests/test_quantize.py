@@ -236,6 +236,31 @@ def test_runtime_runs_quantized_lms_in_one_prepacked_session(bundles, precision,
         assert eng.prefill is None and eng.decode is None and prepacking(eng.step)
 
 
+def _prefill_inputs(s):
+    """Random prefill inputs with padding where a bug would show: 5 of the text-before slots, 7 of the text-after
+    slots and all but the last 3 visual slots valid -> (text_ids, text_valid, visual_embeds, visual_valid)."""
+    rng = np.random.default_rng(1)
+    t = s.text_slots_before_image + s.text_slots_after_image
+    text_ids = rng.integers(3, s.vocab_size, t).astype(np.int64)
+    text_valid = (np.arange(t) < 5).astype(np.float32) + (np.arange(t) >= s.text_slots_before_image) * (
+        np.arange(t) < s.text_slots_before_image + 7)
+    text_valid = text_valid.astype(np.float32)
+    embeds = rng.standard_normal((s.visual_slots, s.hidden_size)).astype(np.float32)
+    visual_valid = np.ones(s.visual_slots, np.float32)
+    visual_valid[-3:] = 0
+    return text_ids, text_valid, embeds, visual_valid
+
+
+def _prefill_reference(bundle: Path, text_ids, text_valid, embeds, visual_valid) -> dict:
+    """ONNX Runtime on the bundle's own prefill.onnx (same quantized weights): output name -> array."""
+    import onnxruntime as ort
+
+    prefill = ort.InferenceSession(str(bundle / "lm" / "prefill.onnx"))
+    out = prefill.run(None, {"text_ids": text_ids, "text_valid": text_valid, "visual_embeds": embeds,
+                             "visual_valid": visual_valid})
+    return dict(zip([o.name for o in prefill.get_outputs()], out))
+
+
 @pytest.mark.parametrize("precision", ["int8", "int4"])
 def test_one_step_session_matches_the_prefill_and_decode_graphs(bundles, sample_png, precision):
     """The reference is ONNX Runtime on the bundle's own prefill.onnx / decode.onnx (same quantized weights):
@@ -250,22 +275,9 @@ def test_one_step_session_matches_the_prefill_and_decode_graphs(bundles, sample_
     m = load_manifest(q)
     eng = Engine(m)
     s = m.shapes
-    rng = np.random.default_rng(1)
-    t = s.text_slots_before_image + s.text_slots_after_image
-    text_ids = rng.integers(3, s.vocab_size, t).astype(np.int64)
-    text_valid = (np.arange(t) < 5).astype(np.float32) + (np.arange(t) >= s.text_slots_before_image) * (
-        np.arange(t) < s.text_slots_before_image + 7)
-    text_valid = text_valid.astype(np.float32)
-    embeds = rng.standard_normal((s.visual_slots, s.hidden_size)).astype(np.float32)
-    visual_valid = np.ones(s.visual_slots, np.float32)
-    visual_valid[-3:] = 0
+    text_ids, text_valid, embeds, visual_valid = _prefill_inputs(s)
     logits, keys, values, slot_valid = eng.run_prefill(text_ids, text_valid, embeds, visual_valid)
-
-    prefill = ort.InferenceSession(str(q / "lm" / "prefill.onnx"))
-    ref = prefill.run(None, {"text_ids": text_ids, "text_valid": text_valid, "visual_embeds": embeds,
-                             "visual_valid": visual_valid})
-    names = [o.name for o in prefill.get_outputs()]
-    ref = dict(zip(names, ref))
+    ref = _prefill_reference(q, text_ids, text_valid, embeds, visual_valid)
     np.testing.assert_allclose(logits, ref["logits"], atol=2e-3, rtol=1e-3)
     valid = prefill_slot_valid(text_valid, visual_valid, s.text_slots_before_image) > 0.5
     assert all(np.array_equal(v > 0.5, valid) for v in slot_valid)
@@ -284,6 +296,59 @@ def test_one_step_session_matches_the_prefill_and_decode_graphs(bundles, sample_
     got = eng.decoder(cache).step(token)
     np.testing.assert_allclose(got, ref["logits"], atol=2e-3, rtol=1e-3)
     np.testing.assert_allclose(cache.keys[0][:, n], ref["new_key_0"][:, 0], atol=2e-3, rtol=1e-3)
+
+
+def test_cpu_prefill_runs_in_steps_of_a_few_slots_and_fills_the_cache_as_the_prefill_graph(bundles, monkeypatch):
+    """The CPU backend's step prefill (Engine.start) feeds the prompt's valid slots in steps of at most
+    CPU_PREFILL_CHUNK, or EDGEPRUNE_PREFILL_CHUNK (so a step's attention tensors are [H, chunk, C + chunk], not [H, S, C + S]); the reference is
+    ONNX Runtime on the bundle's own prefill.onnx over all S slots at once: same logits, and the cache holds its
+    valid slots' K/V, compacted, in order."""
+    import dataclasses
+
+    from edgeprune_runtime.backends import select
+    from edgeprune_runtime.engine import Engine
+    from edgeprune_runtime.errors import RuntimeStatusError
+    from edgeprune_runtime.kvcache import prefill_slot_valid
+    from edgeprune_runtime.manifest import load_manifest
+
+    q = bundles("int4")
+    m = load_manifest(q)
+    s = m.shapes
+    monkeypatch.delenv("EDGEPRUNE_PREFILL_CHUNK", raising=False)
+    assert select.cpu_backend(m).prefill_chunk == select.CPU_PREFILL_CHUNK > 0
+    monkeypatch.setenv("EDGEPRUNE_PREFILL_CHUNK", "-1")
+    with pytest.raises(RuntimeStatusError, match="EDGEPRUNE_PREFILL_CHUNK=-1 must be >= 0"):
+        select.cpu_backend(m)
+    chunk = 5  # the 73 valid slots of these inputs in 15 steps (the default, 128, would take one)
+    monkeypatch.setenv("EDGEPRUNE_PREFILL_CHUNK", str(chunk))
+    eng = Engine(m)
+    assert eng.backend.lm == "step" and eng.backend.prefill_chunk == chunk
+    steps = []
+    run_bound = eng._run_bound
+
+    def spy(session, what, inputs, *rest):
+        steps.append(len(inputs["token_ids"]))
+        return run_bound(session, what, inputs, *rest)
+
+    monkeypatch.setattr(eng, "_run_bound", spy)
+    inputs = _prefill_inputs(s)
+    cache = eng.new_cache()
+    cache.fill_from_prefill(*eng.run_prefill(*inputs)[1:3], np.ones(s.prefill_slots, np.float32))  # an earlier request
+    steps.clear()
+    logits, same = eng.start(*inputs, cache=cache)
+    assert same is cache
+    valid = prefill_slot_valid(inputs[1], inputs[3], s.text_slots_before_image) > 0.5
+    n = int(valid.sum())
+    assert steps == [chunk] * (n // chunk) + ([n % chunk] if n % chunk else [])
+    ref = _prefill_reference(q, *inputs)
+    np.testing.assert_allclose(logits, ref["logits"], atol=2e-3, rtol=1e-3)
+    assert cache.length == n and cache.lengths == [n] * s.num_layers
+    for i in range(s.num_layers):
+        np.testing.assert_array_equal(cache.valid[i], np.arange(s.cache_capacity) < n)
+        np.testing.assert_allclose(cache.keys[i][:, :n], ref[f"key_{i}"][:, valid], atol=2e-3, rtol=1e-3)
+        np.testing.assert_allclose(cache.values[i][:, :n], ref[f"value_{i}"][:, valid], atol=2e-3, rtol=1e-3)
+    one_call = Engine(m, dataclasses.replace(eng.backend, prefill_chunk=0))  # the GPU backends' one call over S slots
+    np.testing.assert_allclose(one_call.start(*inputs)[0], logits, atol=1e-5, rtol=1e-5)
 
 
 def test_a_step_graph_that_breaks_the_contract_is_refused_in_one_line(bundles):

@@ -55,6 +55,23 @@ def test_bench_table_units_and_targets():
     assert " GB" not in text  # one unit for memory
 
 
+def test_peak_memory_table_puts_the_defaults_first_with_their_stages():
+    def run(peak, over, ttft):
+        return {"peak_rss_bytes": peak, "weights_bytes": 3 * 2**29, "cache_bytes": 2**29, "ttft_s": ttft,
+                "peak_rss_vs_weights_plus_cache": over, "decode_tokens_per_s": 30.0, "generated_tokens": 32}
+    stage = {"stage": "prefill", "peak": 2**30, "rss": 3 * 2**28, "anon": 2**29, "file": 2**28}
+    report = {"recorded_command": "python scripts/peak_memory.py b --stages", "provenance": PROVENANCE,
+              "default": {**run(2**31, 1.0, 5.0), "stages": [stage]}, "arena_on": run(5 * 2**29, 1.25, 6.5),
+              "same_tokens": True}
+    text = rt.render_peak_memory(report)
+    lines = text.splitlines()
+    first = lines.index("| defaults (no CPU arena, prefill in steps) | 2.00 GiB | **1.00** | 5.0 s | 30.0 tokens/s |")
+    assert lines[first + 1] == "| `EDGEPRUNE_CPU_ARENA=1` | 2.50 GiB | **1.25** | 6.5 s | 30.0 tokens/s |"
+    assert "Weights 1.50 GiB (lm.weights + vision.weights), KV cache 0.50 GiB; 32 tokens, the same in every setting: yes." in text
+    assert "| prefill | 1.00 GiB | 0.75 GiB | 0.50 GiB | 0.25 GiB |" in lines
+    assert "scripts/peak_memory.py b --stages" in text and "commit `0123456789`" in text
+
+
 def test_a_stale_section_is_rewritten_and_other_text_kept(monkeypatch):
     monkeypatch.setitem(rt.SECTIONS, "sweep", ("x.json", lambda r: "fresh table"))
     monkeypatch.setattr(rt, "load", lambda name: {})

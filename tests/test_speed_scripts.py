@@ -45,15 +45,21 @@ def test_bundle_drift_of_int4_stays_above_its_compare_floor(bundles):
     assert COSINE_FLOORS["int4"] <= r["logit_cosine_min"] < 1.0
 
 
-def test_peak_memory_reports_both_arena_settings(bundles):
-    out = script("peak_memory.py", bundles["int4"], "--max-new-tokens", "3")
+def test_peak_memory_reports_the_default_then_the_arena_with_stages(bundles):
+    out = script("peak_memory.py", bundles["int4"], "--max-new-tokens", "3", "--stages")
     assert out.returncode == 0, out.stderr
     r = json.loads(out.stdout)
-    for key in ("arena_on", "arena_off"):
+    settings = ["default", "arena_on", "prefill_one_call"]
+    assert [k for k in r if k in settings] == settings and r["same_tokens"] is True
+    names = ["imports", "session vision", "session step", "bundle loaded", "vision", "prefill", "decode (3 tokens)"]
+    for key in settings:
         run = r[key]
         assert run["generated_tokens"] == 3
         assert run["peak_rss_vs_weights_plus_cache"] == pytest.approx(
             run["peak_rss_bytes"] / (run["weights_bytes"] + run["cache_bytes"]))
+        assert [st["stage"] for st in run["stages"]] == names
+        # each stage's peak is its own (reset before it), at least what it leaves resident: anon + file (+ shmem)
+        assert all(st["peak"] >= st["rss"] >= st["anon"] + st["file"] > 0 for st in run["stages"])
 
 
 def test_scripts_refuse_bad_inputs_in_one_line(bundles, tmp_path):

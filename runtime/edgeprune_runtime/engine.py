@@ -145,8 +145,12 @@ class SharedWeights:
 
 
 def session_options(prepacking: bool = True):
-    """ORT session options: default threading unless EDGEPRUNE_THREADS is set, ORT's CPU arena unless
-    EDGEPRUNE_CPU_ARENA=0 (env.py)."""
+    """ORT session options: default threading unless EDGEPRUNE_THREADS is set; no CPU arena unless
+    EDGEPRUNE_CPU_ARENA=1 (env.py).
+
+    Why no arena: each session's arena keeps the high-water mark of its own activations, so the vision session's
+    (5 crops through CLIP) and the LM's stay reserved side by side; with malloc, what vision frees is reused by
+    prefill. scripts/peak_memory.py measures both settings (README "Speed": docs/results/peak-memory-7b-shape-fast.json)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -154,8 +158,7 @@ def session_options(prepacking: bool = True):
     if threads is not None:
         so.intra_op_num_threads = threads
     so.log_severity_level = 3  # errors only; ORT's warnings are not the embedding application's business
-    if not env_flag("EDGEPRUNE_CPU_ARENA", default=True):
-        so.enable_cpu_mem_arena = False  # freed activations go back to malloc, for the next session to reuse
+    so.enable_cpu_mem_arena = env_flag("EDGEPRUNE_CPU_ARENA", default=False)
     if not prepacking:
         so.add_session_config_entry("session.disable_prepacking", "1")
     return so
@@ -216,8 +219,9 @@ class Engine:
                           SkipDecode's decode graphs: the CPU backend, where the sessions share one memory map of
                           the weights, and the GPU backends for bundles whose layers hold different tokens
         "step"            one graph, T slots over the cache (lm/step.onnx, or the TensorRT engine built from it):
-                          prefill is a step of S slots over an empty cache, decode a step of one slot. One session,
-                          so the weights are on the GPU once (two sessions would each copy them there)
+                          prefill is a step of S slots over an empty cache (on the CPU: steps of Backend.prefill_chunk
+                          valid slots, `_prefill_in_steps`), decode a step of one slot. One session, so the weights
+                          are on the GPU once (two sessions would each copy them there)
     Either way `start` returns the prefill's logits and a filled cache, and `decoder` binds that cache.
     """
 
@@ -425,27 +429,35 @@ class Engine:
             inputs = {"text_ids": text_ids, "text_valid": text_valid, "visual_embeds": visual_embeds, "visual_valid": visual_valid}
             kv_out = [f"key_{i}" for i in range(n)] + [f"value_{i}" for i in range(n)]
             dropped = [i for i in range(n) if s.visual_slots_at(i) < s.visual_slots]
+        if self.step is not None:
+            cache = cache if cache is not None else self.new_cache()
+        out = self._run_bound(session, what, inputs, kv_out, cache if self.step is not None else None,
+                              [f"slot_valid_{i}" for i in dropped])
+        kv = [self.device.wrap(v) for v in out[1:1 + 2 * n]]
+        given = {i: v.numpy() for i, v in zip(dropped, out[1 + 2 * n:])}
+        return out[0].numpy(), kv[:n], kv[n:], [given.get(i, full) for i in range(n)]
+
+    def _run_bound(self, session, what: str, inputs: dict[str, np.ndarray], kv_out: list[str], cache: KVCache | None,
+                   host_out: list[str] = ()) -> list:
+        """One run of an LM graph: host `inputs`, `cache`'s buffers as past_key_l/past_value_l (step graph), `kv_out`
+        left on the device -> OrtValues [logits, *kv_out, *host_out]."""
         binding = session.io_binding()
         for name, array in inputs.items():
             binding.bind_cpu_input(name, np.ascontiguousarray(array))
-        if self.step is not None:
-            cache = cache if cache is not None else self.new_cache()
-            for i in range(n):
+        if cache is not None:
+            for i in range(self.shapes.num_layers):
                 binding.bind_ortvalue_input(f"past_key_{i}", cache.key_buffers[i].value)
                 binding.bind_ortvalue_input(f"past_value_{i}", cache.value_buffers[i].value)
         binding.bind_output("logits", "cpu")
         for name in kv_out:
             binding.bind_output(name, self.device.name, self.device.device_id)
-        for i in dropped:
-            binding.bind_output(f"slot_valid_{i}", "cpu")
+        for name in host_out:
+            binding.bind_output(name, "cpu")
         try:
             session.run_with_iobinding(binding)
         except Exception as e:  # ORT's pybind exceptions
             raise RuntimeStatusError(Status.INFERENCE_FAILED, f"ONNX Runtime failed running the {what} graph: {_one_line(e)}") from None
-        out = binding.get_outputs()  # OrtValues, in binding order
-        kv = [self.device.wrap(v) for v in out[1:1 + 2 * n]]
-        given = {i: v.numpy() for i, v in zip(dropped, out[1 + 2 * n:])}
-        return out[0].numpy(), kv[:n], kv[n:], [given.get(i, full) for i in range(n)]
+        return binding.get_outputs()  # OrtValues, in binding order
 
     def _step_prefill_inputs(self, text_ids, text_valid, visual_embeds, visual_valid) -> dict[str, np.ndarray]:
         """The prefill sequence as S step slots: text-before | visual | text-after, position 0, an empty cache."""
@@ -464,9 +476,35 @@ class Engine:
         """Prefill into `cache` (an earlier request's, reused as it is) or a new one: -> (logits [vocab] of the last
         prompt slot, the cache holding the valid slots)."""
         cache = cache if cache is not None else self.new_cache()
+        if self.step is not None and self.backend.prefill_chunk:
+            inputs = self._step_prefill_inputs(text_ids, text_valid, visual_embeds, visual_valid)
+            return self._prefill_in_steps(inputs, cache, self.backend.prefill_chunk), cache
         logits, keys, values, layer_valid = self.run_prefill(text_ids, text_valid, visual_embeds, visual_valid, cache)
         cache.fill_from_prefill(keys, values, layer_valid)
         return logits, cache
+
+    def _prefill_in_steps(self, inputs: dict[str, np.ndarray], cache: KVCache, chunk: int) -> np.ndarray:
+        """The step prefill (`_step_prefill_inputs`, S slots) as steps of at most `chunk` of its valid slots, each
+        appending its K/V to `cache` (cleared first) before the next step reads them -> the last prompt slot's
+        logits [vocab].
+
+        The same sequence as one call over S slots: a masked slot is no key to any other and its K/V is never kept,
+        so only valid slots are fed, and positions continue from the tokens already cached. What changes is the
+        size of each step's attention tensors: [H, chunk, C + chunk] instead of [H, S, C + S]."""
+        rows = np.flatnonzero(inputs["slot_valid"] > 0.5)  # [n] the prompt's tokens, in sequence order
+        n = self.shapes.num_layers
+        kv_out = [f"new_key_{i}" for i in range(n)] + [f"new_value_{i}" for i in range(n)]
+        cache.clear()
+        logits = None
+        for first in range(0, len(rows), chunk):
+            part = rows[first:first + chunk]
+            feeds = {name: inputs[name][part] for name in ("token_ids", "visual_embeds", "is_visual", "slot_valid")}
+            feeds |= {"position": np.array([cache.position], np.int64), "cache_valid": cache.valid[0]}
+            out = self._run_bound(self.step, "step", feeds, kv_out, cache)
+            logits = out[0].numpy()
+            kv = [self.device.wrap(v) for v in out[1:]]
+            cache.append(kv[:n], kv[n:])
+        return logits
 
     def new_cache(self) -> KVCache:
         s = self.shapes

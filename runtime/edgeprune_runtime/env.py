@@ -6,10 +6,14 @@ Variables the runtime understands:
     EDGEPRUNE_LM_PREPACK  1: let ORT prepack the prefill graph's LM weights (faster prefill, one
                           extra private copy of the LM weights); unset/0: no prepacking, weights
                           stay in the one shared memory map (see engine.py)
-    EDGEPRUNE_CPU_ARENA   0: sessions allocate activations with malloc instead of ONNX Runtime's CPU
-                          arena; unset/1: the arena (ORT's default). Each session's arena keeps its
-                          own peak, so the process's peak is the sum of the sessions' peaks rather than
-                          the largest (scripts/peak_memory.py measures both)
+    EDGEPRUNE_CPU_ARENA   1: sessions allocate activations from ONNX Runtime's CPU arena (ORT's own
+                          default); unset/0: with malloc, so memory one session frees is reused by the
+                          next. Each session's arena keeps its own peak, so with arenas the process's
+                          peak is the sum of the sessions' peaks rather than the largest
+                          (scripts/peak_memory.py measures both)
+    EDGEPRUNE_PREFILL_CHUNK   the CPU backend's step prefill (quantized bundles) feeds the prompt's valid
+                          slots in steps of this many (unset: 128, backends/select.py); 0: all S slots in
+                          one call, whose attention tensors [H, S, C + S] are then the process's peak
 """
 
 from __future__ import annotations

@@ -119,26 +119,37 @@ class KVCache:
         return self.position
 
     def append(self, new_keys, new_values, first_layer: int = 0) -> int:
-        """Writes one token's K/V (per layer from `first_layer` on, [Hkv_l, 1, Dh], Buffers or host arrays) into each
-        of those layers' next slot; layers below `first_layer` (skipped by SkipDecode) get nothing. Returns the
-        token's position.
+        """Writes T tokens' K/V (per layer from `first_layer` on, [Hkv_l, T, Dh], Buffers or host arrays; T = 1 for a
+        decode step) into each of those layers' next T slots, in order; layers below `first_layer` (skipped by
+        SkipDecode) get nothing. Returns the first token's position. One 2-D copy per buffer.
 
-        Raises RuntimeStatusError(CACHE_FULL) when a written layer has no slot left.
+        Raises RuntimeStatusError(CACHE_FULL) when a written layer has fewer than T slots left.
         """
         layers = range(first_layer, len(self.key_buffers))
-        if self.room(layers) <= 0:
-            raise RuntimeStatusError(Status.CACHE_FULL, f"the KV cache is full ({self.capacity} slots)")
+        t = int(new_keys[0].shape[1]) if len(new_keys) else 1
+        if self.room(layers) < t:
+            if t == 1:
+                raise RuntimeStatusError(Status.CACHE_FULL, f"the KV cache is full ({self.capacity} slots)")
+            raise RuntimeStatusError(Status.CACHE_FULL, f"{t} more tokens need cache slots, {self.room(layers)} are "
+                                     f"left of {self.capacity}")
         for layer, k, v in zip(layers, new_keys, new_values):
             slot = self.lengths[layer]
             for dst, src in ((self.key_buffers[layer], self._as_buffer(k)), (self.value_buffers[layer], self._as_buffer(v))):
                 slot_bytes = self.head_dim * dst.dtype.itemsize
                 self.device.copy2d(dst, slot * slot_bytes, self.capacities[layer] * slot_bytes,
-                                   src, 0, slot_bytes, slot_bytes, src.shape[0])
-            self.valid[layer][slot] = 1.0
-            self.lengths[layer] = slot + 1
+                                   src, 0, t * slot_bytes, t * slot_bytes, src.shape[0])
+            self.valid[layer][slot:slot + t] = 1.0
+            self.lengths[layer] = slot + t
         self.device.synchronize()
-        self.position += 1
-        return self.position - 1
+        self.position += t
+        return self.position - t
+
+    def clear(self) -> None:
+        """Forgets every token (the buffers keep their bytes, masked by `valid`): the state of a new cache."""
+        for valid in self.valid:
+            valid[:] = 0.0
+        self.lengths = [0] * len(self.capacities)
+        self.position = 0
 
     def evict(self, slots, inv_freq: np.ndarray) -> None:
         """Removes the valid slots `slots` (ascending indices < length) from every layer, in place: the survivors move

@@ -114,12 +114,7 @@ def append_slots(cache: KVCache, keys, values) -> None:
     """Writes the K/V of T step slots (per layer [Hkv_l, T, Dh]) into the cache's next T slots, in order.
 
     The only place where step outputs enter a cache. Raises RuntimeStatusError(CACHE_FULL) when they do not fit."""
-    t = keys[0].shape[1]
-    if t > cache.room():
-        raise RuntimeStatusError(Status.CACHE_FULL, f"{t} more tokens need cache slots, {cache.room()} are left "
-                                 f"of {cache.capacity}")
-    for i in range(t):
-        cache.append([k[:, i:i + 1] for k in keys], [v[:, i:i + 1] for v in values])
+    cache.append(keys, values)
 
 
 _open_lock = threading.Lock()

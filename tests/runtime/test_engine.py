@@ -137,13 +137,21 @@ def test_prepacking_is_off_for_the_lm_unless_asked(fake_bundle, monkeypatch):
 
 
 def test_cpu_arena_from_the_environment(fake_bundle, monkeypatch):
-    """EDGEPRUNE_CPU_ARENA=0 turns ONNX Runtime's CPU arena off in every session; unset keeps ORT's default (on)."""
+    """Unset (or 0): no ONNX Runtime CPU arena in any session (ORT's own default is on); EDGEPRUNE_CPU_ARENA=1 brings
+    it back in every session."""
     root, _ = fake_bundle
-    monkeypatch.delenv("EDGEPRUNE_CPU_ARENA", raising=False)
+    import onnxruntime as ort
+
+    assert ort.SessionOptions().enable_cpu_mem_arena  # ORT's default, which the runtime overrides
+    for value in (None, "0"):
+        if value is None:
+            monkeypatch.delenv("EDGEPRUNE_CPU_ARENA", raising=False)
+        else:
+            monkeypatch.setenv("EDGEPRUNE_CPU_ARENA", value)
+        eng = engine(root)
+        assert not any(s.get_session_options().enable_cpu_mem_arena for s in (eng.vision, eng.prefill, eng.decode))
+    monkeypatch.setenv("EDGEPRUNE_CPU_ARENA", "1")
     eng = engine(root)
     assert all(s.get_session_options().enable_cpu_mem_arena for s in (eng.vision, eng.prefill, eng.decode))
-    monkeypatch.setenv("EDGEPRUNE_CPU_ARENA", "0")
-    eng = engine(root)
-    assert not any(s.get_session_options().enable_cpu_mem_arena for s in (eng.vision, eng.prefill, eng.decode))
     monkeypatch.setenv("EDGEPRUNE_CPU_ARENA", "maybe")
     assert "EDGEPRUNE_CPU_ARENA" in bundle_error(root, Status.INVALID_ARGUMENT)

@@ -58,6 +58,31 @@ def test_append_writes_the_next_slot_in_place():
         np.testing.assert_array_equal(valid, [1, 1, 1, 1, 0, 0])
 
 
+def test_append_of_several_slots_equals_fill_of_them():
+    """Several tokens appended in two calls (T = 3, then 2) after a clear leave the cache exactly as one prefill fill
+    of the same 5 slots (the reference: fill_from_prefill, tested above); too many for the room left is CACHE_FULL."""
+    rng = np.random.default_rng(2)
+    kv_heads, dh = (2, 1), 4
+    keys, values = _prefill_kv(kv_heads, 5, dh, rng)
+    filled = KVCache(kv_heads, 7, dh)
+    filled.fill_from_prefill(keys, values, np.ones(5, np.float32))
+    cache = KVCache(kv_heads, 7, dh)
+    cache.fill_from_prefill(*_prefill_kv(kv_heads, 6, dh, rng), np.ones(6, np.float32))  # an earlier request
+    cache.clear()
+    assert cache.length == 0 and cache.room() == 7 and not any(v.any() for v in cache.valid)
+    assert cache.append([k[:, :3] for k in keys], [v[:, :3] for v in values]) == 0
+    assert cache.append([k[:, 3:] for k in keys], [v[:, 3:] for v in values]) == 3
+    assert cache.length == 5 and cache.lengths == [5, 5]
+    for layer in range(2):
+        np.testing.assert_array_equal(cache.keys[layer][:, :5], filled.keys[layer][:, :5])
+        np.testing.assert_array_equal(cache.values[layer][:, :5], filled.values[layer][:, :5])
+        np.testing.assert_array_equal(cache.valid[layer], filled.valid[layer])
+    with pytest.raises(RuntimeStatusError) as e:
+        cache.append([k[:, :3] for k in keys], [v[:, :3] for v in values])
+    assert e.value.status == Status.CACHE_FULL and e.value.message == "3 more tokens need cache slots, 2 are left of 7"
+    assert cache.length == 5  # nothing written
+
+
 def test_full_cache_refuses_more():
     cache = KVCache((1,), 2, 2)
     one = [np.ones((1, 1, 2), np.float32)]

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from edgeprune_runtime import ortlib
 from edgeprune_runtime.backends.gpu import cc_tuple, compute_capability
+from edgeprune_runtime.env import env_int
 from edgeprune_runtime.errors import RuntimeStatusError, Status
 
 BACKENDS = ("auto", "cpu", "cuda", "trt")
@@ -42,6 +43,7 @@ class Backend:
     lm: str = "prefill-decode"  # the LM's graph contract (engine.Engine): "prefill-decode" | "step"
     target: str | None = None  # trt: the engines' target name (manifest engines.<target>)
     engines: dict = field(default_factory=dict)  # trt: graph name ("vision", "lm") -> EPContext model path, bundle-relative
+    prefill_chunk: int = 0  # "step": the prompt's valid slots per step call (Engine.start); 0: all S slots in one call
 
     def make_device(self):
         from edgeprune_runtime.backends.device import HOST, CudaDevice
@@ -53,6 +55,11 @@ class Backend:
 
 
 CPU = Backend("cpu", "cpu", ("CPUExecutionProvider",), "asked for")
+# The CPU step path's prefill runs the prompt's valid slots in calls of this many. A step over T slots holds attention
+# tensors [H, T, C + T] (past and new keys); on llava-next-7b-shape (H 32, C 960) all 704 slots at once hold
+# 150 MB per tensor, several live at the softmax: prefill was the process's peak. 128 slots: 18 MB per tensor.
+# The GPU backends keep one call (TensorRT's prefill profile is T = S). EDGEPRUNE_PREFILL_CHUNK overrides it (env.py).
+CPU_PREFILL_CHUNK = 128
 # The CPU backend running the GPU backends' LM contract (one step graph): how tests here exercise that code path.
 CPU_STEP = Backend("cpu", "cpu", ("CPUExecutionProvider",), "asked for", "step")
 
@@ -64,7 +71,10 @@ def cpu_backend(manifest, reason: str = "asked for") -> Backend:
     where prefill + decode sessions held two. Bundles without a step graph, or whose layers hold different
     tokens (which the step path does not run), keep prefill + decode."""
     step = _precision(manifest.data) in ("int8", "int4") and "step" in manifest.graphs and not _per_layer(manifest)
-    return Backend("cpu", "cpu", CPU.providers, reason, "step" if step else "prefill-decode")
+    if not step:
+        return Backend("cpu", "cpu", CPU.providers, reason)
+    chunk = env_int("EDGEPRUNE_PREFILL_CHUNK", CPU_PREFILL_CHUNK, minimum=0)
+    return Backend("cpu", "cpu", CPU.providers, reason, "step", prefill_chunk=chunk)
 
 
 def select(requested: str, manifest) -> Backend:
