@@ -586,3 +586,31 @@ def test_any_cache_section_loads_to_a_finite_rerotation_or_is_bundle_invalid():
         assert np.isfinite(out).all()
 
     check()
+
+
+def test_a_follow_up_question_s_attention_counts_toward_heavy_hitter_mass(loaded, image):
+    """H2O counts every query's attention: a follow-up question is T queries over the cache, run as one step (the
+    step graph's attn_mass sums its rows). The mass each cached slot gains is what the step graph, run here on a
+    copy of the cache as it was, reports for those slots (it used to gain nothing)."""
+    gen = Generator(loaded, GeneratorParams(max_new_tokens=6, ignore_eos=True, cache_policy="heavy-hitter"), image,
+                    "What is on the table?")
+    _run(gen)
+    s, evictor = loaded.shapes, gen.decoder.evictor
+    n = gen.cache.length
+    before = evictor.mass.copy()
+    snapshot = {"cache_valid": gen.cache.valid[0].copy(), "position": np.array([gen.cache.position], np.int64),
+                **{f"past_key_{i}": gen.cache.keys[i].copy() for i in range(s.num_layers)},
+                **{f"past_value_{i}": gen.cache.values[i].copy() for i in range(s.num_layers)}}
+    turn = gen.follow_up("What color is it?", GeneratorParams(max_new_tokens=2))
+    assert gen.evicted_slots == 0  # room enough: no eviction moved the slots
+    new = turn.prompt_token_ids[len(gen._context_ids) + len(gen.token_ids) - 1:]  # last answer token + the question
+    t = len(new)
+    from edgeprune_runtime.step import step_runner
+
+    (expected,) = step_runner(loaded).session.run(["attn_mass"], {
+        **snapshot, "token_ids": np.asarray(new, np.int64), "visual_embeds": np.zeros((t, s.hidden_size), np.float32),
+        "is_visual": np.zeros(t, np.float32), "slot_valid": np.ones(t, np.float32)})
+    gained = evictor.mass[:n] - before[:n]
+    assert gained.sum() > 0
+    np.testing.assert_allclose(gained, expected[:n], rtol=1e-6, atol=1e-6)
+    assert not evictor.mass[n:].any()  # the question's own slots start with no mass

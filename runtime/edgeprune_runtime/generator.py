@@ -334,7 +334,11 @@ class Generator:
         turn.visual_tokens, turn.visual_source = self.visual_tokens, self.visual_source
         turn.timings = Timings()
         t = time.perf_counter()
-        logits, keys, values = runner.run(new, self.cache)
+        # heavy-hitter: the question's attention counts toward the mass as decode steps' does (H2O: every query's)
+        mass = np.zeros(self.cache.capacity, np.float32) if evictor is not None and evictor.needs_mass else None
+        logits, keys, values = runner.run(new, self.cache, mass_out=mass)
+        if mass is not None:
+            evictor.observe(mass)  # before the append: the new slots have received no attention yet
         append_slots(self.cache, keys, values)
         turn.timings.prefill_s = time.perf_counter() - t  # vision_s stays 0: the image is in the cache already
         turn.cache, turn.decoder = self.cache, self.decoder

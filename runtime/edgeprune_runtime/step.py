@@ -49,6 +49,7 @@ class StepRunner:
         self.per_layer_valid = engine.per_layer_valid  # cache_valid_<l> per layer, or layer 0's mask as cache_valid
         self.cache_dtype = engine.cache_dtype
         self.max_slots = engine.shapes.prefill_slots  # the exported range of T
+        self.attn_mass = m.cache.attn_mass  # heavy-hitter bundles: the graph outputs attn_mass [C] (run's mass_out)
         self._check_contract()
 
     def _check_contract(self) -> None:
@@ -66,8 +67,10 @@ class StepRunner:
                   "position": [1], **valid, **past}
         din, dout = _declared(self.session.get_inputs()), _declared(self.session.get_outputs())
         _check_io("step", din, inputs, "input")
-        _check_io("step", dout, {"logits": [s.vocab_size], **new}, "output")
-        types = {"token_ids": (din, "tensor(int64)"), "position": (din, "tensor(int64)"),
+        mass = {"attn_mass": [s.cache_capacity]} if self.attn_mass else {}
+        _check_io("step", dout, {"logits": [s.vocab_size], **new, **mass}, "output")
+        types = {**{name: (dout, "tensor(float)") for name in mass},
+                 "token_ids": (din, "tensor(int64)"), "position": (din, "tensor(int64)"),
                  **{name: (din, "tensor(float)") for name in ("visual_embeds", "is_visual", "slot_valid", *valid)},
                  **{name: (din, cache) for name in past}, "logits": (dout, "tensor(float)"),
                  **{name: (dout, cache) for name in new}}
@@ -76,9 +79,11 @@ class StepRunner:
                 raise bundle_invalid(f"step graph {name!r} has type {declared[name][1]}, the runtime needs {want} "
                                      "(the decode graph's cache type); re-export")
 
-    def run(self, token_ids, cache: KVCache):
+    def run(self, token_ids, cache: KVCache, mass_out: np.ndarray | None = None):
         """ids (a sequence of T >= 1 token ids) after the `position` tokens the cache holds
         -> (logits [vocab] f32 after the last id, keys, values: per layer [Hkv_l, T, Dh]). The cache is only read.
+        `mass_out` [C] (a bundle with attn_mass only): receives the attention the T new slots paid each cache slot,
+        summed over heads, rows and layers (cache_policy.Evictor.observe).
 
         Raises RuntimeStatusError: INVALID_ARGUMENT when T is outside [1, prefill_slots], INFERENCE_FAILED when ORT
         fails, BUNDLE_INVALID when an output's shape is not the manifest's."""
@@ -99,15 +104,22 @@ class StepRunner:
             **{f"past_value_{i}": cache.values[i] for i in layers},
         }
         names = ["logits"] + [f"new_key_{i}" for i in layers] + [f"new_value_{i}" for i in layers]
+        expected = [(s.vocab_size,)] + [(s.kv_heads[i], t, s.head_dim) for i in layers] * 2
+        if mass_out is not None:
+            if not self.attn_mass:
+                raise RuntimeStatusError(Status.INTERNAL_ERROR, "attention mass asked of a step graph without attn_mass")
+            names.append("attn_mass")
+            expected.append((s.cache_capacity,))
         out = _run(self.session, "step", names, feeds)
         # ORT does not hold outputs to their declared shapes: a graph could broadcast into the cache or desync it
-        expected = [(s.vocab_size,)] + [(s.kv_heads[i], t, s.head_dim) for i in layers] * 2
         for name, value, shape in zip(names, out, expected):
             if value.shape != shape:
                 raise bundle_invalid(f"the step graph returned {name!r} of shape {list(value.shape)} for {t} slots, "
                                      f"the manifest's shapes say {list(shape)}; re-export the bundle")
         n = s.num_layers
-        return out[0], out[1:1 + n], out[1 + n:]
+        if mass_out is not None:
+            mass_out[:] = out[-1]
+        return out[0], out[1:1 + n], out[1 + n:1 + 2 * n]
 
 
 def append_slots(cache: KVCache, keys, values) -> None:
