@@ -379,3 +379,123 @@ def test_shortest_edge_size_is_transformers(hw):
     theirs = get_resize_output_image_size(np.zeros((*hw, 3), np.uint8), 112, default_to_square=False,
                                           input_data_format="channels_last")
     assert preprocess_module._shortest_edge_size(hw, 112) == tuple(theirs)
+
+
+# --- PreprocessParams built in code (from_processor_dict, the constructor) and RGB conversion
+
+# A processor's to_dict() of the shape LLaVA-NeXT's has; each test changes one thing.
+PROCESSOR = {"image_processor_type": "LlavaNextImageProcessor", "size": {"shortest_edge": 4},
+             "crop_size": {"height": 4, "width": 4}, "image_grid_pinpoints": [[4, 8], [8, 4]],
+             "image_mean": [0.5, 0.25, 0.125], "image_std": [2.0, 4.0, 8.0], "rescale_factor": 0.5, "resample": 1,
+             "do_convert_rgb": True, "do_rescale": True, "do_normalize": True, "do_resize": True,
+             "do_center_crop": True, "pad_size": None}
+
+
+def _from_processor(partitions: int = 3, drop=(), **changes) -> PreprocessParams:
+    d = {k: v for k, v in {**PROCESSOR, **changes}.items() if k not in drop}
+    return PreprocessParams.from_processor_dict(d, partitions)
+
+
+def test_a_processor_dict_and_its_defaults():
+    p = _from_processor()
+    assert (p.crop_size, p.shortest_edge, p.resample, p.rescale_factor, p.partitions) == (4, 4, 1, 0.5, 3)
+    assert (p.image_mean, p.image_std, p.image_grid_pinpoints) == ((0.5, 0.25, 0.125), (2.0, 4.0, 8.0), [[4, 8], [8, 4]])
+    # every flag and option may be absent: the processor's defaults (True, resample 3 = BICUBIC, 1/255)
+    bare = _from_processor(drop=("image_processor_type", "do_convert_rgb", "do_rescale", "do_normalize", "do_resize",
+                                 "do_center_crop", "pad_size", "resample", "rescale_factor"))
+    assert (bare.resample, bare.rescale_factor) == (3, 1 / 255)
+    assert _from_processor(resample=None).resample == 2  # the PIL backend's resize falls back to BILINEAR
+    assert _from_processor(image_mean=0.5, image_std=2).image_mean == (0.5, 0.5, 0.5)
+    assert _from_processor(image_std=2).image_std == (2.0, 2.0, 2.0)
+    # resize/center-crop off change nothing when crop == shortest_edge
+    assert _from_processor(do_resize=False, do_center_crop=False).crop_size == 4
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"image_processor_type": "CLIPImageProcessor"}, "image_processor_type='CLIPImageProcessor' is not a LLaVA-NeXT image processor"),
+    ({"size": {"height": 4, "width": 4}}, "size={'height': 4, 'width': 4}: only {'shortest_edge': N} is supported"),
+    ({"crop_size": {"height": 4, "width": 8}}, "crop_size={'height': 4, 'width': 8}: a square {'height': N, 'width': N} is required"),
+    ({"do_convert_rgb": False}, "do_convert_rgb=False is not supported (only True)"),
+    ({"do_rescale": None}, "do_rescale=None is not supported (only True)"),
+    ({"do_normalize": 0}, "do_normalize=0 is not supported (only True)"),
+    ({"do_resize": False, "size": {"shortest_edge": 6}},
+     "do_resize=False is not supported when shortest_edge (6) != crop_size (4)"),
+    ({"do_center_crop": False, "size": {"shortest_edge": 6}},
+     "do_center_crop=False is not supported when shortest_edge (6) != crop_size (4)"),
+    ({"pad_size": {"height": 8, "width": 8}}, "pad_size={'height': 8, 'width': 8} is not supported"),
+    ({"image_mean": [0.5, 0.5]}, "image_mean=[0.5, 0.5]: 3 values (one per RGB channel) are required"),
+    ({"image_std": [1, 2, 3, 4]}, "image_std=[1, 2, 3, 4]: 3 values (one per RGB channel) are required"),
+])
+def test_a_processor_option_we_do_not_reproduce_is_named(changes, message):
+    with pytest.raises(ValueError) as e:
+        _from_processor(**changes)
+    assert str(e.value) == message
+
+
+def test_the_constructor_normalises_its_values():
+    p = PreprocessParams(image_grid_pinpoints=((2, 4),), crop_size=2, shortest_edge=3, image_mean=[1, 2, 3],
+                         image_std=[1, 1, 1], rescale_factor=1.0, resample=3, partitions=3)
+    assert p.image_grid_pinpoints == [[2, 4]] and type(p.image_grid_pinpoints[0]) is list
+    assert p.image_mean == (1.0, 2.0, 3.0) and type(p.image_mean) is tuple and type(p.image_mean[0]) is float
+    assert p.image_std == (1.0, 1.0, 1.0) and type(p.image_std) is tuple
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"image_grid_pinpoints": []}, "image_grid_pinpoints is empty"),
+    ({"crop_size": 0}, "crop_size (0) and shortest_edge (2) must be > 0"),
+    ({"shortest_edge": 0}, "crop_size (2) and shortest_edge (0) must be > 0"),
+    ({"image_grid_pinpoints": [[0, 4]]}, "image_grid_pinpoints entry [0, 4] is not a positive multiple of crop_size 2"),
+    ({"image_grid_pinpoints": [[4, 0]]}, "image_grid_pinpoints entry [4, 0] is not a positive multiple of crop_size 2"),
+    ({"image_grid_pinpoints": [[4, 3]]}, "image_grid_pinpoints entry [4, 3] is not a positive multiple of crop_size 2"),
+    ({"image_mean": (1.0, 2.0)}, "image_mean/image_std must have 3 values, got (1.0, 2.0) / (1.0, 0.5, 1.0)"),
+    ({"image_std": (1.0, 1.0, 1.0, 1.0)}, "image_mean/image_std must have 3 values, got (0.0, 0.0, 0.0) / (1.0, 1.0, 1.0, 1.0)"),
+    ({"resample": 7}, "resample=7 is not a PIL resample code (0, 1, 2, 3, 4, 5)"),
+    ({"partitions": 2}, "partitions=2 < 3 (1 base image + the largest crop grid)"),
+])
+def test_the_constructor_refuses_values_that_do_not_fit_together(changes, message):
+    values = dict(image_grid_pinpoints=[[2, 4]], crop_size=2, shortest_edge=2, image_mean=(0, 0, 0),
+                  image_std=(1.0, 0.5, 1.0), rescale_factor=1.0, resample=0, partitions=3)
+    assert PreprocessParams(**values).image_std == (1.0, 0.5, 1.0)  # a std of 1 is fine, only 0 is not
+    with pytest.raises(ValueError) as e:
+        PreprocessParams(**{**values, **changes})
+    assert str(e.value) == message
+
+
+def test_rgb_is_returned_as_it_is_unless_it_has_a_transparent_colour():
+    plain = Image.new("RGB", (2, 1), (10, 20, 30))
+    assert _decode_direct(plain) is plain
+    keyed = Image.new("RGB", (2, 1), (10, 20, 30))
+    keyed.putpixel((0, 0), (0, 0, 0))
+    keyed.info["transparency"] = (0, 0, 0)  # a PNG tRNS colour key: that colour is fully transparent
+    assert np.asarray(_decode_direct(keyed)).tolist() == [[[255, 255, 255], [10, 20, 30]]]
+
+
+@pytest.mark.parametrize("mode, pixel, expected", [
+    ("LA", (100, 128), 177),  # over white: 100 x 128/255 + 255 x (1 - 128/255) = 177.2
+    ("La", (100, 128), 227),  # premultiplied: L already holds L x a/255, so over white: 100 + 255 - 128
+    ("LA", (100, 0), 255),    # fully transparent is white
+])
+def test_alpha_is_composited_onto_white(mode, pixel, expected):
+    image = Image.frombytes(mode, (1, 1), bytes(pixel))
+    rgb = _decode_direct(image)
+    assert rgb.mode == "RGB" and abs(int(np.asarray(rgb)[0, 0, 0]) - expected) <= 1
+    assert (np.asarray(rgb) == np.asarray(rgb)[..., :1]).all()
+
+
+def test_the_size_limits_give_the_whole_message():
+    from edgeprune_runtime.budget import image_bytes
+    from edgeprune_runtime.preprocess import check_image_size
+
+    with pytest.raises(RuntimeStatusError) as e:
+        check_image_size(30, 20, 599, None, "X")
+    assert e.value.message == ("image X is 30x20 = 600 pixels, over the limit of 599; downscale it "
+                               "(or raise EDGEPRUNE_MAX_IMAGE_PIXELS)")
+    need = image_bytes(3000, 2000)
+    check_image_size(3000, 2000, 10 ** 8, need, "X")  # exactly the bytes it needs is enough
+    with pytest.raises(RuntimeStatusError) as e:
+        check_image_size(3000, 2000, 10 ** 8, need - 1, "X")
+    assert e.value.status == Status.RESOURCE_LIMIT
+    assert e.value.message == (f"image X (3000x2000) needs about {need // 2 ** 20} MiB to decode, "
+                               f"{(need - 1) // 2 ** 20} MiB of the memory budget are left; downscale it or raise "
+                               "EDGEPRUNE_MEMORY_BUDGET_MB")
+    assert need // 2 ** 20 >= 8  # large enough that a wrong shift shows
