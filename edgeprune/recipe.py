@@ -241,10 +241,16 @@ def recipe_from_dict(data: dict, where: str = "recipe") -> Recipe:
 
 
 def load_recipe(path: str | Path | None) -> Recipe:
-    """Loads a recipe TOML file (None: all defaults). Raises ConfigError on bad files or keys."""
+    """Loads a recipe TOML file (None: all defaults). Raises ConfigError on bad files or keys.
+
+    A relative path that does not exist here but names a built-in recipe, `recipes/NAME.toml`, is that built-in
+    file: `--recipe recipes/llava-next-fast.toml` works from any directory, and from an installed package."""
     if path is None:
         return Recipe().validated()
     path = Path(path)
+    if not path.is_file() and not path.is_absolute() and path.parts[:1] == ("recipes",):
+        built_in = RECIPE_DIR.joinpath(*path.parts[1:])
+        path = built_in if built_in.is_file() else path
     if not path.is_file():
         raise ConfigError(f"recipe file {path} does not exist; pass --recipe with a TOML file (examples: {RECIPE_DIR})")
     try:
