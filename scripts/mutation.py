@@ -12,7 +12,7 @@ the same survivors.
 
 Mutants that time out are run once more (a load spike on a shared machine is not a kill). Writes
 docs/results/mutation.json: per module the count of each verdict and the score
-(killed + timeout) / mutants, every survivor with its diff, every mutant's verdict, and the runs they
+(killed + timeout + segfault) / mutants, every survivor with its diff, every mutant's verdict, and the runs they
 come from (`--only` globs, commit, date). Runs add up: a module this run did not touch keeps its entry,
 and a module run in part keeps its earlier verdicts for the mutants not rerun while its file is
 unchanged — so one module at a time (`--only 'edgeprune.plan.*'`), or just the report's survivors after
@@ -46,7 +46,7 @@ MODULES = {  # module name in the staging copy -> file in this repository
     "edgeprune_runtime.kvcache": "runtime/edgeprune_runtime/kvcache.py",
     "edgeprune_runtime.preprocess": "runtime/edgeprune_runtime/preprocess.py",
 }
-KILLED = ("killed", "timeout")
+KILLED = ("killed", "timeout", "segfault")  # a test process that crashes under the mutant has detected it
 
 
 def stage() -> None:

@@ -149,7 +149,7 @@ def render_mutation(r: dict) -> str:
         at = ", ".join(dict.fromkeys(f"`{x['commit'][:10]}`" for x in runs if x.get("commit"))) if m["mutants"] else "-"
         if m["mutants"] and m.get("file_sha256") != _sha256(ROOT / m["file"]):
             at += " (file changed since: rerun)"
-        rows.append(f"| `{m['file']}` | {m['mutants']} | {v.get('killed', 0)} | {v.get('timeout', 0)} | "
+        rows.append(f"| `{m['file']}` | {m['mutants']} | {v.get('killed', 0) + v.get('segfault', 0)} | {v.get('timeout', 0)} | "
                     f"{v.get('survived', 0)} | {v.get('no tests', 0)} | {score} | {m.get('not_run', 0)} | {at} |")
         survivors += m["survivors"]
         for x in runs if m["mutants"] else []:

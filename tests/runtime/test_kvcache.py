@@ -272,3 +272,66 @@ def test_evict_refuses_duplicate_unsorted_or_invalid_slots_and_changes_nothing(s
     assert e.value.status == Status.INTERNAL_ERROR
     assert cache.lengths == [7] and cache.position == 7
     np.testing.assert_array_equal(cache.keys[0][:, :7], keys[:, :7])
+
+
+def _filled(c: int, n: int, dh: int, inv_freq: np.ndarray, seed: int = 7):
+    """A one-layer cache of capacity c holding n valid slots, keys RoPE'd at their slots; and the keys before RoPE."""
+    rng = np.random.default_rng(seed)
+    base = rng.standard_normal((2, c, dh))
+    keys = _rope_complex(base, np.arange(c, dtype=np.float64), inv_freq).astype(np.float32)
+    values = rng.standard_normal((2, c, dh)).astype(np.float32)
+    cache = KVCache([2], c, dh)
+    cache.fill_from_prefill([keys], [values], np.array([1] * n + [0] * (c - n), np.float32))
+    return cache, base, values
+
+
+@pytest.mark.parametrize("slots", [[0], [0, 4], [3], [8], [0, 1, 2, 3, 4, 5, 6, 7]])
+def test_evict_from_a_cache_that_is_not_full(slots):
+    """Capacity 12, 9 valid slots: the survivors land at 0.. with their keys at those positions, the rest is invalid."""
+    c, n, dh = 12, 9, 8
+    inv_freq = 10000.0 ** (-np.arange(0, dh, 2) / dh)
+    cache, base, values = _filled(c, n, dh, inv_freq)
+    cache.evict(slots, inv_freq)
+    kept = [i for i in range(n) if i not in slots]
+    m = len(kept)
+    assert cache.lengths == [m] and cache.position == m
+    np.testing.assert_allclose(cache.keys[0][:, :m], _rope_complex(base[:, kept], np.arange(m, dtype=np.float64), inv_freq),
+                               atol=2e-6)
+    np.testing.assert_array_equal(cache.values[0][:, :m], values[:, kept])
+    np.testing.assert_array_equal(cache.valid[0], [1] * m + [0] * (c - m))
+
+
+def test_evicting_nothing_changes_nothing():
+    inv_freq = np.ones(2)
+    cache, _, _ = _filled(6, 4, 4, inv_freq)
+    before = cache.keys[0].copy()
+    cache.evict([], inv_freq)
+    assert cache.lengths == [4] and cache.position == 4
+    np.testing.assert_array_equal(cache.keys[0], before)
+
+
+def test_evict_names_what_it_refuses():
+    inv_freq = np.ones(2)
+    cache, _, _ = _filled(8, 5, 4, inv_freq)
+    with pytest.raises(RuntimeStatusError) as e:
+        cache.evict([0, 1, 5], inv_freq)  # 5 is past the 5 valid slots
+    assert (e.value.status, e.value.message) == (Status.INTERNAL_ERROR, "evict takes ascending valid slots < 5")
+    uneven = KVCache((1, 1), 4, 4)
+    one = [np.ones((1, 1, 4), np.float32)] * 2
+    uneven.append(one, one)
+    uneven.append(one[1:], one[1:], first_layer=1)  # SkipDecode: layer 0 holds 1 token, layer 1 holds 2
+    for slots in ([0], [0, 1]):
+        with pytest.raises(RuntimeStatusError) as e:
+            uneven.evict(slots, inv_freq)
+        assert (e.value.status, e.value.message) == (Status.INTERNAL_ERROR, "eviction needs every layer to hold the same tokens")
+
+
+def test_a_multi_slot_append_counts_the_room_of_the_layers_it_writes():
+    cache = KVCache((1, 1), (2, 6), 2)
+    two = [np.ones((1, 2, 2), np.float32)] * 2
+    cache.append(two, two)  # layer 0 is now full, layer 1 has 4 slots left
+    three = [np.ones((1, 3, 2), np.float32)]
+    cache.append(three, three, first_layer=1)  # 1 slot left in layer 1
+    with pytest.raises(RuntimeStatusError) as e:
+        cache.append(two[1:], two[1:], first_layer=1)
+    assert (e.value.status, e.value.message) == (Status.CACHE_FULL, "2 more tokens need cache slots, 1 are left of 6")

@@ -407,8 +407,9 @@ def test_a_processor_dict_and_its_defaults():
     assert _from_processor(resample=None).resample == 2  # the PIL backend's resize falls back to BILINEAR
     assert _from_processor(image_mean=0.5, image_std=2).image_mean == (0.5, 0.5, 0.5)
     assert _from_processor(image_std=2).image_std == (2.0, 2.0, 2.0)
-    # resize/center-crop off change nothing when crop == shortest_edge
+    # resize/center-crop off change nothing when crop == shortest_edge; absent, they are on (True)
     assert _from_processor(do_resize=False, do_center_crop=False).crop_size == 4
+    assert _from_processor(size={"shortest_edge": 6}, drop=("do_resize", "do_center_crop")).shortest_edge == 6
 
 
 @pytest.mark.parametrize("changes, message", [
