@@ -614,3 +614,21 @@ def test_a_follow_up_question_s_attention_counts_toward_heavy_hitter_mass(loaded
     assert gained.sum() > 0
     np.testing.assert_allclose(gained, expected[:n], rtol=1e-6, atol=1e-6)
     assert not evictor.mass[n:].any()  # the question's own slots start with no mass
+
+
+def test_a_bundle_that_evicts_by_default_runs_stop_on_a_device_cache_unless_asked_by_name():
+    """One heavy-hitter bundle serves a GPU backend too: its default falls back to stop where the cache lives in
+    device memory (no host eviction); asking for an evicting policy by name there is refused with the fix."""
+    from edgeprune_runtime.cache_policy import BundleCache
+
+    head_dim, capacity = 8, 64
+    cache = BundleCache.from_manifest({"policy": "heavy-hitter", "sinks": 4, "pin_image": True, "attn_mass": True,
+                                       "rope_inv_freq": [1.0, 0.1, 0.01, 0.001]}, head_dim, capacity)
+    assert cache.resolve(None, None, None, capacity, per_layer=False, on_host=True).name == "heavy-hitter"
+    on_gpu = cache.resolve(None, None, None, capacity, per_layer=False, on_host=False)
+    assert (on_gpu.name, on_gpu.sinks) == ("stop", 4)
+    for name in ("sink-window", "heavy-hitter"):
+        with pytest.raises(RuntimeStatusError) as e:
+            cache.resolve(name, None, None, capacity, per_layer=False, on_host=False)
+        assert e.value.status == Status.INVALID_ARGUMENT and "--backend cpu" in e.value.message
+    assert cache.resolve("stop", None, None, capacity, per_layer=False, on_host=False).name == "stop"

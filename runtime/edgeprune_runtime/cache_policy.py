@@ -97,8 +97,13 @@ class BundleCache:
                 per_layer: bool, on_host: bool) -> CachePolicy:
         """The policy a generator runs: the bundle's default with the given overrides (None = the default's).
 
+        A bundle whose own default evicts runs `stop` on a backend whose cache is not on the host (CUDA, TensorRT),
+        so one bundle serves both; an evicting policy asked for by name there is refused.
+
         Raises RuntimeStatusError(INVALID_ARGUMENT) for an unknown name, a sink count that leaves no window, a
         policy this bundle or backend cannot serve (each naming the fix)."""
+        if name is None and not on_host:
+            name = STOP  # the bundle's default, not the caller's choice: the device cache cannot evict
         policy = CachePolicy(check_policy_name(name, "--cache-policy") if name is not None else self.default.name,
                              self.default.sinks if sinks is None else sinks,
                              self.default.pin_image if pin_image is None else pin_image)
