@@ -182,14 +182,18 @@ class Evictor:
             first, count = image_slots
             self.pinned[first:first + count] = True
         self.evicted = 0  # slots evicted so far
-        self.needs_mass = policy.name == HEAVY_HITTER
+
+    @property
+    def needs_mass(self) -> bool:
+        """Whether the graphs' attn_mass must be bound and observed (heavy-hitter)."""
+        return self.policy.name == HEAVY_HITTER
 
     def observe(self, attn_mass: np.ndarray) -> None:
         """Adds one step's attention mass [C] (summed over heads and layers) to the slots it was paid to."""
         n = self.cache.lengths[0]
         self.mass[:n] += attn_mass[:n]
 
-    def candidates(self) -> np.ndarray:
+    def blocked(self) -> np.ndarray:
         """[n] bool: the valid slots that may not be evicted now (pinned, and heavy-hitter's most recent chunk)."""
         n = self.cache.lengths[0]
         blocked = self.pinned[:n].copy()
@@ -208,7 +212,7 @@ class Evictor:
             return 0
         count = max(self.chunk, needed - room)
         n = self.cache.lengths[0]
-        slots = choose_evictions(self.policy.name, count, self.candidates(), self.mass[:n])
+        slots = choose_evictions(self.policy.name, count, self.blocked(), self.mass[:n])
         if room + len(slots) < needed:  # the recent chunk is kept while older slots can go; now it gives way too
             slots = choose_evictions(self.policy.name, needed - room, self.pinned[:n], self.mass[:n])
         if room + len(slots) < needed:

@@ -341,7 +341,8 @@ class Engine:
             new[f"new_key_{layer}"] = new[f"new_value_{layer}"] = [h, t, s.head_dim]
         _check_io("step", din, {"token_ids": [t], "visual_embeds": [t, s.hidden_size], "is_visual": [t], "slot_valid": [t],
                                 "position": [1], "cache_valid": [s.cache_capacity], **past}, "input")
-        _check_io("step", dout, {"logits": [s.vocab_size], **new, **self._mass_output()}, "output")
+        mass = self.mass_output()
+        _check_io("step", dout, {"logits": [s.vocab_size], **new, **mass}, "output")
         kinds = {din[name][1] for name in past}
         if len(kinds) != 1 or next(iter(kinds)) not in ("tensor(float)", "tensor(float16)"):
             raise bundle_invalid(f"step graph cache inputs have types {sorted(kinds)}; float or float16 (one type) is required")
@@ -350,13 +351,13 @@ class Engine:
         bound = {**{n: (din, "tensor(int64)") for n in ("token_ids", "position")},
                  **{n: (din, "tensor(float)") for n in ("is_visual", "slot_valid", "cache_valid")},
                  "logits": (dout, "tensor(float)"), **{name: (dout, cache_type) for name in new},
-                 **{name: (dout, "tensor(float)") for name in self._mass_output()}}
+                 **{name: (dout, "tensor(float)") for name in mass}}
         for name, (declared, want) in bound.items():
             if declared[name][1] != want:
                 raise bundle_invalid(f"step graph {name!r} has type {declared[name][1]}, the runtime binds {want}; re-export")
         self.embeds_dtype = _ORT_DTYPES.get(din["visual_embeds"][1], np.float32)
 
-    def _mass_output(self) -> dict:
+    def mass_output(self) -> dict:
         """{"attn_mass": [C]} for a bundle whose decode/step graphs output it (heavy-hitter, cache_policy.py), else {};
         the Decoder binds it to a float host buffer."""
         if not self.manifest.cache.attn_mass:
@@ -377,7 +378,8 @@ class Engine:
                  else {"cache_valid": [s.cache_capacity]})
         din, dout = _declared(session.get_inputs()), _declared(session.get_outputs())
         _check_io(what, din, {"token_id": [1], "position": [1], **valid, **past}, "input")
-        _check_io(what, dout, {"logits": [s.vocab_size], **new, **(self._mass_output() if not skip else {})}, "output")
+        mass = self.mass_output() if not skip else {}  # SkipDecode graphs: plain decode, no eviction on such bundles
+        _check_io(what, dout, {"logits": [s.vocab_size], **new, **mass}, "output")
         kinds = {din[name][1] for name in past}
         if len(kinds) != 1 or next(iter(kinds)) not in ("tensor(float)", "tensor(float16)"):
             raise bundle_invalid(f"{what} graph cache inputs have types {sorted(kinds)}; float or float16 (one type) is required")
@@ -389,7 +391,7 @@ class Engine:
         bound = {"token_id": (din, "tensor(int64)"), "position": (din, "tensor(int64)"),
                  **{name: (din, "tensor(float)") for name in valid},
                  "logits": (dout, "tensor(float)"), **{name: (dout, cache_type) for name in new},
-                 **{name: (dout, "tensor(float)") for name in (self._mass_output() if not skip else {})}}
+                 **{name: (dout, "tensor(float)") for name in mass}}
         for name, (declared, want) in bound.items():
             if declared[name][1] != want:
                 raise bundle_invalid(f"{what} graph {name!r} has type {declared[name][1]}, the runtime binds {want}; re-export")

@@ -49,7 +49,7 @@ class StepRunner:
         self.per_layer_valid = engine.per_layer_valid  # cache_valid_<l> per layer, or layer 0's mask as cache_valid
         self.cache_dtype = engine.cache_dtype
         self.max_slots = engine.shapes.prefill_slots  # the exported range of T
-        self.attn_mass = m.cache.attn_mass  # heavy-hitter bundles: the graph outputs attn_mass [C] (run's mass_out)
+        self.attn_mass = engine.mass_output()  # {"attn_mass": [C]} on heavy-hitter bundles (run's mass_out), else {}
         self._check_contract()
 
     def _check_contract(self) -> None:
@@ -67,7 +67,7 @@ class StepRunner:
                   "position": [1], **valid, **past}
         din, dout = _declared(self.session.get_inputs()), _declared(self.session.get_outputs())
         _check_io("step", din, inputs, "input")
-        mass = {"attn_mass": [s.cache_capacity]} if self.attn_mass else {}
+        mass = self.attn_mass
         _check_io("step", dout, {"logits": [s.vocab_size], **new, **mass}, "output")
         types = {**{name: (dout, "tensor(float)") for name in mass},
                  "token_ids": (din, "tensor(int64)"), "position": (din, "tensor(int64)"),
